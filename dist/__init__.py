@@ -1,0 +1,1 @@
+"""Cluster orchestration (installed as ``pogdiff.dist``): Ray Train driver, DeepSpeed, FAISS service."""

@@ -1,0 +1,228 @@
+"""DigiFace-like synthetic identities with the paper's imbalance profiles.
+
+Each identity has fixed attributes (face shape, skin, hair colour and style, eye colour,
+accessories) and a generic name; each image varies pose, expression, background and lighting.
+Everything is a pure function of (seed, identity, image index), so records stream: a million
+images never sit in memory, and any one of them can be regenerated on its own.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+FIRST_NAMES = (
+    "lukas mira jonas elena tomas nadia felix ines oskar greta milan sofia anton lena viktor clara "
+    "pavel irene hugo alma emil nora bruno vera leon ida mateo rosa aron lina dario eva kasimir "
+    "talia ruben yara silas maren otto livia jasper freya nico hanna theo selma bastian ada "
+    "cyrus dalia ezra fiona gideon helga ivo juna konrad lotte"
+).split()
+LAST_NAMES = (
+    "brandt okafor lindqvist moreau tanaka kowalski ferreira novak haddad petrov oduya castell "
+    "varga nilsen duarte keller rossi sato mbeki larsen quint adler bauer costa dragan "
+    "eklund falk garber holm iversen jansen kerr lorenz marsh nyberg olsen pardo ramos "
+    "sandoval thorne ulrich vance weber yilmaz zeller abbot birch colby dunmore elway "
+    "frost gale hale irwin"
+).split()
+MIDDLE_NAMES = FIRST_NAMES  # third name only when more identities than first x last exist
+
+FACE_SHAPES = {"round": (0.62, 0.66), "oval": (0.52, 0.72), "long": (0.46, 0.78), "square": (0.6, 0.62), "heart": (0.56, 0.7)}
+SKIN_TONES = {
+    "pale": (250, 225, 205), "fair": (238, 200, 170), "olive": (200, 160, 115),
+    "tan": (185, 135, 95), "brown": (140, 95, 60), "dark": (95, 62, 40),
+}
+HAIR_COLOURS = {
+    "black": (25, 20, 20), "brown": (100, 60, 30), "blonde": (230, 200, 110), "red": (180, 60, 30),
+    "grey": (150, 150, 150), "white": (240, 240, 235), "blue": (50, 90, 200),
+}
+HAIRSTYLES = ("short", "long", "bald", "curly", "bun", "spiky")
+EYE_COLOURS = {"brown": (90, 50, 20), "blue": (40, 100, 200), "green": (40, 140, 60), "grey": (120, 125, 130)}
+EXPRESSIONS = ("neutral", "smiling", "frowning", "surprised")
+BACKGROUNDS = {
+    "white": (235, 235, 235), "grey": (128, 128, 128), "green": (90, 160, 90), "blue": (90, 120, 190),
+    "yellow": (220, 200, 90), "purple": (140, 90, 160), "orange": (225, 140, 60),
+}
+LIGHTING = {"bright": 1.15, "dim": 0.75, "warm": (1.1, 1.0, 0.85), "cool": (0.88, 0.97, 1.12), "even": 1.0}
+
+# The paper's datasets, as (majority ids, minority ids) with 30 and 2 images (App. / Sec. 4.1).
+# Counts are the nearest integers to the stated totals: e.g. AgeDB-IT2I-L has 976 images over
+# 223 ids, which 30/2 images reach with 19 majority ids (978 images).
+PROFILES = {
+    "agedb-s": (1, 1),
+    "agedb-m": (3, 7),
+    "agedb-l": (19, 204),
+    "digiface-l": (22, 157),
+}
+
+
+@dataclass(frozen=True)
+class Identity:
+    index: int
+    name: str
+    face_shape: str
+    skin: str
+    hair_colour: str
+    hairstyle: str
+    eyes: str
+    glasses: bool
+    beard: bool
+    hat: bool
+
+
+@dataclass(frozen=True)
+class Record:
+    key: str
+    identity: int
+    name: str
+    caption: str
+    image: Image.Image
+
+
+def _rng(*parts: int | str) -> np.random.Generator:
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
+
+
+def identity_name(index: int, seed: int) -> str:
+    """A generic name, unique per identity within a seed (a bijection on the name grid)."""
+    n_first, n_last = len(FIRST_NAMES), len(LAST_NAMES)
+    grid = n_first * n_last
+    perm = _rng("names", seed).permutation(grid)
+    cell = int(perm[index % grid])
+    name = f"{FIRST_NAMES[cell // n_last]} {LAST_NAMES[cell % n_last]}"
+    if index >= grid:
+        if index >= grid * (len(MIDDLE_NAMES) + 1):
+            raise ValueError(f"at most {grid * (len(MIDDLE_NAMES) + 1)} distinct synthetic identities")
+        first, last = name.split()
+        name = f"{first} {MIDDLE_NAMES[index // grid - 1]} {last}"
+    return name
+
+
+def make_identity(index: int, seed: int) -> Identity:
+    r = _rng("identity", seed, index)
+    pick = lambda options: options[int(r.integers(len(options)))]  # noqa: E731
+    return Identity(
+        index=index,
+        name=identity_name(index, seed),
+        face_shape=pick(list(FACE_SHAPES)),
+        skin=pick(list(SKIN_TONES)),
+        hair_colour=pick(list(HAIR_COLOURS)),
+        hairstyle=pick(HAIRSTYLES),
+        eyes=pick(list(EYE_COLOURS)),
+        glasses=bool(r.random() < 0.3),
+        beard=bool(r.random() < 0.3),
+        hat=bool(r.random() < 0.15),
+    )
+
+
+def caption_for(ident: Identity, expression: str, background: str, lighting: str) -> str:
+    extras = [w for w, on in (("glasses", ident.glasses), ("a beard", ident.beard), ("a hat", ident.hat)) if on]
+    wearing = f", with {' and '.join(extras)}" if extras else ""
+    hair = "no hair" if ident.hairstyle == "bald" else f"{ident.hair_colour} {ident.hairstyle} hair"
+    return (
+        f"{ident.name}, a person with {'an' if ident.face_shape[0] in 'aeiou' else 'a'} {ident.face_shape} face, {ident.skin} skin, {hair} and "
+        f"{ident.eyes} eyes{wearing}, {expression}, in front of a {background} background, {lighting} light."
+    )
+
+
+def render(ident: Identity, image_index: int, seed: int, size: int = 32) -> tuple[Image.Image, str]:
+    """One image of an identity and its caption."""
+    r = _rng("image", seed, ident.index, image_index)
+    expression = EXPRESSIONS[int(r.integers(len(EXPRESSIONS)))]
+    background = list(BACKGROUNDS)[int(r.integers(len(BACKGROUNDS)))]
+    lighting = list(LIGHTING)[int(r.integers(len(LIGHTING)))]
+    yaw = float(r.uniform(-0.08, 0.08))  # horizontal shift of the face, as a fraction of the image
+    pitch = float(r.uniform(-0.05, 0.05))
+    scale = float(r.uniform(0.92, 1.08))
+
+    s = size * 4  # draw large, then downsample: anti-aliasing for free
+    img = Image.new("RGB", (s, s), BACKGROUNDS[background])
+    d = ImageDraw.Draw(img)
+    cx, cy = s * (0.5 + yaw), s * (0.55 + pitch)
+    fw, fh = (v * s * 0.5 * scale for v in FACE_SHAPES[ident.face_shape])
+    skin, hair = SKIN_TONES[ident.skin], HAIR_COLOURS[ident.hair_colour]
+    if ident.hairstyle == "long":
+        d.rectangle([cx - fw * 1.05, cy - fh * 0.7, cx + fw * 1.05, cy + fh * 0.9], fill=hair)
+    d.ellipse([cx - fw, cy - fh, cx + fw, cy + fh], fill=skin)
+    top = cy - fh
+    if ident.hairstyle in ("short", "long"):
+        d.chord([cx - fw, top - fh * 0.1, cx + fw, top + fh * 0.9], 180, 360, fill=hair)
+    elif ident.hairstyle == "curly":
+        for k in range(7):
+            a = math.pi * (k / 6)
+            d.ellipse([cx - fw * math.cos(a) - fw * 0.3, top + fh * 0.2 - fh * 0.35 * math.sin(a) - fw * 0.3,
+                       cx - fw * math.cos(a) + fw * 0.3, top + fh * 0.2 - fh * 0.35 * math.sin(a) + fw * 0.3], fill=hair)
+    elif ident.hairstyle == "bun":
+        d.chord([cx - fw, top - fh * 0.05, cx + fw, top + fh * 0.8], 180, 360, fill=hair)
+        d.ellipse([cx - fw * 0.35, top - fh * 0.45, cx + fw * 0.35, top + fh * 0.1], fill=hair)
+    elif ident.hairstyle == "spiky":
+        for k in range(5):
+            x = cx - fw * 0.8 + k * fw * 0.4
+            d.polygon([(x - fw * 0.2, top + fh * 0.25), (x, top - fh * 0.3), (x + fw * 0.2, top + fh * 0.25)], fill=hair)
+    if ident.hat:
+        d.rectangle([cx - fw * 1.2, top + fh * 0.05, cx + fw * 1.2, top + fh * 0.2], fill=(40, 40, 60))
+        d.rectangle([cx - fw * 0.8, top - fh * 0.4, cx + fw * 0.8, top + fh * 0.1], fill=(40, 40, 60))
+    ey, ex, er = cy - fh * 0.15, fw * 0.4, fw * 0.14
+    for sx in (-1, 1):
+        d.ellipse([cx + sx * ex - er * 1.3, ey - er, cx + sx * ex + er * 1.3, ey + er], fill=(250, 250, 250))
+        d.ellipse([cx + sx * ex - er * 0.7, ey - er * 0.7, cx + sx * ex + er * 0.7, ey + er * 0.7], fill=EYE_COLOURS[ident.eyes])
+        if ident.glasses:
+            d.ellipse([cx + sx * ex - er * 2, ey - er * 1.7, cx + sx * ex + er * 2, ey + er * 1.7], outline=(20, 20, 20), width=max(2, s // 64))
+    if ident.beard:
+        d.chord([cx - fw * 0.85, cy + fh * 0.1, cx + fw * 0.85, cy + fh * 1.0], 0, 180, fill=hair)
+    my, mw = cy + fh * 0.45, fw * 0.45
+    mouth = (150, 40, 40)
+    if expression == "smiling":
+        d.arc([cx - mw, my - fh * 0.2, cx + mw, my + fh * 0.15], 20, 160, fill=mouth, width=max(2, s // 48))
+    elif expression == "frowning":
+        d.arc([cx - mw, my, cx + mw, my + fh * 0.3], 200, 340, fill=mouth, width=max(2, s // 48))
+    elif expression == "surprised":
+        d.ellipse([cx - mw * 0.35, my - fh * 0.1, cx + mw * 0.35, my + fh * 0.15], fill=mouth)
+    else:
+        d.line([cx - mw * 0.7, my, cx + mw * 0.7, my], fill=mouth, width=max(2, s // 48))
+
+    arr = np.asarray(img.resize((size, size), Image.LANCZOS), dtype=np.float32)
+    light = LIGHTING[lighting]
+    arr = arr * np.asarray(light if isinstance(light, tuple) else (light,) * 3, dtype=np.float32)
+    arr += r.normal(0.0, 4.0, arr.shape).astype(np.float32)  # sensor noise
+    image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    return image, caption_for(ident, expression, background, lighting)
+
+
+def profile_counts(profile: str, majority_ids: int = 1, minority_ids: int = 1,
+                   majority_images: int = 30, minority_images: int = 2) -> list[int]:
+    """Images per identity: majority identities first, then minority ones."""
+    if profile != "custom":
+        if profile not in PROFILES:
+            raise ValueError(f"unknown imbalance profile '{profile}'; choose one of {sorted(PROFILES)} or 'custom'")
+        majority_ids, minority_ids = PROFILES[profile]
+    return [majority_images] * majority_ids + [minority_images] * minority_ids
+
+
+def iter_records(counts: Sequence[int], seed: int = 0, size: int = 32,
+                 starts: Sequence[int] | None = None) -> Iterator[Record]:
+    """Stream images ``starts[i] .. starts[i] + counts[i]`` of every identity ``i`` (starts default 0).
+
+    Held-out images of the same identities are ``iter_records(per_id, starts=train_counts)``.
+    """
+    for index, count in enumerate(counts):
+        ident = make_identity(index, seed)
+        first = starts[index] if starts is not None else 0
+        for j in range(first, first + count):
+            image, caption = render(ident, j, seed, size)
+            yield Record(key=f"id{index:06d}_img{j:04d}", identity=index, name=ident.name, caption=caption, image=image)
+
+
+def vocabulary() -> list[str]:
+    """Every word a synthetic caption or prompt can contain: what the tiny tokenizer is trained on."""
+    words = set(FIRST_NAMES) | set(LAST_NAMES) | set(MIDDLE_NAMES)
+    for table in (FACE_SHAPES, SKIN_TONES, HAIR_COLOURS, EYE_COLOURS, BACKGROUNDS, LIGHTING):
+        words |= set(table)
+    words |= set(HAIRSTYLES) | set(EXPRESSIONS)
+    words |= set("a an image of person with face skin hair no and eyes glasses beard hat in front background light".split())
+    words |= set(", .".split())
+    return sorted(words)

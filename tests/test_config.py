@@ -1,0 +1,61 @@
+import pytest
+
+from pogdiff.config import ConfigError, GradMode, Method, load_config
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 0.5\nmethod:\n  name: cbdm\n")
+    cfg = load_config(p, ["train.lr=1e-4", "method.grad_mode=stop", "data.profile=agedb-l"])
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.method.name is Method.cbdm
+    assert cfg.method.grad_mode is GradMode.stop
+    assert cfg.data.profile == "agedb-l"
+
+
+def test_demo_config_loads():
+    cfg = load_config("configs/demo.yaml")
+    assert cfg.model.name == "tiny"
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [("train.lrr=1", "did you mean 'train.lr'"), ("trian.lr=1", "did you mean 'train.lr'"),
+     ("method.psi_imgg=false", "did you mean 'method.psi_img'")],
+)
+def test_unknown_key_names_key_and_closest(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert override.split("=")[0] in str(e.value)
+    assert expected in str(e.value)
+
+
+def test_unknown_key_in_yaml_names_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  stpes: 5\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*train.stpes.*did you mean 'train.steps'"):
+        load_config(p)
+
+
+def test_wrong_type_names_field_and_type():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.steps=many"])
+    msg = str(e.value)
+    assert "train.steps" in msg and "int" in msg.lower()
+
+
+def test_bad_enum_value_lists_choices():
+    with pytest.raises(ConfigError, match=r"method.name.*pogdiff"):
+        load_config(None, ["method.name=pogdif"])
+
+
+def test_missing_file_and_bad_override_form(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(None, ["train.lr"])
+
+
+def test_value_constraints():
+    with pytest.raises(ConfigError, match="loss_backend"):
+        load_config(None, ["train.loss_backend=cuda"])
