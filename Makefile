@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/pogdiff demo $(DEMO_CONFIG) $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/pytest -q $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -10,7 +10,7 @@ import torch
 
 from .reference import TwoTermWeights, two_term_loss_reference
 
-__all__ = ["TwoTermWeights", "pog_loss", "two_term_loss", "two_term_loss_reference"]
+__all__ = ["TwoTermWeights", "pog_loss", "two_term_loss", "two_term_loss_concat", "two_term_loss_reference"]
 
 _BACKENDS = ("auto", "torch", "triton")
 
@@ -53,6 +53,29 @@ def two_term_loss(
     return two_term_loss_reference(a, b, target, weights)
 
 
+def two_term_loss_concat(
+    pred: torch.Tensor, target: torch.Tensor, weights: TwoTermWeights, backend: str = "auto"
+) -> torch.Tensor:
+    """``two_term_loss(pred[:B], pred[B:], ...)`` for the UNet output on ``[y; y']``, pred (2B, ...).
+
+    On Triton the gradient of pred is one buffer written by the kernel, not two slice gradients that
+    autograd zero-fills to (2B, ...) and adds.
+    """
+    batch = target.shape[0]
+    if pred.shape[0] != 2 * batch or pred.shape[1:] != target.shape[1:]:
+        raise ValueError(
+            f"pred must be (2B, ...) = {(2 * batch, *target.shape[1:])} for target {tuple(target.shape)}, "
+            f"got {tuple(pred.shape)}"
+        )
+    if _resolve_backend(backend, pred) == "triton":
+        if weights.target.shape != (batch,):
+            raise ValueError(f"weights must have shape ({batch},), got {tuple(weights.target.shape)}")
+        from .triton_two_term import two_term_loss_concat_triton
+
+        return two_term_loss_concat_triton(pred, target, weights)
+    return two_term_loss(pred[:batch], pred[batch:], target, weights, backend="torch")
+
+
 def pog_loss(
     eps_pred: torch.Tensor,
     noise: torch.Tensor,
@@ -73,6 +96,5 @@ def pog_loss(
         )
     if psi.shape != (batch,):
         raise ValueError(f"psi must have shape ({batch},), got {tuple(psi.shape)}")
-    a, b = eps_pred[:batch], eps_pred[batch:]
     weights = TwoTermWeights.pogdiff(psi.float(), grad_mode)
-    return two_term_loss(a, b, noise, weights, backend=backend).mean()
+    return two_term_loss_concat(eps_pred, noise, weights, backend=backend).mean()

@@ -40,6 +40,10 @@ class ModelConfig:
     revision: Optional[str] = None
     seed: int = 0  # initialisation seed of the tiny model
     gradient_checkpointing: bool = False
+    # The tiny VAE is pretrained as an autoencoder on identities disjoint from the fine-tuning set
+    # (pogdiff.tiny_vae) before it encodes anything; a random-init VAE would make images meaningless.
+    tiny_vae_steps: int = 200
+    attention: str = "auto"  # "auto" (xformers when installed and on CUDA, else SDPA) | "sdpa" | "xformers"
 
 
 @dataclass
@@ -106,7 +110,41 @@ class TrainConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     loss_backend: str = "auto"  # pogdiff.kernels dispatch: "auto" | "torch" | "triton"
     caption_dropout: float = 0.1  # fraction of captions replaced by "" (classifier-free guidance)
-    checkpoint_every: int = 0  # steps between checkpoints; 0 = none
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = none (the distributed job still saves the last)
+    checkpoint_keep: int = 2  # checkpoints kept (Ray: CheckpointConfig.num_to_keep)
+    # batch_size is per worker and micro-batch: one optimizer step sees batch_size * grad_accum * workers.
+    grad_accum: int = 1
+    optimizer: str = "adamw"  # "adamw" (torch) | "adamw8bit" (bitsandbytes; a client optimizer under DeepSpeed)
+    lr_scheduler: str = "constant"  # any diffusers.optimization.get_scheduler name
+    lr_warmup_steps: int = 0
+    ema: bool = False  # exponential moving average of the UNet, exported instead of the raw weights
+    ema_decay: float = 0.9999  # max decay; warmed up like diffusers' EMAModel: min(ema_decay, (1 + n) / (10 + n))
+    ema_offload: bool = False  # keep the EMA shadow on the CPU
+    # Min-SNR weighting (epsilon prediction): w_i = min(SNR(t_i), gamma) / SNR(t_i) multiplies the whole
+    # per-sample two-term loss, both terms alike. None = off; 5.0 is the paper's choice.
+    snr_gamma: Optional[float] = None
+    noise_offset: float = 0.0  # eps += noise_offset * N(0, 1) per (sample, channel)
+    tensorboard: bool = True
+    validate_every: int = 0  # steps between DDIM validation grids; 0 = none
+    validation_prompts: list[str] = field(default_factory=list)  # empty: one head and one tail identity
+    validation_images: int = 2  # per prompt
+    validation_ddim_steps: int = 20
+
+
+@dataclass
+class DistConfig:
+    """The Ray Train + DeepSpeed job (pogdiff.dist)."""
+
+    num_workers: int = 2
+    use_gpu: bool = False  # GPU: NCCL + bf16; CPU: gloo + fp32 (DS_ACCELERATOR=cpu)
+    cpus_per_worker: int = 1
+    zero_stage: int = 2  # DeepSpeed ZeRO stage of the UNet (VAE and text encoder are never wrapped)
+    bf16: bool = True  # on GPU only; CPU runs fp32
+    deepspeed_json: Optional[str] = None  # a JSON file deep-merged over the generated DeepSpeed config
+    ray_address: Optional[str] = None  # None: $RAY_ADDRESS, else an embedded local cluster
+    storage_path: Optional[str] = None  # shared storage for Ray checkpoints; None: <output_dir>/ray
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint (FailureConfig)
+    fail_at_step: int = 0  # test only: rank 1 exits once at this step (a marker file guards "once")
 
 
 @dataclass
@@ -117,6 +155,99 @@ class SampleConfig:
     batch_size: int = 16
     prompt_template: str = "An image of {p}."
     seed: int = 1234
+    ray_workers: int = 0  # 0: sample in this process; N: split the identities over N Ray tasks
+
+
+@dataclass
+class EvalConfig:
+    """Metrics of Sec. 4.1 / App. C, F (pogdiff.eval)."""
+
+    # "recognizer": a small identity-recognition CNN trained here on synthetic identities disjoint
+    # from the fine-tuning set; or a local Hugging Face vision model directory (e.g. DINOv2).
+    encoder: str = "recognizer"
+    grecall_threshold: float = 0.7  # cosine similarity above which a generated image covers a training image
+    fid_eps: float = 1e-6  # added to the diagonal of the (Ledoit-Wolf shrunk) covariances
+    batch_size: int = 128  # images per encoder forward
+    recognizer_ids: int = 200
+    recognizer_images_per_id: int = 10
+    recognizer_steps: int = 400
+    recognizer_dim: int = 64
+    recognizer_lr: float = 3e-3
+
+
+# Experiment variant -> method overrides (Tables 1, 2, 5: the methods; Table 6: the ablations).
+VARIANTS: dict[str, dict] = {
+    "vanilla": {"name": "vanilla"},  # Table 6 "w/o y'"
+    "cbdm": {"name": "cbdm"},
+    "t2h": {"name": "t2h"},
+    "pogdiff": {"name": "pogdiff"},
+    "pogdiff-no_psi_img": {"name": "pogdiff", "psi_img": False},
+    "pogdiff-no_psi_inv": {"name": "pogdiff", "psi_inv": False},
+}
+
+
+@dataclass
+class ExperimentConfig:
+    """``pogdiff experiment``: every variant x seed on the same data and steps, then the report."""
+
+    variants: list[str] = field(default_factory=lambda: [
+        "vanilla", "cbdm", "t2h", "pogdiff", "pogdiff-no_psi_img", "pogdiff-no_psi_inv"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    report_dir: Optional[str] = None  # default <output_dir>/<run_name>/report
+
+
+@dataclass
+class PrepareConfig:
+    """``pogdiff prepare``: data.source (a JSONL/CSV manifest, or "synthetic") -> WebDataset shards.
+
+    Images are resized (shorter side) and centre-cropped to data.image_size; the neighbours'
+    image encoder is data.image_encoder; the imbalance counts are data.profile & co.
+    """
+
+    output: Optional[str] = None  # dataset directory; default <output_dir>/<run_name>/prepared
+    image_root: Optional[str] = None  # manifest image paths are relative to this (default: the manifest's folder)
+    samples_per_shard: int = 1000  # records per shard task (a shard never holds more)
+    max_shard_bytes: int = 1 << 30  # a shard that would grow past this rolls over into a new part
+    backend: str = "process"  # "process" (one machine) | "ray" (tasks on a cluster) | "serial"
+    workers: int = 2  # parallel shard tasks (process backend)
+    ray_gpus_per_task: float = 0.0
+    batch_size: int = 32  # encoder batch
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    mask_names: bool = False  # replace real names in captions by generic ones, consistent per identity
+    imbalance: bool = False  # subset a manifest to data.profile's majority/minority counts
+    strict: bool = False  # bad records are errors instead of being skipped and counted
+    seed: int = 0  # name masking and the imbalance subset
+
+
+class IndexType(str, enum.Enum):
+    auto = "auto"  # FAISS's guidelines by dataset size: flat, then ivf (then ivfpq past index.memory_gb)
+    flat = "flat"  # exact inner product
+    ivf = "ivf"  # inverted lists of full vectors
+    ivfpq = "ivfpq"  # inverted lists of product-quantised codes (when the vectors do not fit)
+
+
+@dataclass
+class IndexConfig:
+    """FAISS neighbour service and kNN-graph build (pogdiff.dist.neighbour_service / knn_graph)."""
+
+    type: IndexType = IndexType.auto
+    flat_max: int = 100_000  # auto: exact Flat up to this many vectors, IVF above
+    memory_gb: float = 0.0  # auto: IVF-PQ when full vectors would exceed this per shard; 0 = never
+    nlist: int = 0  # IVF lists; 0 = FAISS's guideline, 4*sqrt(N) rounded up to a power of two
+    nprobe: int = 16  # IVF lists visited per query (recall@10 >= 0.95 on clustered data: benchmarks/neighbours.py)
+    pq_m: int = 0  # IVF-PQ bytes per vector; 0 = dim / 8
+    train_size: int = 0  # IVF training vectors; 0 = 40 * nlist (FAISS asks for 30-256 per list, warns below 39)
+    shards: int = 1  # Ray actors, each holding a contiguous slice of the dataset
+    actor_min_n: int = 50_000  # below this N the graph is built in-process (Ray's start-up costs more)
+    batch_size: int = 16_384  # query vectors per search call
+    recall_sample: int = 1000  # queries checked against exact search for approximate indexes
+    name: str = "pogdiff-neighbours"  # shard i is the named Ray actor "<name>-<i>"
+    namespace: str = "pogdiff"
+    max_restarts: int = 5  # Ray restarts a dead shard, which reloads its index from disk
+    # Ray CPUs per shard actor, which are also its FAISS threads; 0 = the cluster's CPUs / shards, at
+    # most one node's (for the build: set it small for a service that runs beside training)
+    cpus_per_shard: float = 0.0
+    seed: int = 0
 
 
 @dataclass
@@ -128,7 +259,12 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     density: DensityConfig = field(default_factory=DensityConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -218,6 +354,32 @@ def _check_values(cfg: Config) -> None:
         problems.append("density.temperature must be > 0 (or null for the embedding dimension)")
     if cfg.method.a3 <= 0:
         problems.append("method.a3 must be > 0")
+    if cfg.sample.steps < 1 or cfg.sample.images_per_id < 1 or cfg.sample.batch_size < 1:
+        problems.append("sample.steps, sample.images_per_id and sample.batch_size must be >= 1")
+    if not -1.0 <= cfg.eval.grecall_threshold <= 1.0:
+        problems.append(f"eval.grecall_threshold is a cosine similarity in [-1, 1], got {cfg.eval.grecall_threshold}")
+    unknown = [v for v in cfg.experiment.variants if v not in VARIANTS]
+    if unknown:
+        problems.append(f"experiment.variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    t, d = cfg.train, cfg.dist
+    if t.grad_accum < 1:
+        problems.append("train.grad_accum must be >= 1")
+    if t.optimizer not in ("adamw", "adamw8bit"):
+        problems.append(f"train.optimizer must be adamw|adamw8bit, got '{t.optimizer}'")
+    if cfg.model.attention not in ("auto", "sdpa", "xformers"):
+        problems.append(f"model.attention must be auto|sdpa|xformers, got '{cfg.model.attention}'")
+    if not 0 < t.ema_decay < 1:
+        problems.append("train.ema_decay must be in (0, 1)")
+    if t.snr_gamma is not None and t.snr_gamma <= 0:
+        problems.append("train.snr_gamma must be > 0 (or null for no Min-SNR weighting)")
+    if t.noise_offset < 0 or t.lr_warmup_steps < 0 or t.checkpoint_keep < 1:
+        problems.append("train.noise_offset and train.lr_warmup_steps must be >= 0, train.checkpoint_keep >= 1")
+    if d.num_workers < 1 or d.zero_stage not in (0, 1, 2, 3):
+        problems.append("dist.num_workers must be >= 1 and dist.zero_stage one of 0, 1, 2, 3")
+    if cfg.prepare.backend not in ("process", "ray", "serial"):
+        problems.append(f"prepare.backend must be process|ray|serial, got '{cfg.prepare.backend}'")
+    if cfg.prepare.samples_per_shard < 1 or cfg.prepare.max_shard_bytes < 1 or cfg.prepare.workers < 1:
+        problems.append("prepare.samples_per_shard, prepare.max_shard_bytes and prepare.workers must be >= 1")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
 

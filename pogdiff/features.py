@@ -8,14 +8,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from .models import Components, encode_text
+from .models import Components, encode_tokens, tokenize
 from .synthetic import Record
 
 TINY_ENCODER_CROP = 0.6  # central fraction of the image the tiny encoder looks at
@@ -38,6 +38,58 @@ def tiny_image_embedding(images: Sequence[Image.Image]) -> torch.Tensor:
 def images_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+ImageEncoder = Callable[[Sequence[Image.Image]], torch.Tensor]  # images -> (B, d) fp32 embeddings
+
+
+def load_image_encoder(name: str, device: torch.device | str = "cpu") -> ImageEncoder:
+    """The image encoder for neighbours (Eq. 8): ``tiny`` (weight-free) or a local Hugging Face
+    vision model directory (CLIP, SigLIP: ``get_image_features``; DINOv2, ViT: the pooled CLS
+    output), loaded with AutoModel/AutoImageProcessor. Nothing is downloaded."""
+    if name == "tiny":
+        return tiny_image_embedding
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file() or not (path / "preprocessor_config.json").is_file():
+        raise ValueError(f"image encoder '{name}' is not 'tiny' nor a local Hugging Face model directory with "
+                         "config.json and preprocessor_config.json (save one with model.save_pretrained() and "
+                         "AutoImageProcessor.save_pretrained())")
+    from transformers import AutoImageProcessor, AutoModel
+
+    processor = AutoImageProcessor.from_pretrained(str(path))
+    model = AutoModel.from_pretrained(str(path)).to(device).eval()
+
+    @torch.no_grad()
+    def encode(images: Sequence[Image.Image]) -> torch.Tensor:
+        pixels = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"].to(device)
+        if hasattr(model, "get_image_features"):
+            out = model.get_image_features(pixel_values=pixels)
+        else:
+            out = model(pixel_values=pixels)
+        if not isinstance(out, torch.Tensor):
+            out = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state[:, 0]
+        return out.float().cpu()
+
+    return encode
+
+
+@dataclass
+class EncodedBatch:
+    latents: torch.Tensor  # (B, 4, h, w) fp32, VAE posterior mean, NOT yet scaled by the VAE scaling factor
+    tokens: torch.Tensor  # (B, L) int64 caption token ids
+    text: torch.Tensor  # (B, L, D) text-encoder hidden states
+    pooled: torch.Tensor  # (B, D) fp32
+    image_emb: torch.Tensor  # (B, d) fp32
+
+
+@torch.no_grad()
+def encode_batch(components: Components, images: Sequence[Image.Image], captions: list[str], device: torch.device,
+                 image_encoder: ImageEncoder = tiny_image_embedding) -> EncodedBatch:
+    """One pass of the frozen encoders over a batch of (image, caption) pairs (images of one size)."""
+    latents = components.vae.encode(images_to_tensor(images).to(device)).latent_dist.mean.float().cpu()
+    tokens = tokenize(components, captions)
+    hidden, pooled = encode_tokens(components, tokens, device)
+    return EncodedBatch(latents, tokens, hidden.cpu(), pooled.float().cpu(), image_encoder(images).float().cpu())
 
 
 @dataclass
@@ -86,7 +138,8 @@ class FeatureSet:
 
 @torch.no_grad()
 def build_feature_set(records: Iterable[Record], components: Components, device: torch.device,
-                      batch_size: int = 64, calibrate_vae_scale: bool = False, progress: bool = True) -> FeatureSet:
+                      batch_size: int = 64, calibrate_vae_scale: bool = False, progress: bool = True,
+                      image_encoder: ImageEncoder = tiny_image_embedding) -> FeatureSet:
     """Run the frozen encoders over the records.
 
     ``calibrate_vae_scale`` sets the VAE's scaling factor to 1/std of the latents (what SD did
@@ -99,12 +152,11 @@ def build_feature_set(records: Iterable[Record], components: Components, device:
     chunk: list[Record] = []
 
     def flush() -> None:
-        images = [r.image for r in chunk]
-        latents.append(vae.encode(images_to_tensor(images).to(device)).latent_dist.mean.float().cpu())
-        hidden, pool = encode_text(components, [r.caption for r in chunk], device)
-        texts.append(hidden.half().cpu())
-        pooled.append(pool.float().cpu())
-        embs.append(tiny_image_embedding(images))
+        enc = encode_batch(components, [r.image for r in chunk], [r.caption for r in chunk], device, image_encoder)
+        latents.append(enc.latents)
+        texts.append(enc.text.half())
+        pooled.append(enc.pooled)
+        embs.append(enc.image_emb)
         for r in chunk:
             keys.append(r.key), ids.append(r.identity), names.append(r.name), captions.append(r.caption)
         chunk.clear()
@@ -118,7 +170,7 @@ def build_feature_set(records: Iterable[Record], components: Components, device:
     raw = torch.cat(latents)
     if calibrate_vae_scale:
         vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
-    null_hidden, _ = encode_text(components, [""], device)
+    null_hidden, _ = encode_tokens(components, tokenize(components, [""]), device)
     return FeatureSet(
         keys=keys, identities=torch.tensor(ids, dtype=torch.int64), names=names, captions=captions,
         latents=(raw * components.vae_scale).half(), text=torch.cat(texts), pooled=torch.cat(pooled),

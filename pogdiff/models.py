@@ -4,7 +4,6 @@ Only the UNet trains; the VAE and the text encoder stay frozen (and out of any Z
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ REQUIRED_PARTS = {
     "tokenizer": None,  # vocab/merges or tokenizer.json: any file will do
     "scheduler": "scheduler_config.json",
 }
-TINY_MAX_TOKENS = 32
+TINY_MAX_TOKENS = 48
 
 
 class ModelLoadError(RuntimeError):
@@ -63,21 +62,31 @@ def tiny_vae_config() -> dict:
 
 
 def build_tiny_tokenizer(words: list[str]) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer trained on a closed vocabulary, so every word is one token."""
-    from tokenizers import pre_tokenizers, trainers
+    """A CLIP BPE tokenizer over a closed vocabulary: every word is one token, and the ids are a pure
+    function of ``words`` (a trained BPE breaks ties differently in every process).
 
-    specials = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    tok = CLIPTokenizer(vocab=dict(specials), merges=[], model_max_length=TINY_MAX_TOKENS)
-    backend = tok.backend_tokenizer
-    trainer = trainers.BpeTrainer(
-        vocab_size=4096, special_tokens=list(specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>", show_progress=False,
-    )
-    backend.train_from_iterator([" ".join(words)] * 2 + words, trainer=trainer)
-    model = json.loads(backend.to_str())["model"]
-    return CLIPTokenizer(
-        vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], model_max_length=TINY_MAX_TOKENS
-    )
+    Each word has a merge for every split of every substring, so whichever merge fires first,
+    the word ends up whole. Bytes outside the words still tokenize (the byte-level alphabet).
+    """
+    from tokenizers import pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in alphabet + [c + "</w>" for c in alphabet]:
+        vocab.setdefault(token, len(vocab))
+    merges: dict[tuple[str, str], None] = {}
+    for word in sorted(set(words)):
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        n = len(symbols)
+        for length in range(2, n + 1):
+            for i in range(n - length + 1):
+                for k in range(i + 1, i + length):
+                    merges.setdefault(("".join(symbols[i:k]), "".join(symbols[k:i + length])), None)
+    # shorter results first: a merge's inputs always exist before it fires
+    ordered = sorted(merges, key=lambda m: (len(m[0]) + len(m[1]), m))
+    for left, right in ordered:
+        vocab.setdefault(left + right, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=ordered, model_max_length=TINY_MAX_TOKENS)
 
 
 def build_tiny(seed: int = 0) -> Components:
@@ -121,7 +130,8 @@ def check_model_dir(path: Path) -> None:
         )
 
 
-def load_components(cfg: ModelConfig) -> Components:
+def load_components(cfg: ModelConfig, with_unet: bool = True) -> Components:
+    """``with_unet=False`` leaves ``unet`` None: the frozen encoders alone (e.g. for ``prepare``)."""
     if cfg.name == "tiny":
         return build_tiny(cfg.seed)
     path = Path(cfg.name).expanduser()
@@ -134,7 +144,7 @@ def load_components(cfg: ModelConfig) -> Components:
         source, kw = cfg.name, {"revision": cfg.revision}
     try:
         return Components(
-            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw),
+            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw) if with_unet else None,
             vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **kw),
             text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw),
             tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
@@ -150,12 +160,20 @@ def freeze(*modules: torch.nn.Module) -> None:
         m.eval()
 
 
-@torch.no_grad()
-def encode_text(components: Components, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token hidden states (B, L, D) for UNet cross-attention, pooled embedding (B, D))."""
-    tok = components.tokenizer(
+def tokenize(components: Components, captions: list[str]) -> torch.Tensor:
+    """Caption token ids (B, L) int64, padded/truncated to the tokenizer's max length (77 for SD)."""
+    return components.tokenizer(
         captions, padding="max_length", max_length=components.tokenizer.model_max_length,
         truncation=True, return_tensors="pt",
-    )
-    out = components.text_encoder(tok.input_ids.to(device))
+    ).input_ids
+
+
+@torch.no_grad()
+def encode_tokens(components: Components, input_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token hidden states (B, L, D) for UNet cross-attention, pooled embedding (B, D))."""
+    out = components.text_encoder(input_ids.to(device, torch.long))
     return out.last_hidden_state, out.pooler_output
+
+
+def encode_text(components: Components, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return encode_tokens(components, tokenize(components, captions), device)

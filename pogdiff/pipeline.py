@@ -3,7 +3,7 @@
     features  synthetic records -> frozen encoders -> features.safetensors (+ model/ in diffusers format)
     neighbours  image embeddings -> top-k table (neighbours.safetensors)
     density   pooled text embeddings -> text VAE (density.safetensors)
-    train     -> unet/ (diffusers format), history.json
+    train     -> unet/ + pipeline/ (diffusers format), history.json, metrics.jsonl, tb/ (pogdiff.dist: on Ray)
 """
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import logging
 from pathlib import Path
 
 import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from .config import Config, Method
 from .density import TextDensity, fit_text_density
 from .features import FeatureSet, build_feature_set
 from .models import Components, load_components
-from .neighbours import NeighbourSampler, NeighbourTable, exact_knn, psi_table, summarize_psi
+from .neighbours import NeighbourSampler, NeighbourTable, psi_table, summarize_psi
 from .objectives import Objective
 from .synthetic import iter_records, profile_counts
 from .train import TrainResult, resolve_device, train
@@ -35,7 +36,8 @@ class RunFiles:
         self.density = self.root / "density.safetensors"
         # Per-method outputs sit below the shared data stages: every method trains on the same files.
         self.method = self.root / method_tag(cfg)
-        self.unet = self.method / "unet"
+        self.unet = self.method / "unet"  # the exported UNet (EMA when train.ema), diffusers format
+        self.pipeline = self.method / "pipeline"  # a StableDiffusionPipeline directory around it
         self.history = self.method / "history.json"
         self.checkpoints = self.method / "checkpoints"
 
@@ -71,6 +73,10 @@ def stage_features(cfg: Config) -> FeatureSet:
     device = resolve_device(cfg.train.device)
     counts = train_counts(cfg)
     d = cfg.data
+    if cfg.model.name == "tiny":  # a random-init VAE would decode meaningless images
+        from .tiny_vae import pretrain_tiny_vae
+
+        pretrain_tiny_vae(components.vae, cfg.model.tiny_vae_steps, cfg.model.seed, d.image_size)
     feats = build_feature_set(iter_records(counts, d.seed, d.image_size), components, device,
                               calibrate_vae_scale=cfg.model.name == "tiny")
     heldout = build_feature_set(iter_records([d.heldout_images] * len(counts), d.seed, d.image_size, starts=counts),
@@ -87,7 +93,10 @@ def stage_neighbours(cfg: Config, feats: FeatureSet) -> NeighbourTable:
         table = NeighbourTable.load(files.neighbours)
         if table.k == cfg.method.k and table.ids.shape[0] == len(feats):
             return table
-    table = exact_knn(feats.image_emb, cfg.method.k, feats.identities)
+    from .dist.knn_graph import ArraySource, build_knn_graph, index_dir  # exact Flat for small N: = exact_knn
+
+    table, _ = build_knn_graph(ArraySource(feats.image_emb, feats.identities), cfg.method.k, cfg.index,
+                               root=index_dir(cfg), progress=False)
     table.save(files.neighbours)
     return table
 
@@ -116,23 +125,38 @@ def build_objective(cfg: Config, feats: FeatureSet, table: NeighbourTable, densi
     objective = Objective(
         m, alphas_cumprod, text_table=feats.text, sampler=sampler, log_density=log_density,
         null_text=feats.null_text, caption_dropout=cfg.train.caption_dropout, backend=cfg.train.loss_backend,
+        snr_gamma=cfg.train.snr_gamma, noise_offset=cfg.train.noise_offset,
     )
     return objective, stats
 
 
-def stage_train(cfg: Config, progress: bool = True) -> TrainResult:
+def training_inputs(cfg: Config) -> tuple[FeatureSet, UNet2DConditionModel, Objective, dict]:
+    """What a training worker needs: features, the run's initial UNet (the frozen VAE and text
+    encoder stay on disk), the objective and psi stats. Runs the data stages that are missing
+    (the distributed driver runs them once, up front)."""
     files = RunFiles(cfg)
     feats = stage_features(cfg)
     table = stage_neighbours(cfg, feats)
     density = stage_density(cfg, feats)
-    components = load_components(type(cfg.model)(name=str(files.model)))
-    objective, psi_stats = build_objective(cfg, feats, table, density, components.noise_scheduler.alphas_cumprod)
+    unet = UNet2DConditionModel.from_pretrained(files.model / "unet")
+    alphas_cumprod = DDPMScheduler.from_pretrained(files.model / "scheduler").alphas_cumprod
+    objective, psi_stats = build_objective(cfg, feats, table, density, alphas_cumprod)
+    return feats, unet, objective, psi_stats
+
+
+def write_history(cfg: Config, psi_stats: dict, result: TrainResult) -> None:
+    RunFiles(cfg).history.write_text(json.dumps({"method": cfg.method.name.value, "psi": psi_stats,
+                                                 "history": result.history, "seconds": result.seconds}, indent=1))
+
+
+def stage_train(cfg: Config, progress: bool = True) -> TrainResult:
+    """One machine, one process (``pogdiff.dist.ray_driver`` is the cluster job)."""
+    from .export import export_pipeline
+
+    files = RunFiles(cfg)
+    feats, unet, objective, psi_stats = training_inputs(cfg)
     torch.manual_seed(cfg.train.seed)
-    unet = components.unet
-    if cfg.model.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    result = train(cfg, unet, objective, feats.latents, feats.text, files.checkpoints, progress=progress)
-    unet.save_pretrained(files.unet)
-    files.history.write_text(json.dumps({"method": cfg.method.name.value, "psi": psi_stats,
-                                         "history": result.history, "seconds": result.seconds}, indent=1))
+    result, weights = train(cfg, unet, objective, feats, files.method, files.model, progress=progress)
+    export_pipeline(files.model, weights, files.method)
+    write_history(cfg, psi_stats, result)
     return result

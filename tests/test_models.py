@@ -39,3 +39,18 @@ def test_partial_directory_lists_what_is_missing(tmp_path):
     assert "vae/" in str(e.value) and "scheduler/scheduler_config.json" in str(e.value)
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_components(ModelConfig(name="./no/such/dir"))
+
+
+def test_tiny_tokenizer_ids_identical_across_processes():
+    """Token ids feed the text encoder's embedding rows: a rebuilt tiny model must match exactly."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from pogdiff.models import build_tiny_tokenizer; from pogdiff.synthetic import vocabulary; "
+            "t = build_tiny_tokenizer(vocabulary()); print(t('An image of hanna zeller, blonde spiky hair.').input_ids, len(t))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(outs) == 1, outs
+    ids = eval(outs.pop().rsplit("]", 1)[0] + "]")
+    assert len(ids) == 2 + 10  # bos, 8 words and 2 punctuation marks as one token each, eos

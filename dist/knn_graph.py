@@ -1,0 +1,256 @@
+"""The kNN graph of the whole dataset (the neighbour table of Eq. 8) from the FAISS neighbour service.
+
+    pogdiff index CONFIG  ->  <run>/neighbours.safetensors  (+ <run>/index/shard-<i>/ for online lookups)
+
+Every dataset row queries every shard for its k+1 most similar rows (itself among them), in
+batches of ``index.batch_size``; the shards read the query rows from the source themselves, so
+only row ranges and results cross the wire. Below ``index.actor_min_n`` rows (and with one
+shard) the shards run in-process; above, as Ray actors, with several batches in flight.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Optional
+
+import faiss
+import numpy as np
+import torch
+
+from pogdiff.config import Config, ConfigError, IndexConfig, IndexType
+from pogdiff.neighbours import NeighbourTable
+
+from .neighbour_service import NeighbourService, as_vectors, choose_index, drop_self, merge_topk, read_rows, shard_bounds
+
+# --- where the embeddings come from ---------------------------------------------------------------
+
+
+class ArraySource:
+    """Embeddings (N, d) and identities (N,) in memory; identities None = unknown (-1)."""
+
+    def __init__(self, embeddings: Any, identities: Any = None):
+        as_np = lambda t: t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+        self.emb = np.ascontiguousarray(as_np(embeddings), dtype=np.float32)
+        self.ident = np.full(len(self.emb), -1, np.int64) if identities is None else as_np(identities).astype(np.int64)
+        self.n, self.dim = self.emb.shape
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.emb[start:stop]
+
+    def identities(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        return self.ident[start:stop]
+
+
+class FeaturesFileSource:
+    """``image_emb`` and ``identities`` of a run's features.safetensors (pogdiff.features.FeatureSet),
+    read one slice at a time (memory-mapped): shard actors open it themselves."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = str(path)
+        with safe_open(self.path, "np") as f:
+            self.n, self.dim = f.get_slice("image_emb").get_shape()
+
+    def _slice(self, key: str, start: int, stop: Optional[int]) -> np.ndarray:
+        from safetensors import safe_open
+
+        with safe_open(self.path, "np") as f:
+            return f.get_slice(key)[start:self.n if stop is None else stop]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self._slice("image_emb", start, stop).astype(np.float32, copy=False)
+
+    def identities(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        return self._slice("identities", start, stop).astype(np.int64, copy=False)
+
+
+def embedding_source(cfg: Config) -> FeaturesFileSource:
+    """The dataset's image embeddings: today the run's features file (encoded first if absent);
+    the one place to switch to the prepared shards' dataset index."""
+    from pogdiff.pipeline import RunFiles, stage_features
+
+    path = RunFiles(cfg).features
+    if not path.is_file():
+        stage_features(cfg)
+    return FeaturesFileSource(path)
+
+
+def index_dir(cfg: Config) -> Path:
+    return cfg.run_dir / "index"
+
+
+def fingerprint(source) -> str:
+    """Size, 16 evenly spaced rows and all identities: a stored index is reused only for the same data."""
+    h = hashlib.sha1(f"{source.n}x{source.dim}".encode())
+    for r in np.linspace(0, source.n - 1, num=min(16, source.n), dtype=np.int64):
+        h.update(np.ascontiguousarray(source.read(int(r), int(r) + 1), dtype=np.float32).tobytes())
+    h.update(np.ascontiguousarray(source.identities()).tobytes())
+    return h.hexdigest()
+
+
+# --- the graph ------------------------------------------------------------------------------------
+
+
+def check_index_config(icfg: IndexConfig) -> None:
+    bad = [f"index.{name} must be >= {low}" for name, low in
+           (("shards", 1), ("nprobe", 1), ("batch_size", 1), ("nlist", 0), ("train_size", 0), ("pq_m", 0),
+            ("recall_sample", 0), ("flat_max", 0)) if getattr(icfg, name) < low]
+    if bad:
+        raise ConfigError("invalid config: " + "; ".join(bad))
+
+
+def exact_topk(source, rows: np.ndarray, k: int, chunk: int = 262_144) -> np.ndarray:
+    """Brute-force top-k ids of the given dataset rows, self excluded (the recall reference)."""
+    q = as_vectors(read_rows(source, rows), source.dim)
+    heap = faiss.ResultHeap(len(rows), k + 1, keep_max=True)
+    for a in range(0, source.n, chunk):
+        xb = as_vectors(source.read(a, min(a + chunk, source.n)), source.dim)
+        sims, ids = faiss.knn(q, xb, min(k + 1, len(xb)), metric=faiss.METRIC_INNER_PRODUCT)
+        pad = k + 1 - ids.shape[1]
+        sims, ids = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf), np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        heap.add_result(np.ascontiguousarray(sims), np.ascontiguousarray(np.where(ids >= 0, ids + a, -1)))
+    heap.finalize()
+    return drop_self(heap.D, heap.I, heap.I, rows)[1]
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Mean over queries of |approx ∩ exact| / |exact| (ids -1 = missing are ignored)."""
+    hits = [len(np.intersect1d(a[a >= 0], e[e >= 0])) / max(1, int((e >= 0).sum())) for a, e in zip(approx, exact)]
+    return float(np.mean(hits))
+
+
+def ensure_index(svc: NeighbourService, src, source, spec, seed: int, progress: bool) -> dict:
+    """Reuse the shards' stored indexes when they hold this data with this index type; else train
+    once (on shard 0) and fill every shard with its slice. Returns timings and whether it reused."""
+    fp = fingerprint(source)
+    bounds = shard_bounds(source.n, len(svc.shards))
+    want = [dict(start=a, nbase=b - a, dim=source.dim, factory=spec.factory, fingerprint=fp) for a, b in bounds]
+    reused = all(all(info.get(key) == w[key] for key in w) and info["ntotal"] == w["nbase"]
+                 for info, w in zip(svc.info(), want))
+    t0 = time.perf_counter()
+    if reused:
+        svc.get(svc.call("set_nprobe", spec.nprobe))
+        return dict(reused=True, train_s=0.0, add_s=0.0)
+    trained = svc.get(svc.call("train", src, spec, seed, shards=svc.shards[:1]))[0]
+    t1 = time.perf_counter()
+    if svc.remote:
+        import ray
+
+        trained = ray.put(trained)
+    svc.get([svc.call("build", src, a, b, spec, trained, fp, progress, shards=[shard])[0]
+             for shard, (a, b) in zip(svc.shards, bounds)])
+    return dict(reused=False, train_s=round(t1 - t0, 3), add_s=round(time.perf_counter() - t1, 3))
+
+
+def search_graph(svc: NeighbourService, src, source, k: int, batch_size: int, progress: bool) -> NeighbourTable:
+    """Every row against every shard, k+1 results to drop the row itself, batch by batch."""
+    from tqdm import tqdm
+
+    n = source.n
+    ids = np.full((n, k), -1, np.int64)
+    sims = np.zeros((n, k), np.float32)
+    different = np.zeros((n, k), bool)
+    query_ident = source.identities()
+    bar = tqdm(total=n, desc="knn graph", unit="query", disable=not progress)
+
+    def collect(a: int, b: int, futures: list) -> None:
+        s, i, ident = drop_self(*merge_topk(svc.get(futures), k + 1), np.arange(a, b))
+        ids[a:b], sims[a:b] = i, np.where(i >= 0, s, 0)
+        q = query_ident[a:b, None]
+        different[a:b] = (i >= 0) & (q >= 0) & (ident >= 0) & (ident != q)
+        bar.update(b - a)
+
+    pending: deque = deque()
+    for a in range(0, n, batch_size):
+        b = min(a + batch_size, n)
+        pending.append((a, b, svc.call("search_rows", src, a, b, k + 1, retries=-1)))
+        while len(pending) > (2 if svc.remote else 0):  # remote: the next batches run while this one merges
+            collect(*pending.popleft())
+    while pending:
+        collect(*pending.popleft())
+    bar.close()
+    return NeighbourTable(torch.from_numpy(ids), torch.from_numpy(sims), torch.from_numpy(different))
+
+
+def build_knn_graph(source, k: int, icfg: IndexConfig, root: Optional[str | Path] = None,
+                    progress: bool = True) -> tuple[NeighbourTable, dict]:
+    """Top-k neighbours (self excluded) of every row of ``source`` -> (NeighbourTable, stats).
+
+    ``root`` keeps the shards' indexes on disk (reused when the data and index type match, and
+    what the online service loads); Ray actors need it.
+    """
+    check_index_config(icfg)
+    n, num_shards = source.n, icfg.shards
+    spec = choose_index(n, source.dim, icfg, num_shards)
+    remote = num_shards > 1 or n >= icfg.actor_min_n
+    if remote and root is None:
+        raise ValueError("a kNN graph over Ray actors needs a root folder for the shards' indexes")
+    svc = NeighbourService.start(root, icfg, num_shards) if remote else NeighbourService.local(root, num_shards)
+    stats: dict = dict(n=n, dim=source.dim, k=k, index=spec.factory, kind=spec.kind.value, shards=num_shards,
+                       actors=remote, gpus=faiss.get_num_gpus(),
+                       nprobe=spec.nprobe if spec.kind != IndexType.flat else None)
+    try:
+        if remote:
+            import ray
+
+            src = ray.put(source)  # once; the shards read their rows from it
+        else:
+            src = source
+        c0 = time.process_time()
+        stats.update(ensure_index(svc, src, source, spec, icfg.seed, progress))
+        t1, c1 = time.perf_counter(), time.process_time()
+        table = search_graph(svc, src, source, k, icfg.batch_size, progress)
+        t2, c2 = time.perf_counter(), time.process_time()
+    finally:
+        svc.shutdown()
+    stats.update(search_s=round(t2 - t1, 3), queries_per_s=round(n / max(t2 - t1, 1e-9), 1))
+    if not remote:  # CPU seconds of this process (all its FAISS threads): what a busy machine does not inflate
+        stats.update(build_cpu_s=round(c1 - c0, 3), search_cpu_s=round(c2 - c1, 3))
+    if spec.kind != IndexType.flat and icfg.recall_sample and n > 1:
+        rows = np.sort(np.random.default_rng(icfg.seed).choice(n, min(icfg.recall_sample, n), replace=False))
+        stats.update(recall_at_k=round(recall_at_k(table.ids[rows].numpy(), exact_topk(source, rows, k)), 4),
+                     recall_sample=len(rows))
+    return table, stats
+
+
+def run_index(cfg: Config, progress: bool = True) -> dict:
+    """``pogdiff index``: the graph of the whole prepared dataset -> the run's neighbour table."""
+    from pogdiff.pipeline import RunFiles
+
+    table, stats = build_knn_graph(embedding_source(cfg), cfg.method.k, cfg.index, root=index_dir(cfg), progress=progress)
+    out = RunFiles(cfg).neighbours
+    tmp = out.with_name(".tmp-" + out.name)
+    table.save(tmp)
+    os.replace(tmp, out)
+    stats["table"] = str(out)
+    return stats
+
+
+# --- synthetic data for tests and benchmarks ------------------------------------------------------
+
+
+def clustered_embeddings(n: int, dim: int = 768, cluster_size: int = 64, spread: float = 1.0, seed: int = 0,
+                         chunk: int = 262_144) -> tuple[np.ndarray, np.ndarray]:
+    """(n, dim) float32 embeddings with identity-like structure, and their cluster labels.
+
+    Two levels: "topics" (random directions), cluster centres = topic + 0.7 * noise, members =
+    centre + ``spread`` * noise (all noise N(0, I/dim)); cluster sizes are imbalanced (lognormal
+    weights, mean ``cluster_size``). spread=1 gives within-cluster cosine ~0.5. IVF lists follow
+    the clusters, as with real image embeddings; i.i.d. Gaussians are IVF's worst case instead.
+    """
+    rng = np.random.default_rng(seed)
+    n_clusters = max(1, n // cluster_size)
+    topics = rng.standard_normal((max(1, n_clusters // 32), dim), dtype=np.float32)
+    centres = topics[rng.integers(len(topics), size=n_clusters)]
+    centres += 0.7 * rng.standard_normal(centres.shape, dtype=np.float32)
+    weights = rng.lognormal(0.0, 1.0, n_clusters)
+    labels = rng.choice(n_clusters, size=n, p=weights / weights.sum())
+    x = np.empty((n, dim), np.float32)
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        x[a:b] = centres[labels[a:b]] + spread * rng.standard_normal((b - a, dim), dtype=np.float32)
+    return x / np.sqrt(dim, dtype=np.float32), labels.astype(np.int64)

@@ -1,0 +1,180 @@
+"""The cluster training job: a Ray Train TorchTrainer of DeepSpeed workers (dist/worker.py).
+
+    python -m pogdiff.dist.ray_driver CONFIG [key.path=value ...]   # the `ray job submit` entrypoint
+    pogdiff train-dist CONFIG [key.path=value ...]                   # the same
+
+The driver runs the data stages (features, neighbours, density) once, then ``dist.num_workers``
+workers train, checkpointing every ``train.checkpoint_every`` steps (and at the end) to
+``<dist.storage_path>/<run_name>-<method tag>/step_XXXXXXXX``, keeping ``train.checkpoint_keep``.
+A failed worker group restarts from the latest checkpoint (``dist.max_failures`` times); running
+the driver again with the same run name continues from it too. At the end the final UNet (the EMA
+when ``train.ema``) is exported with a StableDiffusionPipeline to ``<run>/<method tag>/{unet,pipeline}``.
+
+Ray: ``dist.ray_address``, else ``$RAY_ADDRESS`` (what `ray job submit` sets), else an embedded
+local cluster. Exit status: 0 done, 1 training failed (the message says why), 2 bad config.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from pogdiff.config import Config, ConfigError
+from pogdiff.pipeline import RunFiles, method_tag, stage_density, stage_features, stage_neighbours, write_history
+from pogdiff.train import TrainResult
+
+log = logging.getLogger("pogdiff.dist")
+
+
+def ray_run_name(cfg: Config) -> str:
+    return f"{cfg.run_name}-{method_tag(cfg)}"
+
+
+def storage_path(cfg: Config) -> Path:
+    return Path(cfg.dist.storage_path or Path(cfg.output_dir) / "ray").expanduser().resolve()
+
+
+def connect(cfg: Config) -> bool:
+    """Join ``dist.ray_address`` / $RAY_ADDRESS, else start an embedded cluster (returns True then)."""
+    import socket
+
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return False
+    # The embedded cluster's processes inherit RAY_ADDRESS, so that Ray's own helpers (Train's
+    # placement-group cleaner) query this cluster even where other clusters run on the machine.
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    env = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}
+    os.environ.update(env)
+    try:
+        needed = cfg.dist.num_workers * cfg.dist.cpus_per_worker
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed))
+    finally:
+        for k in env:
+            os.environ.pop(k, None)
+    return True
+
+
+def preflight(cfg: Config) -> None:
+    """Config errors that would otherwise surface only inside the workers (and be retried)."""
+    from diffusers.optimization import SchedulerType
+
+    from .deepspeed_config import deepspeed_config
+
+    deepspeed_config(cfg, cfg.dist.num_workers, cfg.dist.use_gpu)
+    if cfg.train.lr_scheduler not in {s.value for s in SchedulerType}:
+        raise ConfigError(f"train.lr_scheduler='{cfg.train.lr_scheduler}' is not one of diffusers' schedules: "
+                          + ", ".join(s.value for s in SchedulerType))
+
+
+def read_history(metrics_jsonl: Path) -> list[dict]:
+    """The logged steps, the last record of each step (steps re-run after a restart log twice)."""
+    by_step = {}
+    if metrics_jsonl.is_file():
+        for line in metrics_jsonl.read_text().splitlines():
+            entry = json.loads(line)
+            by_step[entry["step"]] = entry
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def run(cfg: Config) -> TrainResult:
+    """Train on Ray, export, write history.json; raises ray.train.TrainingFailedError on failure."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from safetensors.torch import load_file
+
+    from pogdiff.export import export_pipeline
+
+    from .worker import train_worker
+
+    preflight(cfg)
+    files = RunFiles(cfg)
+    feats = stage_features(cfg)
+    stage_neighbours(cfg, feats)
+    stage_density(cfg, feats)
+    connect(cfg)
+    dc = cfg.dist
+    env = {"TOKENIZERS_PARALLELISM": "false"} | ({} if dc.use_gpu else {"DS_ACCELERATOR": "cpu"})
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg},
+        scaling_config=ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu,
+                                     resources_per_worker={"CPU": dc.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if dc.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=ray_run_name(cfg), storage_path=str(storage_path(cfg)),
+            failure_config=FailureConfig(max_failures=dc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoint_keep),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - t0
+    if result.checkpoint is None:
+        raise RuntimeError(f"training of '{ray_run_name(cfg)}' ended without a checkpoint in {storage_path(cfg)}")
+    with result.checkpoint.as_directory() as ckpt:
+        ckpt = Path(ckpt)
+        weights = load_file(str(ckpt / ("ema.safetensors" if cfg.train.ema else "unet.safetensors")))
+        steps = json.loads((ckpt / "trainer.json").read_text())["step"]
+    export_pipeline(files.model, weights, files.method)
+    history = read_history(files.method / "metrics.jsonl")
+    out = TrainResult(steps=steps, losses=[h["loss"] for h in history], history=history, seconds=seconds)
+    rank0 = files.method / "ranks" / "rank0.json"
+    psi = json.loads(rank0.read_text())["psi"] if rank0.is_file() else {}
+    write_history(cfg, psi, out)
+    log.info("'%s' done at step %d; checkpoint %s; exported to %s", ray_run_name(cfg), steps, result.checkpoint.path,
+             files.method)
+    return out
+
+
+def train_dist(cfg: Config) -> int:
+    """``pogdiff train-dist``: 0 done, 1 training failed or no cluster, 2 bad config (with a message)."""
+    import ray
+    from ray.train import TrainingFailedError
+
+    try:
+        preflight(cfg)
+    except ConfigError as e:
+        print(f"pogdiff train-dist: {e}", file=sys.stderr)
+        return 2
+    try:
+        started = connect(cfg)
+    except ConnectionError as e:
+        print(f"pogdiff train-dist: cannot reach the Ray cluster (dist.ray_address / $RAY_ADDRESS): {e}", file=sys.stderr)
+        return 1
+    try:
+        result = run(cfg)
+    except TrainingFailedError as e:
+        print(f"pogdiff train-dist: training '{ray_run_name(cfg)}' failed after dist.max_failures="
+              f"{cfg.dist.max_failures} restarts; checkpoints stay in {storage_path(cfg)} and a rerun with "
+              f"the same run_name continues from the latest.\n{e}", file=sys.stderr)
+        return 1
+    finally:
+        if started:
+            ray.shutdown()
+    print(json.dumps({"run": ray_run_name(cfg), "steps": result.steps,
+                      "first_loss": result.losses[0] if result.losses else None,
+                      "last_loss": result.losses[-1] if result.losses else None,
+                      "seconds": round(result.seconds, 1), "export": str(RunFiles(cfg).method)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pogdiff.cli import main as cli_main
+
+    return cli_main(["train-dist", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

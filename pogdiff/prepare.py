@@ -1,0 +1,590 @@
+"""``pogdiff prepare``: an image folder + manifest (or the synthetic generator) -> WebDataset shards.
+
+    pogdiff prepare configs/prepare_agedb.yaml data.source=/data/agedb/manifest.jsonl prepare.output=/shared/agedb-l
+
+The driver reads the manifest (JSONL or CSV: ``image``, ``caption``, optional ``identity``, ``key``,
+``name``), does the cheap checks (empty caption, missing identity, duplicate key), applies the
+imbalance protocol and name masking, and fixes the plan: records -> shard tasks of
+``prepare.samples_per_shard`` records. Tasks (Ray tasks on a cluster, processes on one machine)
+load and resize the images, run the frozen encoders, and write their shard parts and a sidecar
+(pogdiff/shards.py); a task whose sidecar exists is not redone. The driver then merges the
+sidecars into the dataset index and draws the label distribution (the paper's Fig. 4).
+
+Bad records (the REASONS below) are skipped with a log line naming the record and counted in the
+summary, or raise PrepareError under ``prepare.strict``.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .config import Config, ModelConfig, PrepareConfig
+from .features import encode_batch, images_to_tensor, load_image_encoder
+from .models import Components, load_components
+from .shards import Sample, atomic_write, read_task_record, write_index, write_task
+from .synthetic import Record, identity_name, iter_records, profile_counts
+from .train import resolve_device
+
+log = logging.getLogger("pogdiff.prepare")
+
+REASONS = {
+    "bad_manifest_row": "a manifest line that is not valid JSON/CSV or has no image",
+    "unreadable_file": "the image file is missing or cannot be read",
+    "corrupt_image": "the file is not a decodable image (corrupt or truncated)",
+    "empty_caption": "the caption is empty",
+    "missing_identity": "no identity label in a labelled dataset",
+    "duplicate_key": "the key was already used by an earlier record",
+    "nan_embedding": "a latent or embedding came out NaN/inf",
+    "single_image_identity": "the imbalance protocol needs >= 2 images per identity",
+}
+CALIBRATION_IMAGES = 64  # images the tiny VAE's latent scale is measured on
+
+
+class PrepareError(RuntimeError):
+    pass
+
+
+@dataclass
+class Item:
+    """One planned record. ``ordinal`` is its position in the plan (stable across reruns)."""
+
+    ordinal: int
+    key: str
+    image: str  # path; "" for synthetic records (rendered in the task)
+    caption: str
+    identity: int  # -1: unlabelled
+    name: str  # the identity's name as it appears in captions ("" if none)
+    where: str  # how log lines name the record, e.g. "manifest.jsonl:12"
+
+
+def skip_record(skipped: list[dict], strict: bool, where: str, reason: str, detail: str) -> None:
+    assert reason in REASONS, reason
+    if strict:
+        raise PrepareError(f"{where}: {reason}: {detail} (prepare.strict=true; set it false to skip and count such records)")
+    skipped.append({"record": where, "reason": reason, "detail": detail})
+
+
+def log_skipped(skipped: Sequence[dict]) -> None:
+    for s in skipped:
+        log.warning("skipped %s: %s: %s", s["record"], s["reason"], s["detail"])
+
+
+# ---------------------------------------------------------------- the plan (driver side)
+
+def read_manifest(path: Path) -> Iterator[tuple[str, Optional[dict], str]]:
+    """(where, row or None, why the row is unusable)."""
+    if path.suffix in (".jsonl", ".json"):
+        with path.open() as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield f"{path}:{line_no}", None, f"not valid JSON ({e})"
+                    continue
+                yield f"{path}:{line_no}", row if isinstance(row, dict) else None, "not a JSON object"
+    elif path.suffix == ".csv":
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "image" not in reader.fieldnames:
+                raise PrepareError(f"{path}: a CSV manifest needs a header with at least 'image' and 'caption' columns")
+            for row in reader:
+                yield f"{path}:{reader.line_num}", row, ""
+    else:
+        raise PrepareError(f"data.source '{path}': a manifest is a .jsonl or .csv file (or 'synthetic')")
+
+
+MAX_KEY = 80  # a USTAR member name holds 100 characters: the key plus ".latent.npy" must fit
+
+
+def sanitize_key(key: str) -> str:
+    """WebDataset splits a member name at its first dot, so a key holds no dots (or slashes); a
+    long key keeps its start and gets a hash of the whole as its end."""
+    clean = re.sub(r"[^A-Za-z0-9_-]", "_", key)
+    if len(clean) > MAX_KEY:
+        clean = f"{clean[:MAX_KEY - 17]}_{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+    return clean
+
+
+def imbalanced_subset(labels: Sequence[str], counts: Sequence[int], seed: int) -> tuple[list[int], list[int]]:
+    """The imbalance protocol on any identity-labelled list: for each target count (e.g. 30 for a
+    majority identity, 2 for a minority one; largest first) a random identity with at least that
+    many images, and a random subset of its images of exactly that size.
+
+    Returns (positions kept, in input order; positions of identities with a single image, which
+    can never be a minority identity). Raises if the data cannot fill the requested counts.
+    """
+    by_label: dict[str, list[int]] = {}
+    for pos, label in enumerate(labels):
+        by_label.setdefault(label, []).append(pos)
+    singles = [by_label[lab][0] for lab in by_label if len(by_label[lab]) == 1]
+    available = sorted(lab for lab in by_label if len(by_label[lab]) >= 2)
+    rng = np.random.default_rng(seed)
+    kept: list[int] = []
+    for need in sorted(counts, reverse=True):
+        eligible = [lab for lab in available if len(by_label[lab]) >= need]
+        if not eligible:
+            have = sum(len(by_label[lab]) >= need for lab in by_label)
+            raise PrepareError(
+                f"imbalance protocol: {sum(c >= need for c in counts)} identities with >= {need} images are needed "
+                f"but the data has {have}; lower data.majority_ids/minority_ids or pick a smaller data.profile")
+        label = eligible[int(rng.integers(len(eligible)))]
+        available.remove(label)
+        kept += rng.choice(by_label[label], size=need, replace=False).tolist()
+    return sorted(kept), singles
+
+
+def generic_names(real_names: Sequence[str], seed: int) -> list[str]:
+    """Masking names (Sec. 4.1, AgeDB-IT2I: "Albert Einstein" -> a random generic name): a distinct
+    generic first + last name per identity, none sharing a word with any real name."""
+    real_words = {w.lower() for name in real_names for w in name.split()}
+    out, candidate = [], 0
+    for _ in real_names:
+        while not real_words.isdisjoint((name := identity_name(candidate, seed)).split()):
+            candidate += 1
+        out.append(name.title())
+        candidate += 1
+    return out
+
+
+def mask_caption(caption: str, real: str, generic: str) -> str:
+    """Replace the full real name, then any remaining part of it (>= 3 letters; the last part ->
+    the generic last name, the others -> the generic first name), case-insensitively."""
+    parts, generic_parts = real.split(), generic.split()
+    if not parts:
+        return caption
+    full = r"\s+".join(re.escape(p) for p in parts)
+    caption = re.sub(rf"(?<!\w){full}(?!\w)", generic, caption, flags=re.IGNORECASE)
+    for i, part in enumerate(parts):
+        if len(part) >= 3:
+            replacement = generic_parts[-1] if i == len(parts) - 1 else generic_parts[0]
+            caption = re.sub(rf"(?<!\w){re.escape(part)}(?!\w)", replacement, caption, flags=re.IGNORECASE)
+    return caption
+
+
+def label_order(labels: set[str]) -> list[str]:
+    return sorted(labels, key=int) if all(lab.lstrip("-").isdigit() for lab in labels) else sorted(labels)
+
+
+@dataclass
+class Plan:
+    num_records: int
+    items: Optional[list[Item]]  # manifest records; None for synthetic
+    synthetic: Optional[tuple[list[int], int, int]]  # (images per identity, seed, image size)
+    skipped: list[dict]  # found by the driver
+    name_map: dict[str, str]  # identity label -> generic name (name masking)
+    selection: dict  # what the imbalance protocol did
+
+    def fingerprint(self, cfg: Config) -> str:
+        pc = cfg.prepare
+        content = {
+            "records": [(i.key, i.image, i.caption, i.identity, i.name) for i in self.items] if self.items is not None
+            else self.synthetic,
+            "model": [cfg.model.name, cfg.model.revision, cfg.model.seed], "image_encoder": cfg.data.image_encoder,
+            "image_size": cfg.data.image_size, "samples_per_shard": pc.samples_per_shard,
+            "max_shard_bytes": pc.max_shard_bytes,
+        }
+        return hashlib.sha256(json.dumps(content).encode()).hexdigest()
+
+
+def plan_manifest(cfg: Config, path: Path) -> Plan:
+    pc, d = cfg.prepare, cfg.data
+    root = Path(pc.image_root) if pc.image_root else path.parent
+    skipped: list[dict] = []
+    rows: list[dict] = []
+    seen: dict[str, str] = {}
+    for where, row, problem in read_manifest(path):
+        if row is None or not str(row.get("image") or "").strip():
+            skip_record(skipped, pc.strict, where, "bad_manifest_row", problem or "no 'image' field")
+            continue
+        image = str(row["image"]).strip()
+        key = sanitize_key(str(row.get("key") or Path(image).with_suffix("").as_posix()))
+        where = f"{where} (key={key}, image={image})"
+        if key in seen:
+            skip_record(skipped, pc.strict, where, "duplicate_key", f"key '{key}' was already used by {seen[key]}")
+            continue
+        seen[key] = where
+        caption = " ".join(str(row.get("caption") or "").split())
+        if not caption:
+            skip_record(skipped, pc.strict, where, "empty_caption", "the caption is empty")
+            continue
+        label = row.get("identity")
+        label = "" if label is None else str(label).strip()
+        name = str(row.get("name") or "").strip() or label.replace("_", " ")
+        rows.append(dict(where=where, key=key, image=str(root / image), caption=caption, label=label, name=name))
+
+    labelled = pc.imbalance or pc.mask_names or any(r["label"] for r in rows)
+    if labelled:
+        for r in [r for r in rows if not r["label"]]:
+            why = "the dataset is identity-labelled (or prepare.imbalance/mask_names is on) but this record has no identity"
+            skip_record(skipped, pc.strict, r["where"], "missing_identity", why)
+        rows = [r for r in rows if r["label"]]
+
+    selection: dict = {}
+    if pc.imbalance:
+        counts = profile_counts(d.profile, d.majority_ids, d.minority_ids, d.majority_images, d.minority_images)
+        kept, singles = imbalanced_subset([r["label"] for r in rows], counts, pc.seed)
+        for pos in singles:
+            skip_record(skipped, pc.strict, rows[pos]["where"], "single_image_identity",
+                        f"identity '{rows[pos]['label']}' has a single image; the imbalance protocol needs >= 2")
+        selection = {"target_counts": counts, "records_before": len(rows), "records_selected": len(kept),
+                     "identities_before": len({r["label"] for r in rows})}
+        rows = [rows[pos] for pos in kept]
+
+    order = label_order({r["label"] for r in rows}) if labelled else []
+    identity_of = {lab: i for i, lab in enumerate(order)}
+    name_map: dict[str, str] = {}
+    if pc.mask_names:
+        real = {r["label"]: r["name"] for r in reversed(rows)}  # the first name given for each identity
+        name_map = dict(zip(order, generic_names([real[lab] for lab in order], pc.seed)))
+    items = []
+    for ordinal, r in enumerate(rows):
+        caption, name = r["caption"], r["name"]
+        if pc.mask_names:
+            caption, name = mask_caption(caption, name, name_map[r["label"]]), name_map[r["label"]]
+        items.append(Item(ordinal, r["key"], r["image"], caption, identity_of.get(r["label"], -1), name, r["where"]))
+    return Plan(len(items), items, None, skipped, name_map, selection)
+
+
+def make_plan(cfg: Config) -> Plan:
+    d = cfg.data
+    if d.source == "synthetic":
+        if cfg.prepare.mask_names:
+            raise PrepareError("prepare.mask_names: synthetic identities already carry generic names; nothing to mask")
+        counts = profile_counts(d.profile, d.majority_ids, d.minority_ids, d.majority_images, d.minority_images)
+        return Plan(sum(counts), None, (counts, d.seed, d.image_size), [], {}, {})
+    path = Path(d.source).expanduser()
+    if not path.is_file():
+        raise PrepareError(f"data.source '{d.source}' is neither 'synthetic' nor an existing manifest file")
+    return plan_manifest(cfg, path)
+
+
+# ---------------------------------------------------------------- shard tasks (workers)
+
+@dataclass
+class Task:
+    index: int
+    folder: str  # the shards/ folder
+    model: str  # frozen encoders: a diffusers directory or hub id
+    image_encoder: str
+    image_size: int
+    device: str
+    batch_size: int
+    max_samples: int
+    max_bytes: int
+    strict: bool
+    items: Optional[list[Item]] = None
+    synthetic: Optional[tuple[list[int], int, int, int, int]] = None  # counts, seed, size, start, stop
+
+
+class BadRecord(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def load_image(path: str, size: int) -> Image.Image:
+    """Decode fully (a truncated file fails here, not later), then resize the shorter side to
+    ``size`` and centre-crop to ``size`` x ``size``."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise BadRecord("unreadable_file", f"cannot read '{path}': {e.strerror or e}") from None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return ImageOps.fit(im.convert("RGB"), (size, size), Image.BICUBIC)
+    except Exception as e:  # PIL raises many types for bad data
+        raise BadRecord("corrupt_image", f"'{path}' is not a decodable image: {e}") from None
+
+
+def synthetic_slice(counts: Sequence[int], seed: int, size: int, start: int, stop: int) -> Iterator[Record]:
+    """Records ``start .. stop`` of the synthetic stream (identity after identity), rendered on the spot."""
+    sub, starts, offset = [], [], 0
+    for c in counts:
+        a, b = max(start - offset, 0), min(stop - offset, c)
+        sub.append(max(b - a, 0))
+        starts.append(a if b > a else 0)
+        offset += c
+    return iter_records(sub, seed, size, starts)
+
+
+def task_records(task: Task) -> Iterator[tuple[Item, Image.Image | BadRecord]]:
+    if task.synthetic is not None:
+        counts, seed, size, start, stop = task.synthetic
+        for ordinal, rec in enumerate(synthetic_slice(counts, seed, size, start, stop), start):
+            yield Item(ordinal, rec.key, "", rec.caption, rec.identity, rec.name, f"synthetic:{rec.key}"), rec.image
+        return
+    for item in task.items:
+        try:
+            yield item, load_image(item.image, task.image_size)
+        except BadRecord as e:
+            yield item, e
+
+
+_ENCODERS: dict[tuple, tuple] = {}  # one set of frozen encoders per worker process
+
+
+def frozen_encoders(model: str, image_encoder: str, device: torch.device) -> tuple[Components, object]:
+    key = (model, image_encoder, str(device))
+    if key not in _ENCODERS:
+        _ENCODERS.clear()
+        c = load_components(ModelConfig(name=model), with_unet=False)
+        c.vae.to(device).eval()
+        c.text_encoder.to(device).eval()
+        _ENCODERS[key] = (c, load_image_encoder(image_encoder, device))
+    return _ENCODERS[key]
+
+
+def run_task(task: Task) -> dict:
+    """Encode one task's records and write its shard parts and sidecar. Returns its summary."""
+    device = resolve_device(task.device)
+    components, image_encoder = frozen_encoders(task.model, task.image_encoder, device)
+    skipped: list[dict] = []
+
+    def encoded(chunk: list[tuple[Item, Image.Image]]) -> Iterator[Sample]:
+        enc = encode_batch(components, [im for _, im in chunk], [it.caption for it, _ in chunk], device, image_encoder)
+        latents = (enc.latents * components.vae_scale).half()
+        for j, (item, _) in enumerate(chunk):
+            fields = {"latent": latents[j], "pooled text embedding": enc.pooled[j], "image embedding": enc.image_emb[j]}
+            if bad := [name for name, x in fields.items() if not torch.isfinite(x).all()]:
+                skip_record(skipped, task.strict, item.where, "nan_embedding", f"non-finite {', '.join(bad)}")
+                continue
+            yield Sample(item.key, item.ordinal, item.identity, item.name, item.caption, latents[j].numpy(),
+                         enc.tokens[j].numpy(), enc.pooled[j].numpy(), enc.image_emb[j].numpy())
+
+    def samples() -> Iterator[Sample]:
+        chunk: list[tuple[Item, Image.Image]] = []
+        for item, image in task_records(task):
+            if isinstance(image, BadRecord):
+                skip_record(skipped, task.strict, item.where, image.reason, image.detail)
+                continue
+            chunk.append((item, image))
+            if len(chunk) == task.batch_size:
+                yield from encoded(chunk)
+                chunk = []
+        if chunk:
+            yield from encoded(chunk)
+
+    return write_task(Path(task.folder), task.index, samples(), task.max_samples, task.max_bytes, skipped)
+
+
+def _process_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_tasks(tasks: list[Task], pc: PrepareConfig, progress: bool, total: int) -> None:
+    """Run the tasks on the configured backend; progress in records, skipped records logged as they come."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="prepare", unit="rec", disable=not progress)
+
+    def done(result: dict, task: Task) -> None:
+        log_skipped(result["skipped"])
+        bar.update(task_size(task))
+        bar.set_postfix(shards=result["task"], skipped=len(result["skipped"]))
+
+    try:
+        if pc.backend == "serial" or not tasks:
+            for t in tasks:
+                done(run_task(t), t)
+        elif pc.backend == "process":
+            import multiprocessing as mp
+            from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+            threads = max(1, (os.cpu_count() or 1) // pc.workers)
+            with ProcessPoolExecutor(pc.workers, mp_context=mp.get_context("spawn"), initializer=_process_init,
+                                     initargs=(threads,)) as pool:
+                pending = {pool.submit(run_task, t): t for t in tasks}
+                while pending:
+                    finished, _ = wait(pending, return_when=FIRST_EXCEPTION)
+                    for f in finished:
+                        t = pending.pop(f)
+                        if f.exception() is not None:
+                            for other in pending:
+                                other.cancel()
+                            raise f.exception()
+                        done(f.result(), t)
+        else:
+            run_ray(tasks, pc, done)
+    finally:
+        bar.close()
+
+
+def run_ray(tasks: list[Task], pc: PrepareConfig, done) -> None:
+    """One Ray task per shard task: on the cluster at RAY_ADDRESS if set, else a local Ray. The
+    output folder must be on storage every node sees."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, num_cpus=None if address else pc.workers, include_dashboard=False,
+                 log_to_driver=True)
+    try:
+        remote = ray.remote(num_cpus=1, num_gpus=pc.ray_gpus_per_task, max_retries=2)(run_task)
+        pending = {remote.remote(t): t for t in tasks}
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            t = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                for other in pending:
+                    ray.cancel(other)
+                raise e.as_instanceof_cause() from None
+            done(result, t)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def task_size(task: Task) -> int:
+    return len(task.items) if task.items is not None else task.synthetic[4] - task.synthetic[3]
+
+
+# ---------------------------------------------------------------- the driver
+
+def output_dir(cfg: Config) -> Path:
+    return Path(cfg.prepare.output).expanduser() if cfg.prepare.output else cfg.run_dir / "prepared"
+
+
+def calibration_images(plan: Plan, size: int) -> list[Image.Image]:
+    if plan.synthetic is not None:
+        counts, seed, img_size = plan.synthetic
+        return [r.image for r in synthetic_slice(counts, seed, img_size, 0, min(CALIBRATION_IMAGES, sum(counts)))]
+    images = []
+    for item in plan.items:
+        try:
+            images.append(load_image(item.image, size))
+        except BadRecord:
+            continue  # the task that owns the record logs and counts it
+        if len(images) == CALIBRATION_IMAGES:
+            break
+    return images
+
+
+def frozen_model(cfg: Config, out: Path, plan: Plan) -> str:
+    """Where tasks load the frozen encoders from. A random-init tiny model is saved under the
+    dataset (trainers must use the very same VAE and text encoder), with its VAE scaling factor
+    set to 1/std of the latents (what SD did for its VAE)."""
+    if cfg.model.name != "tiny":
+        return cfg.model.name
+    target = out / "model"
+    if (target / "vae" / "config.json").is_file():
+        return str(target)
+    from .pipeline import save_components
+
+    components = load_components(cfg.model)
+    images = calibration_images(plan, cfg.data.image_size)
+    if images:
+        with torch.no_grad():
+            raw = components.vae.encode(images_to_tensor(images)).latent_dist.mean
+        components.vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
+    tmp = out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_components(components, tmp)
+    os.replace(tmp, target)
+    return str(target)
+
+
+def plot_label_distribution(identities: np.ndarray, path: Path, title: str) -> list[int]:
+    """Images per identity, identities sorted by count (the paper's Fig. 4), as a PNG. Returns the
+    plotted counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = np.sort(np.unique(identities, return_counts=True)[1])[::-1]
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=120)
+    ax.bar(np.arange(len(counts)), counts, width=1.0, color="#3b6ea8")
+    ax.set_xlabel(f"identities, sorted by images ({len(counts)})")
+    ax.set_ylabel("images per identity")
+    ax.set_title(title)
+    ax.set_xlim(-0.5, len(counts) - 0.5)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return counts.tolist()
+
+
+def prepare(cfg: Config, progress: bool = True) -> dict:
+    """Plan, run the unfinished shard tasks, write the index. Returns dataset.json's content."""
+    pc = cfg.prepare
+    out = output_dir(cfg)
+    shards = out / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    for tmp in shards.glob(".*.tmp"):  # parts of tasks an earlier run did not finish
+        tmp.unlink()
+    plan = make_plan(cfg)
+    log_skipped(plan.skipped)
+    fingerprint = plan.fingerprint(cfg)
+    plan_file = out / "plan.json"
+    if plan_file.is_file() and json.loads(plan_file.read_text())["fingerprint"] != fingerprint:
+        raise PrepareError(f"'{out}' holds shards of a different plan (other records or settings); "
+                           "use another prepare.output or delete that directory")
+    if plan.num_records == 0:
+        raise PrepareError(f"data.source '{cfg.data.source}': no usable record (see the skipped records above)")
+    per = pc.samples_per_shard
+    num_tasks = -(-plan.num_records // per)
+    atomic_write(plan_file, json.dumps({"fingerprint": fingerprint, "num_records": plan.num_records,
+                                        "num_tasks": num_tasks}))
+    model = frozen_model(cfg, out, plan)
+    common = dict(folder=str(shards), model=model, image_encoder=cfg.data.image_encoder, image_size=cfg.data.image_size,
+                  device=pc.device, batch_size=pc.batch_size, max_samples=per, max_bytes=pc.max_shard_bytes,
+                  strict=pc.strict)
+    tasks = []
+    for t in range(num_tasks):
+        a, b = t * per, min((t + 1) * per, plan.num_records)
+        if read_task_record(shards, t) is not None:
+            continue
+        if plan.items is not None:
+            tasks.append(Task(t, items=plan.items[a:b], **common))
+        else:
+            tasks.append(Task(t, synthetic=(*plan.synthetic, a, b), **common))
+    log.info("%s: %d records in %d shard tasks, %d to do", out, plan.num_records, num_tasks, len(tasks))
+    run_tasks(tasks, pc, progress, total=sum(task_size(t) for t in tasks))
+
+    records = [read_task_record(shards, t) for t in range(num_tasks)]
+    skipped = plan.skipped + [s for r in records for s in r["skipped"]]
+    if plan.selection:  # bad images found after the selection leave an identity short of its count
+        have = Counter(s["identity"] for r in records for s in r["samples"])
+        want = Counter(item.identity for item in plan.items)
+        plan.selection["short_identities"] = {str(i): [have[i], n] for i, n in sorted(want.items()) if have[i] < n}
+        if plan.selection["short_identities"]:
+            log.warning("imbalance protocol: identities below their count after skipping bad records "
+                        "(identity: [have, want]): %s", plan.selection["short_identities"])
+    summary = {"skipped": dict(Counter(s["reason"] for s in skipped)), "skipped_records": skipped,
+               "imbalance": plan.selection}
+    meta = {"model": os.path.relpath(model, out) if Path(model).is_relative_to(out) else model,
+            "image_encoder": cfg.data.image_encoder, "image_size": cfg.data.image_size,
+            "source": cfg.data.source, "name_masking": pc.mask_names, "summary": summary,
+            "prepare": asdict(pc)}
+    dataset = write_index(out, num_tasks, plan.num_records, meta)
+    if plan.name_map:
+        atomic_write(out / "name_map.json", json.dumps(plan.name_map, indent=1))
+    identities = np.load(out / "identities.npy")
+    if (identities >= 0).any():
+        plot_label_distribution(identities[identities >= 0], out / "label_distribution.png",
+                                f"{Path(cfg.data.source).name}: {len(identities)} images")
+    log.info("prepared %d samples in %d shards under %s; skipped %d records %s", dataset["num_samples"],
+             len(dataset["shards"]), out, len(skipped), summary["skipped"] or "")
+    return dataset

@@ -1,0 +1,347 @@
+"""``pogdiff report``: the experiment's tables (shaped like the paper's Tables 1, 2, 5, 6) as
+markdown and CSV, per-identity bar charts, side-by-side sample grids, psi histograms and loss
+curves, on one markdown page. Reads what ``pogdiff eval`` / ``experiment`` wrote; runs that are
+missing are listed, never invented. Values are mean ± std (ddof 1) over training seeds.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .config import Config
+from .eval import METRICS, metrics_path
+from .experiment import variant_config
+from .pipeline import RunFiles, train_counts
+
+LABELS = {"vanilla": "Vanilla", "cbdm": "CBDM", "t2h": "T2H", "pogdiff": "PoGDiff (ours)",
+          "pogdiff-no_psi_img": "w/o ψ_img", "pogdiff-no_psi_inv": "w/o ψ_inv",
+          "reference": "Real images (reference)", "reference_vae": "Real images through the VAE (ceiling)"}
+METRIC_TITLES = {"fid": "FID ↓", "dino": "DINO-style ↑", "grecall": "gRecall ↑"}
+LOWER_IS_BETTER = {"fid"}
+METHODS = ["vanilla", "cbdm", "t2h", "pogdiff"]
+ABLATION = ["vanilla", "pogdiff-no_psi_img", "pogdiff-no_psi_inv", "pogdiff"]
+# name -> (caption, rows, metrics, with the real-image reference row)
+TABLES = {
+    "table1_fid": ("Table 1. FID per identity (recogniser features), averaged over identities.", METHODS, ["fid"], True),
+    "table2_dino": ("Table 2. DINO-style score: cosine similarity to held-out real images.", METHODS, ["dino"], True),
+    "table5_grecall": ("Table 5. gRecall.", METHODS, ["grecall"], True),
+    "table6_ablation": ("Table 6. Ablations of PoGDiff (w/o y' is Vanilla).", ABLATION, list(METRICS), False),
+}
+
+
+def collect(cfg: Config, variants: Sequence[str], seeds: Sequence[int]) -> dict[str, dict[int, dict]]:
+    """variant -> seed -> metrics.json contents, for the runs that have been scored."""
+    out: dict[str, dict[int, dict]] = {}
+    for v in variants:
+        for s in seeds:
+            path = metrics_path(variant_config(cfg, v, s))
+            if path.is_file():
+                out.setdefault(v, {})[s] = json.loads(path.read_text())
+    return out
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+
+
+def _cell(values: Sequence[float]) -> str:
+    if not values:
+        return "—"
+    m, s = mean_std(values)
+    return f"{m:.3f}" if math.isnan(s) else f"{m:.3f} ± {s:.3f}"
+
+
+def _values(results: dict, variant: str, key: str) -> list[float]:
+    return [r["summary"][key] for _, r in sorted(results.get(variant, {}).items())]
+
+
+def table(results: dict, reference: Optional[dict], rows: list[str], metrics: list[str]) -> tuple[str, list[list]]:
+    """(markdown, csv rows) of one table; the best mean of each column is bold."""
+    cols = [(m, split) for m in metrics for split in ("all", "few")]
+    best = {}
+    for m, split in cols:
+        means = {v: mean_std(_values(results, v, f"{m}_{split}"))[0] for v in rows if _values(results, v, f"{m}_{split}")}
+        if means:
+            best[(m, split)] = (min if m in LOWER_IS_BETTER else max)(means, key=means.get)
+    head = "| Method | " + " | ".join(f"{METRIC_TITLES[m]} {split.capitalize()}" for m, split in cols) + " | seeds |"
+    lines = [head, "|" + "---|" * (len(cols) + 2)]
+    csv_rows = [["method"] + [f"{m}_{split}_{stat}" for m, split in cols for stat in ("mean", "std")] + ["seeds"]]
+    for v in rows:
+        cells, numbers = [], []
+        for m, split in cols:
+            vals = _values(results, v, f"{m}_{split}")
+            cells.append(f"**{_cell(vals)}**" if best.get((m, split)) == v else _cell(vals))
+            numbers += list(mean_std(vals)) if vals else ["", ""]
+        n = len(results.get(v, {}))
+        lines.append(f"| {LABELS[v]} | " + " | ".join(cells) + f" | {n} |")
+        csv_rows.append([v] + numbers + [n])
+    for name, ref in (reference or {}).items():
+        cells = [f"{ref['summary'][f'{m}_{split}']:.3f}" for m, split in cols]
+        lines.append(f"| *{LABELS[name]}* | " + " | ".join(cells) + " | — |")
+        csv_rows.append([name] + [x for m, split in cols for x in (ref["summary"][f"{m}_{split}"], "")] + [""])
+    return "\n".join(lines), csv_rows
+
+
+def _write_csv(path: Path, rows: list[list]) -> None:
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_per_identity(results: dict, names: dict[int, str], few: set[int], variants: list[str], path: Path) -> None:
+    plt = _plt()
+    ids = sorted(names)
+    fig, axes = plt.subplots(len(METRICS), 1, figsize=(max(8, 0.9 * len(ids) * len(variants) / 3), 3.2 * len(METRICS)))
+    width = 0.8 / max(1, len(variants))
+    for ax, m in zip(axes, METRICS):
+        for k, v in enumerate(variants):
+            runs = results.get(v, {})
+            if not runs:
+                continue
+            per = np.array([[r["per_id"][m][str(i)] for i in ids] for r in runs.values()])
+            err = per.std(0, ddof=1) if len(per) > 1 else None
+            ax.bar(np.arange(len(ids)) + (k - (len(variants) - 1) / 2) * width, per.mean(0), width, yerr=err,
+                   label=LABELS[v], capsize=2)
+        ax.set_xticks(np.arange(len(ids)), [f"{names[i]}\n({'few' if i in few else 'many'})" for i in ids],
+                      fontsize=7, rotation=30)
+        ax.set_ylabel(METRIC_TITLES[m])
+        for j, i in enumerate(ids):
+            if i in few:
+                ax.axvspan(j - 0.45, j + 0.45, color="0.92", zorder=0)
+    axes[0].legend(fontsize=7, ncol=min(6, len(variants)))
+    axes[0].set_title("Per identity (mean ± std over seeds; shaded: minority identities)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_samples(cfg: Config, identity: int, name: str, variants: list[str], seed: int, path: Path, n: int = 8) -> None:
+    """Training images of ``identity`` on top, then each method's first ``n`` samples (one seed)."""
+    from .sampling import load_samples
+    from .synthetic import iter_records
+
+    plt = _plt()
+    counts = train_counts(cfg)
+    only = [min(n, c) if i == identity else 0 for i, c in enumerate(counts)]
+    gt = [np.asarray(r.image) for r in iter_records(only, cfg.data.seed, cfg.data.image_size)]
+    rows = [("training images", gt)]
+    for v in variants:
+        samples = load_samples(variant_config(cfg, v, seed))
+        if samples is not None:
+            rows.append((f"{LABELS[v]} (seed {seed})", list(samples[identity][:n])))
+    fig, axes = plt.subplots(len(rows), 1, figsize=(n * 0.9 + 1.5, 1.05 * len(rows)))
+    axes = np.atleast_1d(axes)
+    blank = np.full_like(gt[0], 255)
+    for ax, (label, ims) in zip(axes, rows):
+        ims = ims + [blank] * (n - len(ims))
+        ax.imshow(np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=255) for im in ims], 1),
+                  interpolation="nearest")
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    axes[0].set_title(f"'{cfg.sample.prompt_template.format(p=name)}'  ({counts[identity]} training images)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_psi(cfg: Config, variants: list[str], path: Path) -> bool:
+    """Histograms of psi over (sample, neighbour) pairs, head vs tail samples, per PoGDiff variant."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from .density import TextDensity
+    from .features import FeatureSet
+    from .neighbours import NeighbourTable
+    from .pipeline import build_objective
+
+    variants = [v for v in variants if v.startswith("pogdiff")]
+    files = RunFiles(cfg)
+    if not variants or not files.features.is_file():
+        return False
+    plt = _plt()
+    feats = FeatureSet.load(files.features)
+    table, density = NeighbourTable.load(files.neighbours), TextDensity.load(files.density)
+    alphas = DDPMScheduler.from_pretrained(str(files.model / "scheduler")).alphas_cumprod
+    tail = feats.is_minority(cfg.data.minority_images)
+    fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 3.2), squeeze=False)
+    for ax, v in zip(axes[0], variants):
+        objective, _ = build_objective(variant_config(cfg, v, 0), feats, table, density, alphas)
+        psi, usable = objective.sampler.psi, objective.sampler.ids >= 0
+        logs = torch.log10(psi[usable & (psi > 0)])
+        bins = np.linspace(float(logs.min()) - 0.05, float(logs.max()) + 0.05, 41)
+        for name, mask in (("head (majority)", ~tail), ("tail (minority)", tail)):
+            values = psi[mask[:, None] & usable & (psi > 0)]
+            if len(values):
+                ax.hist(torch.log10(values).numpy(), bins=bins, alpha=0.6, density=True, label=f"{name}, n={len(values)}")
+        ax.set_title(LABELS[v], fontsize=9)
+        ax.set_xlabel("log10 ψ per (sample, neighbour)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_losses(cfg: Config, variants: list[str], seeds: Sequence[int], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for v in variants:
+        curves = []
+        for s in seeds:
+            hist = RunFiles(variant_config(cfg, v, s)).history
+            if hist.is_file():
+                h = json.loads(hist.read_text())["history"]
+                curves.append(([e["step"] for e in h], [e["loss"] for e in h]))
+        if curves:
+            n = min(len(c[1]) for c in curves)
+            ax.plot(curves[0][0][:n], np.mean([c[1][:n] for c in curves], 0), label=f"{LABELS[v]} ({len(curves)} seeds)")
+    ax.set_xlabel("step"), ax.set_ylabel("training loss (mean over seeds)"), ax.set_yscale("log")
+    if ax.lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_vae_roundtrip(cfg: Config, path: Path, per_id: int = 2) -> bool:
+    """Training images (top) and decode(encode(x)) through the run's frozen VAE (bottom)."""
+    from .eval import vae_roundtrip
+    from .synthetic import iter_records
+
+    if not (RunFiles(cfg).model / "vae").is_dir():
+        return False
+    counts = train_counts(cfg)
+    records = list(iter_records([min(per_id, c) for c in counts], cfg.data.seed, cfg.data.image_size))
+    rows = [np.concatenate([np.asarray(r.image) for r in rs], 1) for rs in (records, vae_roundtrip(cfg, records))]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(0.55 * len(records) + 0.5, 1.6))
+    ax.imshow(np.concatenate(rows, 0), interpolation="nearest")
+    ax.set_xticks([]), ax.set_yticks([16, 48], ["real", "VAE"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def verdict(results: dict) -> list[str]:
+    """Plain statements: for each metric and split, PoGDiff against the best baseline."""
+    lines = []
+    for m in METRICS:
+        for split in ("all", "few"):
+            key = f"{m}_{split}"
+            ours = _values(results, "pogdiff", key)
+            base = {v: _values(results, v, key) for v in ("vanilla", "cbdm", "t2h") if _values(results, v, key)}
+            if not ours or not base:
+                continue
+            pick = min if m in LOWER_IS_BETTER else max
+            b = pick(base, key=lambda v: mean_std(base[v])[0])
+            (mo, so), (mb, sb) = mean_std(ours), mean_std(base[b])
+            better = mo < mb if m in LOWER_IS_BETTER else mo > mb
+            if min(len(ours), len(base[b])) < 2:
+                how = "one seed: no spread to judge by"
+            elif abs(mo - mb) > so + sb:
+                how = "by more than the two seed std's together"
+            else:
+                how = "within the seed spread (not a clear difference)"
+            if math.isclose(mo, mb, rel_tol=1e-9, abs_tol=1e-12):
+                compared, how = "equal to", "the same value"
+            else:
+                compared = "better than" if better else "worse than"
+            lines.append(f"- {METRIC_TITLES[m]} {split.capitalize()}: PoGDiff {_cell(ours)} is {compared} the best "
+                         f"baseline, {LABELS[b]} {_cell(base[b])}, {how}.")
+    return lines
+
+
+def write_report(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out: Path) -> Path:
+    variants = list(variants)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = collect(cfg, variants, seeds)
+    ref_path = cfg.run_dir / "reference_metrics.json"
+    reference = json.loads(ref_path.read_text()) if ref_path.is_file() else {}
+    reference = {k: reference[k] for k in ("reference", "reference_vae") if k in reference}
+    any_run = next((r for runs in results.values() for r in runs.values()), None)
+    counts = train_counts(cfg)
+    few = {i for i, c in enumerate(counts) if c <= cfg.data.minority_images}
+    from .synthetic import make_identity
+
+    names = {i: make_identity(i, cfg.data.seed).name for i in range(len(counts))}
+    d, t, s = cfg.data, cfg.train, cfg.sample
+    md = [f"# PoGDiff vs. baselines on synthetic imbalanced identities ({cfg.run_name})", "",
+          "Generated by `pogdiff report` from the runs under `" + str(cfg.run_dir) + "`.", "", "## Setup", "",
+          f"- Data: synthetic identities, profile `{d.profile}`: {len(counts) - len(few)} majority identities "
+          f"x {max(counts)} images, {len(few)} minority identities x {min(counts)} images ({sum(counts)} images, "
+          f"{d.image_size}x{d.image_size}); {d.heldout_images} held-out real images per identity.",
+          f"- Model: `{cfg.model.name}` (tiny: random-init UNet and text encoder; VAE pretrained as an autoencoder "
+          f"for {cfg.model.tiny_vae_steps} steps on disjoint identities).",
+          f"- Training: {t.steps} steps, batch {t.batch_size}, lr {t.lr}, grad_mode `{cfg.method.grad_mode.value}`, "
+          f"k={cfg.method.k}, a1={cfg.method.a1}, a2={cfg.method.a2}, a3={cfg.method.a3}; seeds {list(seeds)}.",
+          f"- Sampling: DDIM {s.steps} steps, guidance {s.guidance_scale}, prompt \"{s.prompt_template}\", "
+          f"{s.images_per_id} images per identity.",
+          f"- Metrics: gRecall threshold {cfg.eval.grecall_threshold}; FID per identity (real set = training + "
+          "held-out images; Ledoit-Wolf-shrunk covariances + "
+          f"{cfg.eval.fid_eps:g} I) averaged over identities; DINO-style = mean cosine to held-out real images. "
+          "All = every identity, Few = minority identities.",
+          ]
+    if any_run is not None:
+        enc = any_run["encoder"]
+        if enc.get("encoder") == "recognizer":
+            md.append(f"- Feature extractor: identity-recognition CNN trained on {enc['ids']} disjoint synthetic "
+                      f"identities x {enc['per_id']} images for {enc['steps']} steps (accuracy on held-back images "
+                      f"of those identities: {enc['heldback_accuracy']:.3f}); penultimate {enc['dim']}-d embedding.")
+        else:
+            md.append(f"- Feature extractor: `{enc['encoder']}`.")
+    missing = [f"{v} seed {sd}" for v in variants for sd in seeds if sd not in results.get(v, {})]
+    if missing:
+        md += ["", f"**Missing runs (not in the tables):** {', '.join(missing)}."]
+    md += ["", "## Results", ""]
+    for name, (caption, rows, metrics, with_ref) in TABLES.items():
+        rows = [r for r in rows if r in variants]
+        if not rows:
+            continue
+        text, csv_rows = table(results, reference if with_ref else None, rows, metrics)
+        _write_csv(out / f"{name}.csv", csv_rows)
+        md += [f"**{caption}**", "", text, ""]
+    per_seed = [["variant", "seed"] + [f"{m}_{sp}" for m in METRICS for sp in ("all", "few")]]
+    for v, runs in results.items():
+        for sd, r in sorted(runs.items()):
+            per_seed.append([v, sd] + [r["summary"][f"{m}_{sp}"] for m in METRICS for sp in ("all", "few")])
+    _write_csv(out / "per_seed.csv", per_seed)
+    md += ["Per-seed values: `per_seed.csv`; each table as CSV next to this file.", "", "## What it shows", ""]
+    md += verdict(results) or ["- No PoGDiff and baseline runs to compare yet."]
+    if results:
+        plot_per_identity(results, names, few, variants, out / "per_identity.png")
+        md += ["", "## Figures", "", "![per identity](per_identity.png)", ""]
+        seed0 = min(next(iter(results.values())))
+        for label, group in (("minority", sorted(few)), ("majority", sorted(set(names) - few))):
+            if group:
+                plot_samples(cfg, group[0], names[group[0]], variants, seed0, out / f"samples_{label}.png")
+                md += [f"Samples of a {label} identity, every method side by side:", "",
+                       f"![{label} samples](samples_{label}.png)", ""]
+        plot_losses(cfg, variants, seeds, out / "loss_curves.png")
+        md += ["Training loss:", "", "![loss curves](loss_curves.png)", ""]
+    if plot_vae_roundtrip(cfg, out / "vae_roundtrip.png"):
+        md += ["The frozen tiny VAE (pretrained on disjoint identities): training images and their "
+               "reconstructions. Generated images can be no sharper than this.", "",
+               "![vae](vae_roundtrip.png)", ""]
+    if plot_psi(cfg, variants, out / "psi_hist.png"):
+        md += ["ψ = ψ_img · ψ_inv per (sample, neighbour), head vs tail samples:", "", "![psi](psi_hist.png)", ""]
+    path = out / "report.md"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(md) + "\n")
+    tmp.replace(path)
+    return path

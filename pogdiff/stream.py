@@ -1,0 +1,251 @@
+"""Streaming prepared shards into training (WebDataset): the reader a trainer calls.
+
+    from pogdiff.stream import make_train_loader
+
+    loader = make_train_loader("/shared/agedb-l", batch_size=8, num_workers=4, seed=0)  # rank/world from env
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)                       # optional: epochs also advance on their own
+        for batch in loader:                          # exactly len(loader) batches on every rank
+            batch["index"]     # (B,) int64  row in the dataset index: neighbour table, psi, tokens
+            batch["key"]       # list[str]
+            batch["latents"]   # (B, 4, h, w) fp16, already scaled by the VAE scaling factor
+            batch["tokens"]    # (B, L) int64 caption token ids of y
+            batch["identity"]  # (B,) int64, -1 where unlabelled
+            nid, psi = sampler.sample(batch["index"])        # neighbours.NeighbourSampler, Eq. 8
+            y_tokens = torch.cat([batch["tokens"], loader.tokens_for(nid)])  # [y; y'], no tar access
+            text, _ = models.encode_tokens(components, y_tokens, device)     # frozen text encoder
+
+``make_train_loader(shards, batch_size, rank, world_size, num_workers, seed, epoch_len, ...)``:
+``shards`` is a prepared dataset directory (pogdiff/shards.py) or a list / brace pattern of shard
+URLs (then ``index_dir`` names the dataset directory; a local URL's ``../..`` is tried).
+Rank and world size come from the arguments, else RANK/WORLD_SIZE, else SLURM_PROCID/SLURM_NTASKS,
+else an initialised torch.distributed, else 0/1.
+
+Modes.
+* ``resampled=True`` (training): every (rank, DataLoader worker) draws shards at random with
+  replacement from the whole list, with its own seed ``(seed, epoch, rank, worker)``, and the rank
+  yields exactly ``epoch_len`` batches of ``batch_size`` per epoch (default: one pass over the
+  data, ceil(N / (batch_size * world_size))). Uneven or unreadable shards cannot make one rank
+  stop early, so a distributed step never waits on a rank that ran dry.
+* ``resampled=False`` (one exact pass, e.g. evaluation): the shard list, shuffled by
+  ``(seed, epoch)``, is split by rank, then by worker; every sample is seen exactly once per epoch
+  over all ranks. Ranks may get different numbers of batches: not for lockstep training.
+Within a worker a shuffle buffer (``shuffle_buffer`` samples) mixes samples across shards. The
+stream is a pure function of (seed, epoch, rank, world_size, num_workers).
+
+A shard that cannot be opened or read (missing, truncated, corrupt) is logged and skipped
+(WebDataset handler); training goes on. If nothing but errors comes from a worker for
+``max_consecutive_errors`` in a row, it raises instead of spinning forever.
+
+The neighbour's conditioning y'. The training step gets y' as the neighbour's caption token ids
+from the dataset index's ``tokens.npy`` ((N, L) int32, memory-mapped; ``tokens_for``) and runs
+the frozen text encoder on [y; y'] in the step. Cost per sample and step for SD v1.5 (L = 77,
+CLIP ViT-L/14 text encoder, 768-d), as counted by ``benchmarks/data_pipeline.py``: 308 bytes of
+y' tokens read (the whole table is 30.8 MB per 100k samples and stays in the page cache) and one
+extra text-encoder forward of 13.3 GFLOPs, 0.55% of the UNet's forward + backward on one sample
+at 64x64 (2.41 TFLOPs). y costs the same again, since shards carry tokens rather than 77x768
+hidden states. The alternative, a memory-mapped store of precomputed hidden states, saves those
+FLOPs but reads 118 KB at random per y' (11.8 GB per 100k samples), 3.6x the 32 KB latent the
+step streams anyway. docs/data.md has the comparison.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .shards import LATENT, META, TOKENS, npy_load, read_tar
+
+log = logging.getLogger("pogdiff.stream")
+
+
+def dist_info(rank: Optional[int] = None, world_size: Optional[int] = None) -> tuple[int, int]:
+    """(rank, world size): the arguments, else RANK/WORLD_SIZE, else SLURM_PROCID/SLURM_NTASKS,
+    else torch.distributed, else (0, 1)."""
+    env = os.environ
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if rank is None:
+        rank = int(env.get("RANK", env.get("SLURM_PROCID", torch.distributed.get_rank() if initialised else 0)))
+    if world_size is None:
+        world_size = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS",
+                                                       torch.distributed.get_world_size() if initialised else 1)))
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size} (check RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS)")
+    return rank, world_size
+
+
+def stream_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+class SkipAndLog:
+    """WebDataset handler: log the error and go on, unless errors are all that is left."""
+
+    def __init__(self, max_consecutive: int):
+        self.max_consecutive, self.in_a_row = max_consecutive, 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.in_a_row += 1
+        log.warning("skipping unreadable shard data: %s", exn)
+        if self.in_a_row > self.max_consecutive:
+            raise RuntimeError(f"{self.in_a_row} shard read errors in a row and no sample: are the shards readable?") from exn
+        return True
+
+
+def tar_samples(urls: Iterator[str], handler: SkipAndLog) -> Iterator[dict]:
+    """WebDataset's url_opener and group_by_keys around the fast tar reader (shards.read_tar)."""
+
+    def members() -> Iterator[dict]:
+        for source in wds.tariterators.url_opener(({"url": url} for url in urls), handler=handler):
+            try:
+                for member in read_tar(source["stream"], source["url"]):
+                    member["__url__"] = source["url"]
+                    yield member
+            except Exception as exn:
+                if not handler(exn):
+                    return
+            finally:
+                source["stream"].close()
+            yield {}  # end of shard: samples never merge across shards
+
+    return wds.tariterators.group_by_keys(members(), handler=handler)
+
+
+def collate(samples: list[dict]) -> dict:
+    return {
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
+        "key": [s["key"] for s in samples],
+        "latents": torch.from_numpy(np.stack([s["latents"] for s in samples])),
+        "tokens": torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64)),
+        "identity": torch.tensor([s["identity"] for s in samples], dtype=torch.int64),
+    }
+
+
+class ShardStream(IterableDataset):
+    """Batches from shards for one rank; see the module docstring for the modes."""
+
+    def __init__(self, urls: Sequence[str], batch_size: int, rank: int, world_size: int, seed: int = 0,
+                 resampled: bool = True, shuffle_buffer: int = 1000, row_of_ordinal: Optional[str] = None,
+                 max_consecutive_errors: int = 100):
+        self.urls, self.batch_size, self.rank, self.world_size = list(urls), batch_size, rank, world_size
+        self.seed, self.resampled, self.shuffle_buffer = seed, resampled, shuffle_buffer
+        self.row_of_ordinal_path, self.max_consecutive_errors = row_of_ordinal, max_consecutive_errors
+        self.epoch = 0
+        self._rows: Optional[np.ndarray] = None
+
+    def shard_urls(self, worker: int, num_workers: int) -> Iterator[str]:
+        if self.resampled:
+            rng = random.Random(stream_seed(self.seed, self.epoch, self.rank, worker, 0))
+            while True:
+                yield rng.choice(self.urls)
+        urls = list(self.urls)
+        random.Random(stream_seed(self.seed, self.epoch)).shuffle(urls)  # the same order on every rank
+        yield from urls[self.rank::self.world_size][worker::num_workers]
+
+    def decode(self, sample: dict) -> dict:
+        missing = [f for f in (LATENT, TOKENS, META) if f not in sample]
+        if missing:
+            raise ValueError(f"sample '{sample.get('__key__')}' in {sample.get('__url__')} lacks {missing}: corrupt shard")
+        meta = json.loads(sample[META])
+        if self.row_of_ordinal_path is not None:
+            if self._rows is None:
+                self._rows = np.load(self.row_of_ordinal_path, mmap_mode="r")
+            row = int(self._rows[meta["ordinal"]]) if meta["ordinal"] < len(self._rows) else -1
+            if row < 0:
+                raise ValueError(f"sample '{meta['key']}' in {sample['__url__']} is not in the dataset index "
+                                 "(shards and index from different prepare runs?)")
+        else:
+            row = meta["ordinal"]
+        return {"index": row, "key": meta["key"], "latents": npy_load(sample[LATENT]),
+                "tokens": npy_load(sample[TOKENS]), "identity": meta["identity"]}
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        handler = SkipAndLog(self.max_consecutive_errors)
+        samples = tar_samples(self.shard_urls(worker, num_workers), handler)
+        if self.shuffle_buffer > 1:
+            rng = random.Random(stream_seed(self.seed, self.epoch, self.rank, worker, 1))
+            samples = wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(samples)
+        decoded = wds.filters.map(self.decode, handler=handler)(samples)
+
+        def healthy(stream: Iterator[dict]) -> Iterator[dict]:
+            for sample in stream:
+                handler.in_a_row = 0
+                yield sample
+
+        yield from wds.filters.batched(self.batch_size, collation_fn=collate, partial=not self.resampled)(healthy(decoded))
+
+
+class TrainLoader:
+    """A DataLoader over a ShardStream that yields ``epoch_len`` batches per epoch (all of them in
+    non-resampled mode when ``epoch_len`` is None). The epoch advances after each full pass."""
+
+    def __init__(self, stream: ShardStream, num_workers: int, epoch_len: Optional[int], tokens_path: Optional[Path],
+                 pin_memory: bool = False):
+        self.stream, self.num_workers, self.epoch_len, self.pin_memory = stream, num_workers, epoch_len, pin_memory
+        self.epoch = 0
+        self._tokens = np.load(tokens_path, mmap_mode="r") if tokens_path is not None else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.epoch_len is None:
+            raise TypeError("no epoch length: a non-resampled pass yields however many batches this rank's shards hold")
+        return self.epoch_len
+
+    def tokens_for(self, rows: torch.Tensor) -> torch.Tensor:
+        """Caption token ids (B, L) int64 of dataset rows: y' for a neighbour draw."""
+        if self._tokens is None:
+            raise RuntimeError("no dataset index: pass index_dir (the prepared dataset directory) to make_train_loader")
+        return torch.from_numpy(self._tokens[rows.cpu().numpy()].astype(np.int64))
+
+    def __iter__(self) -> Iterator[dict]:
+        self.stream.epoch = self.epoch
+        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        batches = iter(loader)
+        yield from batches if self.epoch_len is None else itertools.islice(batches, self.epoch_len)
+        del batches  # stops this epoch's workers
+        self.epoch += 1
+
+
+def make_train_loader(shards: str | Path | Sequence[str], batch_size: int, rank: Optional[int] = None,
+                      world_size: Optional[int] = None, num_workers: int = 2, seed: int = 0,
+                      epoch_len: Optional[int] = None, resampled: bool = True, shuffle_buffer: int = 1000,
+                      index_dir: Optional[str | Path] = None, pin_memory: bool = False) -> TrainLoader:
+    """The training reader; see the module docstring. ``epoch_len`` is in batches per rank."""
+    rank, world_size = dist_info(rank, world_size)
+    if isinstance(shards, (str, Path)) and Path(shards).is_dir():
+        index_dir = index_dir or shards
+        urls = None
+    else:
+        urls = wds.shardlists.expand_urls(shards) if isinstance(shards, str) else [str(u) for u in shards]
+        if index_dir is None and urls and Path(urls[0]).is_file() and (Path(urls[0]).parents[1] / "dataset.json").is_file():
+            index_dir = Path(urls[0]).parents[1]
+    meta = None
+    if index_dir is not None:
+        index_dir = Path(index_dir)
+        if not (index_dir / "dataset.json").is_file():
+            raise FileNotFoundError(f"'{index_dir}' is not a prepared dataset (no dataset.json): run `pogdiff prepare`")
+        meta = json.loads((index_dir / "dataset.json").read_text())
+        urls = urls if urls is not None else [str(index_dir / p["url"]) for p in meta["shards"]]
+    if not urls:
+        raise ValueError(f"no shards in {shards!r}")
+    if resampled and epoch_len is None:
+        if meta is None:
+            raise ValueError("resampled mode needs epoch_len (batches per rank) when no dataset index gives the size")
+        epoch_len = max(1, -(-meta["num_samples"] // (batch_size * world_size)))
+    stream = ShardStream(urls, batch_size, rank, world_size, seed, resampled, shuffle_buffer,
+                         str(index_dir / "row_of_ordinal.npy") if index_dir is not None else None)
+    return TrainLoader(stream, num_workers, epoch_len, index_dir / "tokens.npy" if index_dir is not None else None,
+                       pin_memory)

@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=pogdiff
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --time=24:00:00
+#SBATCH --output=%x-%j.out
+#
+# PoGDiff on a Slurm allocation: a Ray head on the first node, a Ray worker on each other node,
+# the Ray Train driver on the head node, the Ray cluster stopped at the end. See docs/launchers.md.
+#
+#   sbatch slurm/pogdiff_multinode.sh configs/demo.yaml train.steps=1000 output_dir=/shared/runs
+#
+# Activate the pogdiff venv (on a shared filesystem) before sbatch: the job inherits PATH.
+# Checkpoints go to the config's output_dir, which must be on a filesystem every node sees.
+# Resource lines above are defaults: sbatch options on the command line override them.
+#
+# Environment (all optional):
+#   POGDIFF_RAY_PORT=6379             GCS port of the head
+#   POGDIFF_RAY_CLIENT_PORT=10001     Ray client server port of the head
+#   POGDIFF_RAY_AGENT_PORT=52365      dashboard-agent HTTP port of each node
+#   POGDIFF_RAY_WORKER_PORTS=10002-19999  ports of Ray's worker processes on each node
+#   POGDIFF_RAY_NODE_PORT_STRIDE=0    node i adds i*stride to its agent and worker ports, so that
+#                                     several Ray nodes can share one host
+#   POGDIFF_RAY_DASHBOARD=0           1: start the dashboard/job server, on
+#   POGDIFF_RAY_DASHBOARD_HOST=127.0.0.1  this interface (0.0.0.0 exposes it beyond the node)
+#   POGDIFF_RAY_DASHBOARD_PORT=8265
+#   POGDIFF_RAY_HEAD_IP               address the other nodes reach the head at (default: Ray's
+#                                     choice of this node's IP)
+#   POGDIFF_RAY_TMPDIR=/tmp/pogdiff-ray-$SLURM_JOB_ID   node-local Ray session dirs (keep it short:
+#                                     Unix socket paths must stay under 107 bytes)
+#   POGDIFF_RAY_JOIN_TIMEOUT=300      seconds to wait for every node to join
+#   POGDIFF_RAY_NODE_RESTARTS=3       times a lost worker node's Ray is restarted during the job
+#   POGDIFF_DRIVER="python -m pogdiff.dist.ray_driver"   command run with CONFIG [overrides]
+#   RAY_AUTH_MODE=token, RAY_AUTH_TOKEN   Ray's token authentication (default: a fresh token per job)
+set -uo pipefail
+
+die() { echo "pogdiff_multinode: $*" >&2; exit 2; }
+log() { echo "pogdiff_multinode: $(date +%T) $*"; }
+
+(($# >= 1)) || die "usage: sbatch slurm/pogdiff_multinode.sh CONFIG [key.path=value ...]"
+[[ -n ${SLURM_JOB_ID:-} ]] || die "not inside a Slurm job: submit with sbatch"
+command -v ray >/dev/null || die "'ray' is not on PATH: activate the pogdiff venv before sbatch"
+
+# 1. The config, validated before anything starts (exit 2 with the reason).
+log "config: $*"
+python -m pogdiff.cli config "$@" || die "invalid config (see the message above); nothing was started"
+# The driver and every Ray worker put this directory first on sys.path: in a source checkout only an
+# editable install finds pogdiff.kernels / pogdiff.dist (mapped from kernels/ and dist/).
+python -c 'import pogdiff.dist, pogdiff.kernels' \
+    || die "cannot import pogdiff.dist from $PWD with $(command -v python): pip install -e . (in a checkout) or submit from elsewhere"
+
+# 2. Resources and ports.
+cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
+gpus=${SLURM_GPUS_ON_NODE:-0}
+port=${POGDIFF_RAY_PORT:-6379}
+agent_port=${POGDIFF_RAY_AGENT_PORT:-52365}
+worker_ports=${POGDIFF_RAY_WORKER_PORTS:-10002-19999}
+stride=${POGDIFF_RAY_NODE_PORT_STRIDE:-0}
+tmp_root=${POGDIFF_RAY_TMPDIR:-/tmp/pogdiff-ray-$SLURM_JOB_ID}
+head_node=${SLURMD_NODENAME:-$(hostname -s)}
+mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+workers=()
+for n in "${nodes[@]}"; do [[ $n == "$head_node" ]] || workers+=("$n"); done
+head_ip=${POGDIFF_RAY_HEAD_IP:-$(python -c 'import ray.util; print(ray.util.get_node_ip_address())')}
+export RAY_ADDRESS=$head_ip:$port RAY_USAGE_STATS_ENABLED=0
+# Token authentication on every node and the driver: a fresh secret per job (passed to the nodes in
+# the srun environment) unless RAY_AUTH_MODE / RAY_AUTH_TOKEN[_PATH] are already set.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+if [[ $RAY_AUTH_MODE == token && -z ${RAY_AUTH_TOKEN:-}${RAY_AUTH_TOKEN_PATH:-} ]]; then
+    RAY_AUTH_TOKEN=$(python -c 'import secrets; print(secrets.token_hex(32))')
+    export RAY_AUTH_TOKEN
+fi
+log "Ray head $head_node ($RAY_ADDRESS), workers: ${workers[*]:-none}; per node: $cpus CPUs, $gpus GPUs"
+
+ray_start_args() {  # node index -> the per-node `ray start` options
+    local i=$1 lo=${worker_ports%-*} hi=${worker_ports#*-}
+    echo --num-cpus="$cpus" --num-gpus="$gpus" --temp-dir="$tmp_root/n$i" --disable-usage-stats \
+        --dashboard-agent-listen-port=$((agent_port + i * stride)) \
+        --min-worker-port=$((lo + i * stride)) --max-worker-port=$((hi + i * stride)) --block
+}
+
+# 3. Ray head, then one Ray worker per other node (restarted if it dies while the job runs).
+pids=()
+cleanup() {
+    trap - EXIT INT TERM
+    log "stopping the Ray cluster"
+    kill -TERM "${pids[@]}" 2>/dev/null
+    wait "${pids[@]}" 2>/dev/null
+    log "Ray cluster stopped"
+}
+trap cleanup EXIT
+trap 'exit 143' INT TERM
+
+dashboard=(--include-dashboard=false)
+[[ ${POGDIFF_RAY_DASHBOARD:-0} == 1 ]] && dashboard=(--include-dashboard=true)
+# shellcheck disable=SC2046  # ray_start_args is a list of words
+srun --nodes=1 --ntasks=1 --cpus-per-task="$cpus" -w "$head_node" \
+    ray start --head --node-ip-address="$head_ip" --port="$port" \
+    --ray-client-server-port="${POGDIFF_RAY_CLIENT_PORT:-10001}" "${dashboard[@]}" \
+    --dashboard-host="${POGDIFF_RAY_DASHBOARD_HOST:-127.0.0.1}" \
+    --dashboard-port="${POGDIFF_RAY_DASHBOARD_PORT:-8265}" $(ray_start_args 0) &
+head_pid=$!
+pids+=("$head_pid")
+
+events=$tmp_root/node-events
+mkdir -p "$tmp_root"
+: >"$events"
+keep_worker_up() {  # node index: run its Ray worker, restarting it up to POGDIFF_RAY_NODE_RESTARTS times
+    local node=$1 i=$2 restarts=0 child rc
+    trap 'kill -TERM $child 2>/dev/null; wait $child; exit 0' TERM
+    while :; do
+        # shellcheck disable=SC2046
+        srun --nodes=1 --ntasks=1 --cpus-per-task="$cpus" -w "$node" \
+            ray start --address="$RAY_ADDRESS" $(ray_start_args "$i") &
+        child=$!
+        wait "$child"
+        rc=$?
+        echo "$node rc=$rc" >>"$events"
+        ((restarts++ < ${POGDIFF_RAY_NODE_RESTARTS:-3})) || { log "Ray on $node exited (rc $rc); not restarting it again"; return 1; }
+        log "Ray on $node exited (rc $rc): restarting it ($restarts/${POGDIFF_RAY_NODE_RESTARTS:-3})"
+        sleep 2
+    done
+}
+for i in "${!workers[@]}"; do
+    keep_worker_up "${workers[$i]}" $((i + 1)) &
+    pids+=($!)
+done
+
+# 4. A real wait until every node has joined (or the head died, or the timeout passed).
+python - "${#nodes[@]}" "${POGDIFF_RAY_JOIN_TIMEOUT:-300}" "$head_pid" <<'EOF' || exit 3
+import os, sys, time
+import ray
+
+want, timeout, head_pid = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+deadline = time.monotonic() + timeout
+
+def fail(msg):
+    sys.exit(f"pogdiff_multinode: {msg} (Ray logs: the node-local temp dir, see POGDIFF_RAY_TMPDIR)")
+
+while True:
+    try:
+        os.kill(head_pid, 0)
+    except ProcessLookupError:
+        fail("the Ray head exited before the cluster formed (see its output above)")
+    try:
+        ray.init(logging_level="ERROR", log_to_driver=False)
+        break
+    except ConnectionError:
+        if time.monotonic() > deadline:
+            fail(f"could not reach the Ray head at {os.environ['RAY_ADDRESS']} within {timeout:.0f} s")
+        time.sleep(2)
+while (alive := sum(n["Alive"] for n in ray.nodes())) < want:
+    if time.monotonic() > deadline:
+        fail(f"only {alive} of {want} Ray nodes joined within {timeout:.0f} s")
+    time.sleep(1)
+print(f"pogdiff_multinode: all {want} Ray nodes joined: {ray.cluster_resources()}", flush=True)
+EOF
+
+# 5. The driver; its exit code is the job's.
+driver=${POGDIFF_DRIVER:-python -m pogdiff.dist.ray_driver}
+log "running: $driver $*"
+$driver "$@"
+rc=$?
+if ((rc != 0)) && [[ -s $events ]]; then
+    log "the driver failed (rc $rc) after Ray node(s) were lost: $(tr '\n' ' ' <"$events")." \
+        "Checkpoints in the config's output_dir are kept: resubmit the same command to resume."
+fi
+log "driver exited with $rc"
+exit "$rc"

@@ -1,0 +1,362 @@
+"""The cluster job: Ray Train workers with DeepSpeed ZeRO on CPU (gloo, fp32), checkpoints, resume, export.
+
+The Ray jobs share one embedded cluster and one synthetic data set; the first half of the file
+checks the pieces (data split, DeepSpeed config, Min-SNR, noise offset, EMA, optimizer state,
+exact one-machine resume) without Ray.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+# One thread per process: on a machine whose cores are busy, torch's second OpenMP thread makes the
+# tiny UNet ~100x slower (spin-waiting), and the Ray workers run one thread each anyway.
+torch.set_num_threads(1)
+
+from pogdiff.config import ConfigError, GradMode, Method, MethodConfig, load_config
+from pogdiff.dist.deepspeed_config import deepspeed_config
+from pogdiff.dist.ray_driver import connect, ray_run_name, read_history, run, storage_path
+from pogdiff.ema import ShardedEMA, flat_shard
+from pogdiff.objectives import Batch, Objective
+from pogdiff.pipeline import RunFiles, stage_density, stage_features, stage_neighbours, training_inputs
+from pogdiff.train import epoch_batches, load_state_dict, save_state_dict, train
+
+
+BASE = ["run_name=dist", "data.profile=custom", "data.majority_ids=2", "data.minority_ids=3", "data.majority_images=12",
+        "density.epochs=30", "train.batch_size=4", "train.lr=1e-3", "train.log_every=1"]
+
+
+def _overrides(root, *extra):
+    return [f"output_dir={root}", f"dist.storage_path={root}/ray", *BASE, *extra]
+
+
+def _cfg(root, *extra):
+    return load_config("configs/demo.yaml", _overrides(root, *extra))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("dist")
+
+
+@pytest.fixture(scope="module")
+def data(root):
+    cfg = _cfg(root)
+    feats = stage_features(cfg)
+    stage_neighbours(cfg, feats)
+    stage_density(cfg, feats)
+    return feats
+
+
+# ------------------------------------------------------------------------------------- without Ray
+
+def test_epoch_batches_split_ranks_evenly():
+    n, bs, world = 30, 4, 2
+    streams = [epoch_batches(n, bs, seed=3, rank=r, world=world) for r in range(world)]
+    per_epoch = n // world // bs  # 3 batches per rank per epoch
+    epoch = [torch.cat([next(s) for _ in range(per_epoch)]) for s in streams]
+    assert all(len(e) == per_epoch * bs for e in epoch)
+    assert not set(epoch[0].tolist()) & set(epoch[1].tolist())  # disjoint shares within an epoch
+    # resuming at micro-batch k yields what the uninterrupted stream yields from k on
+    full = epoch_batches(n, bs, seed=3, rank=1, world=world)
+    seq = [next(full) for _ in range(7)]
+    resumed = epoch_batches(n, bs, seed=3, start=4, rank=1, world=world)
+    assert all(torch.equal(next(resumed), seq[k]) for k in range(4, 7))
+    with pytest.raises(ValueError, match="share of the dataset"):
+        next(epoch_batches(6, 4, seed=0, rank=0, world=2))
+
+
+def test_deepspeed_config(tmp_path):
+    cfg = load_config(None, ["train.batch_size=3", "train.grad_accum=2", "dist.zero_stage=3"])
+    ds = deepspeed_config(cfg, world_size=4, use_gpu=False)
+    assert ds["train_batch_size"] == 3 * 2 * 4 and ds["gradient_accumulation_steps"] == 2
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is False
+    assert deepspeed_config(cfg, 4, use_gpu=True)["bf16"]["enabled"] is True
+    extra = tmp_path / "ds.json"
+    extra.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}}))
+    merged = deepspeed_config(load_config(None, [f"dist.deepspeed_json={extra}"]), 2, False)
+    assert merged["zero_optimization"] == {**deepspeed_config(load_config(None), 2, False)["zero_optimization"],
+                                           "reduce_bucket_size": 1000}
+    extra.write_text(json.dumps({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}))
+    with pytest.raises(ConfigError, match="ZeRO-Offload"):
+        deepspeed_config(load_config(None, [f"dist.deepspeed_json={extra}"]), 2, False)
+
+
+def _objective(method=Method.pogdiff, **kw):
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    n = 6
+    from pogdiff.neighbours import NeighbourSampler, NeighbourTable
+
+    table = NeighbourTable(ids=torch.tensor([[(i + 1) % n, (i + 2) % n] for i in range(n)]),
+                           sims=torch.full((n, 2), 0.5), different_identity=torch.zeros(n, 2, dtype=torch.bool))
+    sampler = NeighbourSampler(table, torch.full((n, 2), 0.7))
+    obj = Objective(MethodConfig(name=method, grad_mode=GradMode.full), sched.alphas_cumprod,
+                    text_table=torch.randn(n, 5, 8), sampler=sampler, **kw)
+    return obj, sched
+
+
+def test_min_snr_weights_the_whole_per_sample_loss():
+    from diffusers.training_utils import compute_snr
+
+    gamma = 5.0
+    plain, sched = _objective()
+    weighted, _ = _objective(snr_gamma=gamma)
+    weighted.text_table = plain.text_table
+    w = torch.randn(4, 4)
+
+    def unet(x, t, y):  # depends on y, so the pair term is not zero
+        return x + y.mean((1, 2)).view(-1, 1, 1, 1) * w
+
+    for seed in range(4):  # one sample per call: the per-sample weight is the loss ratio
+        batch = Batch(index=torch.tensor([seed]), latents=torch.randn(1, 4, 4, 4), text=torch.randn(1, 5, 8))
+        a = plain(unet, batch, torch.Generator().manual_seed(seed), with_terms=True)
+        b = weighted(unet, batch, torch.Generator().manual_seed(seed))
+        assert a.pair_mse.item() > 0
+        snr = compute_snr(sched, a.timesteps)  # diffusers' own SNR, the independent reference
+        assert b.loss.item() == pytest.approx(a.loss.item() * (snr.clamp(max=gamma) / snr).item(), rel=1e-5)
+
+
+def test_noise_offset_adds_per_channel_noise():
+    obj, _ = _objective(Method.vanilla, noise_offset=1.0)
+    zero = lambda x, t, y: torch.zeros_like(x)  # noqa: E731 - the loss is then mean(eps^2)
+    batch = Batch(index=torch.arange(6), latents=torch.zeros(6, 4, 16, 16), text=torch.zeros(6, 5, 8))
+    losses = [obj(zero, batch, torch.Generator().manual_seed(s)).loss.item() for s in range(20)]
+    # E[eps^2] = 1 + offset^2 = 2 (vs 1 without the offset)
+    assert sum(losses) / len(losses) == pytest.approx(2.0, rel=0.15)
+
+
+def test_sharded_ema_matches_diffusers_and_shards_gather():
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    names, shapes = ["a", "b"], [p.shape for p in params]
+    reference = EMAModel(params, decay=0.9)
+    world = 3
+    shards = [ShardedEMA(names, shapes, [flat_shard(p.detach(), r, world) for p in params], 0.9) for r in range(world)]
+    for _ in range(5):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p))
+        reference.step(params)
+        for r, ema in enumerate(shards):
+            ema.update([flat_shard(p.detach(), r, world) for p in params])
+
+    out = shards[0].gather(_RankGather(shards))
+    for name, ref in zip(names, reference.shadow_params):
+        torch.testing.assert_close(out[name], ref)
+    fresh = ShardedEMA(names, shapes, [flat_shard(p.detach(), 1, world) for p in params], 0.9)
+    fresh.load(out, updates=5, rank=1, world=world)
+    for a, b in zip(fresh.shadow, shards[1].shadow):
+        torch.testing.assert_close(a, b)
+
+
+class _RankGather:
+    """all_gather over simulated ranks: the i-th call gathers parameter i of every rank."""
+
+    def __init__(self, shards):
+        self.shards, self.i = shards, 0
+
+    def __call__(self, _shard):
+        out = [s.shadow[self.i] for s in self.shards]
+        self.i += 1
+        return out
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adamw8bit"])
+def test_optimizer_state_roundtrip_without_pickle(tmp_path, kind):
+    from pogdiff.config import TrainConfig
+    from pogdiff.train import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(128, 64)  # 8192 weights: above bitsandbytes' 4096 minimum for 8-bit state
+    opt = build_optimizer(TrainConfig(optimizer=kind), model.parameters())
+    for _ in range(2):
+        model(torch.randn(4, 128)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    save_state_dict(opt.state_dict(), tmp_path / "opt.safetensors")
+    twin = torch.nn.Linear(128, 64)
+    twin.load_state_dict(model.state_dict())
+    opt2 = build_optimizer(TrainConfig(optimizer=kind), twin.parameters())
+    opt2.load_state_dict(load_state_dict(tmp_path / "opt.safetensors"))
+    x = torch.randn(4, 128)
+    for m, o in ((model, opt), (twin, opt2)):
+        m(x).pow(2).mean().backward()
+        o.step()
+    torch.testing.assert_close(twin.weight, model.weight, rtol=0, atol=0)
+
+
+def test_one_machine_resume_is_exact(root, data):
+    """6 steps straight == 3 steps, a checkpoint, a fresh process state, 3 more (EMA, LR warmup, RNG, data).
+    (The schedule must not depend on train.steps, which differs between the two legs here.)"""
+    extra = ["method.name=pogdiff", "train.ema=true", "train.lr_scheduler=constant_with_warmup", "train.lr_warmup_steps=4",
+             "train.grad_accum=2", "train.snr_gamma=5", "train.noise_offset=0.05", "train.tensorboard=false"]
+    weights = {}
+    for name, stops in (("straight", [6]), ("resumed", [3, 6])):
+        for steps in stops:
+            cfg = _cfg(root, *extra, "train.steps=%d" % steps, "train.checkpoint_every=3")
+            feats, unet, objective, _ = training_inputs(cfg)
+            out = Path(root) / f"local-{name}"
+            result, weights[name] = train(cfg, unet, objective, feats, out, progress=False)
+        assert result.steps == 6
+        assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000006"]
+    for k in weights["straight"]:
+        torch.testing.assert_close(weights["resumed"][k], weights["straight"][k], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ on Ray
+
+@pytest.fixture(scope="module")
+def cluster(root):
+    import ray
+
+    started = connect(_cfg(root))
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()
+
+
+def _eval_loss(cfg, weights=None) -> float:
+    """Vanilla denoising loss on the whole training set, fixed noise and timesteps."""
+    feats, unet, _, _ = training_inputs(cfg)
+    if weights is not None:
+        unet.load_state_dict(weights)
+    from diffusers import DDPMScheduler
+
+    obj = Objective(MethodConfig(name=Method.vanilla), DDPMScheduler.from_pretrained(RunFiles(cfg).model / "scheduler").alphas_cumprod)
+    batch = Batch(index=torch.arange(len(feats)), latents=feats.latents.float(), text=feats.text.float())
+    fn = lambda x, t, y: unet(x, t, encoder_hidden_states=y).sample  # noqa: E731
+    with torch.no_grad():
+        return sum(obj(fn, batch, torch.Generator().manual_seed(s)).loss.item() for s in range(4)) / 4
+
+
+def _final_checkpoint(cfg) -> Path:
+    snap = json.loads((storage_path(cfg) / ray_run_name(cfg) / "checkpoint_manager_snapshot.json").read_text())
+    return storage_path(cfg) / ray_run_name(cfg) / snap["latest_checkpoint_result"]["checkpoint_dir_name"]
+
+
+ZERO2 = ["dist.zero_stage=2", "train.seed=0", "train.steps=6", "train.checkpoint_every=2", "dist.fail_at_step=3",
+         "dist.max_failures=1", "train.ema=true"]
+ZERO3 = ["dist.zero_stage=3", "train.seed=1", "train.steps=9", "train.checkpoint_every=3", "train.ema=true",
+         "model.gradient_checkpointing=true", "train.validate_every=9", "train.validation_ddim_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def zero2_run(root, data, cluster):
+    """ZeRO-2, rank 1 dies (os._exit) after step 3 once; Ray restarts the group from step 2's checkpoint."""
+    cfg = _cfg(root, *ZERO2)
+    return cfg, run(cfg)
+
+
+@pytest.fixture(scope="module")
+def zero3_run(root, data, cluster):
+    """ZeRO-3 through the `ray job submit` entrypoint; the driver is killed after the first
+    checkpoint, then started again with the same run name."""
+    cfg = _cfg(root, *ZERO3)
+    cmd = [sys.executable, "-m", "pogdiff.dist.ray_driver", "configs/demo.yaml", *_overrides(root, *ZERO3)]
+    env = {**os.environ, "RAY_ADDRESS": cluster}
+    snapshot = storage_path(cfg) / ray_run_name(cfg) / "checkpoint_manager_snapshot.json"
+    with open(Path(root) / "driver1.log", "w") as log:
+        first = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 300
+        while not (snapshot.is_file() and "step_00000003" in snapshot.read_text()):
+            assert first.poll() is None, (Path(root) / "driver1.log").read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.2)
+        os.killpg(first.pid, signal.SIGKILL)  # the driver goes away mid-run
+        first.wait()
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    summary = [line for line in second.stdout.splitlines() if line.startswith('{"run"')]  # Ray forwards worker logs too
+    return cfg, json.loads(summary[-1])
+
+
+def _ranks(cfg):
+    return [json.loads((RunFiles(cfg).method / "ranks" / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("job", ["zero2_run", "zero3_run"])
+def test_loss_falls_and_ranks_agree(job, request):
+    cfg, _ = request.getfixturevalue(job)
+    ranks = _ranks(cfg)
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["module_sha256"] == ranks[1]["module_sha256"]
+    from safetensors.torch import load_file
+
+    final = load_file(str(_final_checkpoint(cfg) / "unet.safetensors"))
+    before, after = _eval_loss(cfg), _eval_loss(cfg, final)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_worker_failure_resumes_from_checkpoint(zero2_run):
+    cfg, result = zero2_run
+    files = RunFiles(cfg)
+    assert (files.method / ".failed_at_step_3").exists()  # rank 1 did die
+    assert result.steps == 6 and [h["step"] for h in result.history] == list(range(1, 7))
+    assert all(r["start_step"] == 2 and r["steps"] == 6 for r in _ranks(cfg))  # restarted from step 2
+    assert json.loads((_final_checkpoint(cfg) / "trainer.json").read_text())["step"] == 6
+    # step 3 ran before the failure and again after it: the same data, noise and weights
+    logged = [json.loads(line) for line in (files.method / "metrics.jsonl").read_text().splitlines()]
+    first, again = [e for e in logged if e["step"] == 3]
+    assert again["loss"] == pytest.approx(first["loss"], rel=1e-6) and again["psi/tail"] == pytest.approx(first["psi/tail"], rel=1e-6)
+    assert len(list(storage_path(cfg).joinpath(ray_run_name(cfg)).glob("step_*"))) == cfg.train.checkpoint_keep
+
+
+def test_restart_with_same_name_continues(zero3_run):
+    cfg, summary = zero3_run
+    ranks = _ranks(cfg)
+    assert summary["steps"] == 9
+    assert all(r["start_step"] in (3, 6) and r["steps"] == 9 for r in ranks), ranks  # not from step 0
+    history = read_history(RunFiles(cfg).method / "metrics.jsonl")
+    assert [h["step"] for h in history] == list(range(1, 10))
+
+
+def test_tensorboard_and_validation_grid(zero3_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, _ = zero3_run
+    files = RunFiles(cfg)
+    events = EventAccumulator(str(files.method / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "target_mse", "pair_mse", "psi/head", "psi/tail", "lr"} <= tags, tags
+    assert "validation" in events.Tags()["images"]
+    from PIL import Image
+
+    grid = Image.open(files.method / "samples" / "step_00000009.png")
+    assert grid.size == (2 * 32, 2 * 32)  # 2 prompts (head, tail) x 2 images of 32 px
+
+
+def test_exported_pipeline_loads_and_samples(zero3_run):
+    import numpy as np
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    cfg, _ = zero3_run
+    files = RunFiles(cfg)
+    ema = load_file(str(_final_checkpoint(cfg) / "ema.safetensors"))
+    unet = UNet2DConditionModel.from_pretrained(files.unet)
+    for name, p in unet.named_parameters():
+        torch.testing.assert_close(p.detach(), ema[name])  # the export is the EMA
+    pipe = StableDiffusionPipeline.from_pretrained(files.pipeline, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    image = pipe("An image of someone.", num_inference_steps=4, guidance_scale=3.0,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    arr = np.asarray(image)
+    assert arr.shape == (32, 32, 3) and arr.std() > 0
+
+
+def test_bad_deepspeed_json_exits_2(root, capsys):
+    from pogdiff.cli import main
+
+    assert main(["train-dist", "configs/demo.yaml", f"output_dir={root}", "dist.deepspeed_json=/nonexistent.json"]) == 2
+    assert "dist.deepspeed_json" in capsys.readouterr().err

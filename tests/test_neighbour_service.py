@@ -1,0 +1,208 @@
+"""FAISS neighbour service and kNN graph (pogdiff.dist): exactness, sharding, restarts, bad input, recall."""
+import numpy as np
+import pytest
+import torch
+
+from pogdiff.config import IndexConfig, IndexType, load_config
+from pogdiff.dist.knn_graph import ArraySource, build_knn_graph, clustered_embeddings
+from pogdiff.dist.neighbour_service import NeighbourService, choose_index
+from pogdiff.neighbours import NeighbourTable, exact_knn
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_faiss_thread():
+    # The test machine's 2 cores are shared: OpenMP spinning over busy cores makes small k-means ~5x slower.
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def actor_cfg(name: str, **kw) -> IndexConfig:
+    return IndexConfig(name=name, actor_min_n=0, cpus_per_shard=0.5, **kw)
+
+
+def numpy_knn(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    zn = z / np.linalg.norm(z, axis=1, keepdims=True)
+    s = zn @ zn.T
+    np.fill_diagonal(s, -np.inf)
+    ids = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return ids, np.take_along_axis(s, ids, 1)
+
+
+def overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(np.mean([len(np.intersect1d(x, y)) / len(y) for x, y in zip(a.numpy(), b.numpy())]))
+
+
+def test_flat_graph_equals_numpy_brute_force_and_exact_knn(tmp_path):
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(400, 32)).astype(np.float32) * rng.uniform(0.5, 3, size=(400, 1)).astype(np.float32)
+    ident = np.arange(400) % 7
+    table, stats = build_knn_graph(ArraySource(z, ident), 6, IndexConfig(), root=tmp_path, progress=False)
+    assert stats["kind"] == "flat" and not stats["actors"] and "recall_at_k" not in stats
+    ids, sims = numpy_knn(z, 6)
+    assert (table.ids.numpy() == ids).all()
+    np.testing.assert_allclose(table.sims.numpy(), sims, rtol=1e-5, atol=1e-6)
+    assert (table.different_identity.numpy() == (ident[ids] != ident[:, None])).all()
+    ref = exact_knn(torch.from_numpy(z), 6, torch.from_numpy(ident))
+    assert torch.equal(table.ids, ref.ids) and torch.equal(table.different_identity, ref.different_identity)
+    # fewer samples than k: padded exactly like exact_knn; unknown identities are never "different"
+    small, _ = build_knn_graph(ArraySource(z[:3]), 5, IndexConfig(), progress=False)
+    ref = exact_knn(torch.from_numpy(z[:3]), 5)
+    assert torch.equal(small.ids, ref.ids) and (small.ids[:, 2:] == -1).all() and (small.sims[:, 2:] == 0).all()
+    assert not small.different_identity.any()
+
+
+def test_pipeline_and_cli_use_the_builder(tmp_path):
+    from pogdiff.cli import main
+    from pogdiff.features import FeatureSet
+    from pogdiff.pipeline import RunFiles, stage_neighbours
+
+    n = 90
+    emb = torch.randn(n, 24)
+    ident = torch.arange(n) // 9
+    feats = FeatureSet(keys=[f"k{i}" for i in range(n)], identities=ident, names=[f"p{i}" for i in ident.tolist()],
+                       captions=["c"] * n, latents=torch.zeros(n, 4, 2, 2).half(), text=torch.zeros(n, 3, 8).half(),
+                       pooled=torch.zeros(n, 8), image_emb=emb, null_text=torch.zeros(3, 8).half())
+    cfg = load_config(None, [f"output_dir={tmp_path}", "run_name=r", "method.k=4"])
+    files = RunFiles(cfg)
+    files.root.mkdir(parents=True)
+    feats.save(files.features)
+    ref = exact_knn(emb, 4, ident)
+    table = stage_neighbours(cfg, feats)
+    assert torch.equal(table.ids, ref.ids) and torch.equal(table.different_identity, ref.different_identity)
+    files.neighbours.unlink()
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("run_name: r\nmethod:\n  k: 4\n")
+    assert main(["index", str(cfg_file), f"output_dir={tmp_path}"]) == 0
+    written = NeighbourTable.load(files.neighbours)
+    assert torch.equal(written.ids, ref.ids)
+    torch.testing.assert_close(written.sims, ref.sims)
+
+
+def test_index_choice_follows_faiss_guidelines():
+    icfg = IndexConfig()
+    assert choose_index(50_000, 768, icfg, gpu=False).factory == "Flat"
+    ivf = choose_index(500_000, 768, icfg, gpu=False)
+    assert ivf.factory == "IVF4096,Flat" and ivf.train_size == 40 * 4096  # 4*sqrt(N) -> 2829 -> 2^12
+    assert choose_index(10_000_000, 768, icfg, gpu=True).factory == "IVF16384,Flat"  # 4*sqrt(1e7) = 12649
+    assert choose_index(300_000_000, 768, icfg, gpu=False).factory == "IVF131072_HNSW32,Flat"
+    assert choose_index(300_000_000, 768, icfg, gpu=True).factory == "IVF131072,Flat"
+    pq = choose_index(20_000_000, 768, IndexConfig(memory_gb=16), num_shards=2, gpu=True)  # 28.6 GiB per shard
+    assert pq.factory == "IVF32768,PQ96np" and pq.kind == IndexType.ivfpq
+    assert choose_index(1000, 768, IndexConfig(type=IndexType.ivf, nlist=256)).factory == "IVF25,Flat"  # >= 39 per list
+
+
+def test_ivf_recall_meets_target_on_clustered_data(tmp_path):
+    # the benchmark's data (d=768, spread 2: top-10 cosine ~0.3) at a small N
+    x, labels = clustered_embeddings(8000, 768, spread=2.0, seed=1)
+    table, stats = build_knn_graph(ArraySource(x, labels), 10, IndexConfig(type=IndexType.ivf), root=tmp_path,
+                                   progress=False)
+    assert stats["index"] == "IVF205,Flat" and stats["nprobe"] == 16  # 4*sqrt(N) lists, capped at N/39
+    ref = exact_knn(torch.from_numpy(x), 10)
+    full = overlap(table.ids, ref.ids)
+    assert full >= 0.95, full
+    assert abs(stats["recall_at_k"] - full) < 0.02  # the printed sample estimate agrees with the full graph
+    z = torch.nn.functional.normalize(torch.from_numpy(x))
+    torch.testing.assert_close(table.sims, (z[:, None, :] * z[table.ids]).sum(-1), atol=1e-5, rtol=0)
+
+
+def test_stored_index_is_reused_only_for_the_same_data(tmp_path):
+    x, labels = clustered_embeddings(2000, 32, seed=5)
+    first, st1 = build_knn_graph(ArraySource(x, labels), 5, IndexConfig(type=IndexType.ivf, nprobe=2), root=tmp_path,
+                                 progress=False)
+    again, st2 = build_knn_graph(ArraySource(x, labels), 5, IndexConfig(type=IndexType.ivf, nprobe=51), root=tmp_path,
+                                 progress=False)  # nprobe is a search-time setting: 51 = every list, exact
+    assert not st1["reused"] and st2["reused"] and st2["nprobe"] == 51
+    assert torch.equal(again.ids, exact_knn(torch.from_numpy(x), 5).ids) and st2["recall_at_k"] == 1.0
+    _, st3 = build_knn_graph(ArraySource(x[::-1].copy(), labels), 5, IndexConfig(type=IndexType.ivf), root=tmp_path,
+                             progress=False)
+    assert not st3["reused"]
+
+
+def test_ivfpq_builds_and_ranks(tmp_path):
+    x, labels = clustered_embeddings(12_000, 32, seed=2)
+    table, stats = build_knn_graph(ArraySource(x, labels), 10, IndexConfig(type=IndexType.ivfpq), root=tmp_path,
+                                   progress=False)
+    assert stats["index"].endswith(",PQ4np")
+    assert stats["recall_at_k"] > 0.3  # 4 bytes per vector: approximate, but far above chance (10/12000)
+    assert (table.ids != torch.arange(len(x))[:, None]).all()  # never itself
+
+
+def test_sharded_equals_unsharded(tmp_path, ray_local):
+    x, labels = clustered_embeddings(3000, 32, seed=3)
+    src = ArraySource(x, labels)
+    for kind in (IndexType.flat, IndexType.ivf):
+        one, st1 = build_knn_graph(src, 8, IndexConfig(type=kind), root=tmp_path / f"one-{kind.value}", progress=False)
+        three, st3 = build_knn_graph(src, 8, actor_cfg("nb-sharded", type=kind, shards=3),
+                                     root=tmp_path / f"three-{kind.value}", progress=False)
+        assert not st1["actors"] and st3["actors"]
+        assert torch.equal(three.ids, one.ids), kind
+        torch.testing.assert_close(three.sims, one.sims)
+        assert torch.equal(three.different_identity, one.different_identity)
+    assert sorted(p.name for p in (tmp_path / "three-flat").iterdir()) == ["shard-0", "shard-1", "shard-2"]
+
+
+def test_service_online_add_restart_and_bad_queries(tmp_path, ray_local):
+    x, labels = clustered_embeddings(2000, 48, seed=4)
+    icfg = actor_cfg("nb-test", shards=2, type=IndexType.flat)
+    build_knn_graph(ArraySource(x, labels), 5, icfg, root=tmp_path, progress=False)
+    svc = NeighbourService.start(tmp_path, icfg)  # loads the shards the build wrote
+    try:
+        assert [i["ntotal"] for i in svc.info()] == [1000, 1000]
+        ids, sims, idents = svc.search(x[:50], 5, exclude=np.arange(50))
+        ref, ref_sims = numpy_knn(x, 5)
+        assert (ids == ref[:50]).all() and (idents == labels[ids]).all()
+        np.testing.assert_allclose(sims, ref_sims[:50], rtol=1e-5, atol=1e-6)
+
+        # online: a training worker finds the live service by name, adds new samples, looks them up
+        @ray.remote(num_cpus=0.5)
+        def worker(vectors, ident):
+            client = NeighbourService.connect("nb-test", "pogdiff")
+            new = client.add(vectors, ident)
+            return new, client.search(vectors, 3, exclude=new)
+
+        new_vecs = x[[7, 1500]] + 0.01 * np.random.default_rng(0).standard_normal((2, 48)).astype(np.float32)
+        new_ids, (nids, _, nident) = ray.get(worker.remote(new_vecs, [123, 456]))
+        assert new_ids.tolist() == [2000, 2001]
+        assert nids[:, 0].tolist() == [7, 1500] and nident[:, 0].tolist() == labels[[7, 1500]].tolist()
+        ids_with_new, _, idents_new = svc.search(x[[7]], 2, exclude=[7])
+        assert ids_with_new[0, 0] == 2000 and idents_new[0, 0] == 123
+
+        # a killed shard is restarted by Ray and reloads its index (and the online additions) from disk
+        before = svc.search(x[100:140], 5)
+        for shard in svc.shards:
+            ray.kill(shard, no_restart=False)
+        after = svc.search(x[100:140], 5)
+        for a, b in zip(before, after):
+            np.testing.assert_array_equal(a, b)
+        assert svc.search(x[[7]], 2, exclude=[7])[0][0, 0] == 2000
+        assert [i["ntotal"] for i in svc.info()] == [1000, 1002]
+
+        # bad query vectors: a clear ValueError at the caller, and the service keeps answering
+        bad = x[:4].copy()
+        bad[2, 5] = np.nan
+        with pytest.raises(ValueError, match=r"rows \[2\]"):
+            svc.search(bad, 3)
+        with pytest.raises(ValueError, match=r"dimension 47, expected 48"):
+            svc.search(x[:3, :47], 3)
+        with pytest.raises(ValueError, match=r"row 1 has shape \(47,\), expected \(48,\)"):
+            svc.search([x[0], x[1, :47]], 3)
+        with pytest.raises(ValueError, match=r"added vectors has NaN"):
+            svc.add(bad)
+        assert np.array_equal(svc.search(x[100:140], 5)[0], before[0])
+    finally:
+        svc.shutdown()
+    with pytest.raises(ValueError, match="no neighbour service 'nb-test'"):
+        NeighbourService.connect("nb-test", "pogdiff")
