@@ -340,6 +340,9 @@ def write_report(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out
                "![vae](vae_roundtrip.png)", ""]
     if plot_psi(cfg, variants, out / "psi_hist.png"):
         md += ["ψ = ψ_img · ψ_inv per (sample, neighbour), head vs tail samples:", "", "![psi](psi_hist.png)", ""]
+    notes = out / "discussion.md"  # hand-written; kept when the report is regenerated
+    if notes.is_file():
+        md += ["## Discussion", "", notes.read_text().strip(), ""]
     path = out / "report.md"
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(md) + "\n")
