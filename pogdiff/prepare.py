@@ -490,7 +490,11 @@ def frozen_model(cfg: Config, out: Path, plan: Plan) -> str:
         return str(target)
     from .pipeline import save_components
 
+    from .tiny_vae import pretrain_tiny_vae
+
     components = load_components(cfg.model)
+    # the same pretrained tiny VAE as pipeline.stage_features: a random decoder makes images meaningless
+    pretrain_tiny_vae(components.vae, cfg.model.tiny_vae_steps, cfg.model.seed, cfg.data.image_size)
     images = calibration_images(plan, cfg.data.image_size)
     if images:
         with torch.no_grad():

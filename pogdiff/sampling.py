@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from pathlib import Path
 from typing import Optional
 
@@ -24,8 +23,6 @@ from safetensors.numpy import load_file, save_file
 
 from .config import Config
 from .pipeline import RunFiles
-
-log = logging.getLogger("pogdiff.sample")
 
 
 def image_seed(seed: int, identity: int, index: int) -> int:
