@@ -59,8 +59,8 @@ def run_case(case: dict, steps: int, warmup: int) -> dict:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from pogdiff.config import MethodConfig
-    from pogdiff.models import tiny_unet_config
-    from pogdiff.objectives import Batch, Objective
+    from pogdiff.models.components import tiny_unet_config
+    from pogdiff.method.objectives import Batch, Objective
     from train_step import neighbour_sampler
 
     torch.manual_seed(0)

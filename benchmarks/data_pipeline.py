@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pogdiff.shards import Sample, ShardWriter, read_tar, write_index, write_task
-from pogdiff.stream import ShardStream, make_train_loader
+from pogdiff.data.shards import Sample, ShardWriter, read_tar, write_index, write_task
+from pogdiff.data.stream import ShardStream, make_train_loader
 
 TOKENS, DIM = 77, 768
 
@@ -104,8 +104,8 @@ def tiny_f8_vae():
 
 
 def bench_on_the_fly(root: Path, n: int) -> dict:
-    from pogdiff.features import images_to_tensor
-    from pogdiff.synthetic import make_identity, render
+    from pogdiff.data.encode import images_to_tensor
+    from pogdiff.data.synthetic import make_identity, render
 
     jpegs = []
     for i in range(min(n, 32)):

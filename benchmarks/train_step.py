@@ -33,8 +33,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from pogdiff.config import GradMode, Method, MethodConfig, ModelConfig
-from pogdiff.neighbours import NeighbourSampler, NeighbourTable
-from pogdiff.objectives import Batch, Objective, to_device
+from pogdiff.method.neighbours import NeighbourSampler, NeighbourTable
+from pogdiff.method.objectives import Batch, Objective, to_device
 
 # Stable Diffusion v1.5 (runwayml/stable-diffusion-v1-5) unet/config.json, the values that differ
 # from diffusers' defaults written out; random init, nothing downloaded.
@@ -170,7 +170,7 @@ def build_models(args):
         if not args.precomputed:
             encoders = (AutoencoderKL(**SD15_VAE), CLIPTextModel(CLIPTextConfig(**SD15_TEXT)), SD_VAE_SCALE)
     else:
-        from pogdiff.models import build_tiny
+        from pogdiff.models.components import build_tiny
 
         parts = build_tiny(args.seed)
         unet = parts.unet
@@ -186,7 +186,7 @@ def build_models(args):
         encoders = (vae, text_encoder, scale)
         text = (text_encoder.config.max_position_embeddings, text_encoder.config.hidden_size)
     else:
-        from pogdiff.models import TINY_MAX_TOKENS
+        from pogdiff.models.components import TINY_MAX_TOKENS
 
         text = (77 if args.config == "sd15" else TINY_MAX_TOKENS, unet.config.cross_attention_dim)
     return unet, encoders, latent, text
@@ -207,7 +207,7 @@ class HostStore:
             self.fields = {"images": torch.randint(0, 256, (n, 3, latent[1] * down, latent[2] * down), generator=g,
                                                    dtype=torch.uint8),
                            "tokens": torch.randint(0, vocab, (n, text[0]), generator=g)}
-        from pogdiff.train import epoch_batches
+        from pogdiff.train.loop import epoch_batches
 
         self.indices = epoch_batches(n, args.batch_size, args.seed)
         self.device, self.overlap = args.device, args.overlap_data
@@ -259,7 +259,7 @@ class Bench:
         self.model = self.unet  # what the step calls; FLOPs are always counted on the eager self.unet
 
     def apply_levers(self) -> None:
-        from pogdiff.train import configure_unet
+        from pogdiff.train.loop import configure_unet
 
         configure_unet(self.unet, ModelConfig(attention=self.args.attention), self.args.device)
         if self.args.channels_last:

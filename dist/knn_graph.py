@@ -1,6 +1,6 @@
 """The kNN graph of the whole dataset (the neighbour table of Eq. 8) from the FAISS neighbour service.
 
-    pogdiff index CONFIG  ->  <run>/neighbours.safetensors  (+ <run>/index/shard-<i>/ for online lookups)
+    pogdiff index CONFIG  ->  <dataset>/artifacts/neighbours-k<k>/  (+ artifacts/faiss/shard-<i>/ for online lookups)
 
 Every dataset row queries every shard for its k+1 most similar rows (itself among them), in
 batches of ``index.batch_size``; the shards read the query rows from the source themselves, so
@@ -20,10 +20,10 @@ import faiss
 import numpy as np
 import torch
 
-from pogdiff.config import Config, ConfigError, IndexConfig, IndexType
-from pogdiff.neighbours import NeighbourTable
+from pogdiff.config import IndexConfig, IndexType
+from pogdiff.method.neighbours import NeighbourTable
 
-from .neighbour_service import NeighbourService, as_vectors, choose_index, drop_self, merge_topk, read_rows, shard_bounds
+from pogdiff.dist.neighbour_service import NeighbourService, as_vectors, choose_index, drop_self, merge_topk, read_rows, shard_bounds
 
 # --- where the embeddings come from ---------------------------------------------------------------
 
@@ -44,45 +44,6 @@ class ArraySource:
         return self.ident[start:stop]
 
 
-class FeaturesFileSource:
-    """``image_emb`` and ``identities`` of a run's features.safetensors (pogdiff.features.FeatureSet),
-    read one slice at a time (memory-mapped): shard actors open it themselves."""
-
-    def __init__(self, path: str | Path):
-        from safetensors import safe_open
-
-        self.path = str(path)
-        with safe_open(self.path, "np") as f:
-            self.n, self.dim = f.get_slice("image_emb").get_shape()
-
-    def _slice(self, key: str, start: int, stop: Optional[int]) -> np.ndarray:
-        from safetensors import safe_open
-
-        with safe_open(self.path, "np") as f:
-            return f.get_slice(key)[start:self.n if stop is None else stop]
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        return self._slice("image_emb", start, stop).astype(np.float32, copy=False)
-
-    def identities(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
-        return self._slice("identities", start, stop).astype(np.int64, copy=False)
-
-
-def embedding_source(cfg: Config) -> FeaturesFileSource:
-    """The dataset's image embeddings: today the run's features file (encoded first if absent);
-    the one place to switch to the prepared shards' dataset index."""
-    from pogdiff.pipeline import RunFiles, stage_features
-
-    path = RunFiles(cfg).features
-    if not path.is_file():
-        stage_features(cfg)
-    return FeaturesFileSource(path)
-
-
-def index_dir(cfg: Config) -> Path:
-    return cfg.run_dir / "index"
-
-
 def fingerprint(source) -> str:
     """Size, 16 evenly spaced rows and all identities: a stored index is reused only for the same data."""
     h = hashlib.sha1(f"{source.n}x{source.dim}".encode())
@@ -93,14 +54,6 @@ def fingerprint(source) -> str:
 
 
 # --- the graph ------------------------------------------------------------------------------------
-
-
-def check_index_config(icfg: IndexConfig) -> None:
-    bad = [f"index.{name} must be >= {low}" for name, low in
-           (("shards", 1), ("nprobe", 1), ("batch_size", 1), ("nlist", 0), ("train_size", 0), ("pq_m", 0),
-            ("recall_sample", 0), ("flat_max", 0)) if getattr(icfg, name) < low]
-    if bad:
-        raise ConfigError("invalid config: " + "; ".join(bad))
 
 
 def exact_topk(source, rows: np.ndarray, k: int, chunk: int = 262_144) -> np.ndarray:
@@ -183,12 +136,16 @@ def build_knn_graph(source, k: int, icfg: IndexConfig, root: Optional[str | Path
     ``root`` keeps the shards' indexes on disk (reused when the data and index type match, and
     what the online service loads); Ray actors need it.
     """
-    check_index_config(icfg)
     n, num_shards = source.n, icfg.shards
     spec = choose_index(n, source.dim, icfg, num_shards)
     remote = num_shards > 1 or n >= icfg.actor_min_n
     if remote and root is None:
         raise ValueError("a kNN graph over Ray actors needs a root folder for the shards' indexes")
+    started = False
+    if remote:
+        from pogdiff.dist.cluster import connect
+
+        started = connect()
     svc = NeighbourService.start(root, icfg, num_shards) if remote else NeighbourService.local(root, num_shards)
     stats: dict = dict(n=n, dim=source.dim, k=k, index=spec.factory, kind=spec.kind.value, shards=num_shards,
                        actors=remote, gpus=faiss.get_num_gpus(),
@@ -207,6 +164,10 @@ def build_knn_graph(source, k: int, icfg: IndexConfig, root: Optional[str | Path
         t2, c2 = time.perf_counter(), time.process_time()
     finally:
         svc.shutdown()
+        if started:
+            import ray
+
+            ray.shutdown()
     stats.update(search_s=round(t2 - t1, 3), queries_per_s=round(n / max(t2 - t1, 1e-9), 1))
     if not remote:  # CPU seconds of this process (all its FAISS threads): what a busy machine does not inflate
         stats.update(build_cpu_s=round(c1 - c0, 3), search_cpu_s=round(c2 - c1, 3))
@@ -215,19 +176,6 @@ def build_knn_graph(source, k: int, icfg: IndexConfig, root: Optional[str | Path
         stats.update(recall_at_k=round(recall_at_k(table.ids[rows].numpy(), exact_topk(source, rows, k)), 4),
                      recall_sample=len(rows))
     return table, stats
-
-
-def run_index(cfg: Config, progress: bool = True) -> dict:
-    """``pogdiff index``: the graph of the whole prepared dataset -> the run's neighbour table."""
-    from pogdiff.pipeline import RunFiles
-
-    table, stats = build_knn_graph(embedding_source(cfg), cfg.method.k, cfg.index, root=index_dir(cfg), progress=progress)
-    out = RunFiles(cfg).neighbours
-    tmp = out.with_name(".tmp-" + out.name)
-    table.save(tmp)
-    os.replace(tmp, out)
-    stats["table"] = str(out)
-    return stats
 
 
 # --- synthetic data for tests and benchmarks ------------------------------------------------------

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from pogdiff.config import IndexConfig, IndexType
-from pogdiff.neighbours import check_finite
+from pogdiff.method.neighbours import check_finite
 
 MANIFEST = "manifest.json"
 
@@ -305,9 +305,10 @@ class NeighbourService:
         """One named actor per shard (``<name>-<i>``); each loads ``root/shard-<i>`` if it is there."""
         import ray
 
+        from pogdiff.dist.cluster import connect
+
         num_shards = num_shards or icfg.shards
-        if not ray.is_initialized():
-            ray.init()
+        connect()
         gpus = ray.cluster_resources().get("GPU", 0)
         node_cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
         cpus = icfg.cpus_per_shard or max(1, min(max(node_cpus), sum(node_cpus) // num_shards))

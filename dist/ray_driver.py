@@ -3,11 +3,12 @@
     python -m pogdiff.dist.ray_driver CONFIG [key.path=value ...]   # the `ray job submit` entrypoint
     pogdiff train-dist CONFIG [key.path=value ...]                   # the same
 
-The driver runs the data stages (features, neighbours, density) once, then ``dist.num_workers``
-workers train, checkpointing every ``train.checkpoint_every`` steps (and at the end) to
+The driver resolves the dataset (preparing it once if the source is not prepared) and builds the
+method's artifacts (neighbours, density, psi) beside it, then ``dist.num_workers`` workers stream
+its shards and train, checkpointing every ``train.checkpoint_every`` steps (and at the end) to
 ``<dist.storage_path>/<run_name>-<method tag>/step_XXXXXXXX``, keeping ``train.checkpoint_keep``.
-A failed worker group restarts from the latest checkpoint (``dist.max_failures`` times); running
-the driver again with the same run name continues from it too. At the end the final UNet (the EMA
+A failed worker group restarts from the newest complete checkpoint on storage (``dist.max_failures``
+times); running the driver again with the same run name continues from it too. At the end the final UNet (the EMA
 when ``train.ema``) is exported with a StableDiffusionPipeline to ``<run>/<method tag>/{unet,pipeline}``.
 
 Ray: ``dist.ray_address``, else ``$RAY_ADDRESS`` (what `ray job submit` sets), else an embedded
@@ -23,53 +24,18 @@ import time
 from pathlib import Path
 
 from pogdiff.config import Config, ConfigError
-from pogdiff.pipeline import RunFiles, method_tag, stage_density, stage_features, stage_neighbours, write_history
-from pogdiff.train import TrainResult
+from pogdiff.dist.cluster import connect_for, ray_run_name, storage_path
+from pogdiff.runs import RunFiles
+from pogdiff.train.loop import TrainResult
 
 log = logging.getLogger("pogdiff.dist")
-
-
-def ray_run_name(cfg: Config) -> str:
-    return f"{cfg.run_name}-{method_tag(cfg)}"
-
-
-def storage_path(cfg: Config) -> Path:
-    return Path(cfg.dist.storage_path or Path(cfg.output_dir) / "ray").expanduser().resolve()
-
-
-def connect(cfg: Config) -> bool:
-    """Join ``dist.ray_address`` / $RAY_ADDRESS, else start an embedded cluster (returns True then)."""
-    import socket
-
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return False
-    # The embedded cluster's processes inherit RAY_ADDRESS, so that Ray's own helpers (Train's
-    # placement-group cleaner) query this cluster even where other clusters run on the machine.
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    env = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}
-    os.environ.update(env)
-    try:
-        needed = cfg.dist.num_workers * cfg.dist.cpus_per_worker
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed))
-    finally:
-        for k in env:
-            os.environ.pop(k, None)
-    return True
 
 
 def preflight(cfg: Config) -> None:
     """Config errors that would otherwise surface only inside the workers (and be retried)."""
     from diffusers.optimization import SchedulerType
 
-    from .deepspeed_config import deepspeed_config
+    from pogdiff.dist.deepspeed_config import deepspeed_config
 
     deepspeed_config(cfg, cfg.dist.num_workers, cfg.dist.use_gpu)
     if cfg.train.lr_scheduler not in {s.value for s in SchedulerType}:
@@ -87,32 +53,34 @@ def read_history(metrics_jsonl: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def run(cfg: Config) -> TrainResult:
-    """Train on Ray, export, write history.json; raises ray.train.TrainingFailedError on failure."""
+def run(cfg: Config, progress: bool = True) -> TrainResult:
+    """Prepare (once) and train on Ray, export, write history.json; raises
+    ray.train.TrainingFailedError on failure. ``cfg``'s paths must be absolute (cli makes them so)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from safetensors.torch import load_file
 
-    from pogdiff.export import export_pipeline
+    from pogdiff.data.dataset import prepare_artifacts, resolve_dataset
+    from pogdiff.models.export import export_pipeline
+    from pogdiff.train.metrics import write_history
 
-    from .worker import train_worker
+    from pogdiff.dist.worker import train_worker
 
     preflight(cfg)
     files = RunFiles(cfg)
-    feats = stage_features(cfg)
-    stage_neighbours(cfg, feats)
-    stage_density(cfg, feats)
-    connect(cfg)
+    ds = resolve_dataset(cfg, progress)
+    psi_stats = prepare_artifacts(cfg, ds, progress)
+    connect_for(cfg)
     dc = cfg.dist
     env = {"TOKENIZERS_PARALLELISM": "false"} | ({} if dc.use_gpu else {"DS_ACCELERATOR": "cpu"})
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg},
+        train_loop_config={"cfg": cfg, "dataset": str(ds.root)},
         scaling_config=ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu,
                                      resources_per_worker={"CPU": dc.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if dc.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=ray_run_name(cfg), storage_path=str(storage_path(cfg)),
+            name=ray_run_name(cfg), storage_path=storage_path(cfg),
             failure_config=FailureConfig(max_failures=dc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoint_keep),
             worker_runtime_env={"env_vars": env},
@@ -127,12 +95,10 @@ def run(cfg: Config) -> TrainResult:
         ckpt = Path(ckpt)
         weights = load_file(str(ckpt / ("ema.safetensors" if cfg.train.ema else "unet.safetensors")))
         steps = json.loads((ckpt / "trainer.json").read_text())["step"]
-    export_pipeline(files.model, weights, files.method)
+    export_pipeline(ds.model_dir, weights, files.method)
     history = read_history(files.method / "metrics.jsonl")
     out = TrainResult(steps=steps, losses=[h["loss"] for h in history], history=history, seconds=seconds)
-    rank0 = files.method / "ranks" / "rank0.json"
-    psi = json.loads(rank0.read_text())["psi"] if rank0.is_file() else {}
-    write_history(cfg, psi, out)
+    write_history(cfg, psi_stats, out)
     log.info("'%s' done at step %d; checkpoint %s; exported to %s", ray_run_name(cfg), steps, result.checkpoint.path,
              files.method)
     return out
@@ -149,7 +115,7 @@ def train_dist(cfg: Config) -> int:
         print(f"pogdiff train-dist: {e}", file=sys.stderr)
         return 2
     try:
-        started = connect(cfg)
+        started = connect_for(cfg)
     except ConnectionError as e:
         print(f"pogdiff train-dist: cannot reach the Ray cluster (dist.ray_address / $RAY_ADDRESS): {e}", file=sys.stderr)
         return 1
@@ -158,7 +124,7 @@ def train_dist(cfg: Config) -> int:
     except TrainingFailedError as e:
         print(f"pogdiff train-dist: training '{ray_run_name(cfg)}' failed after dist.max_failures="
               f"{cfg.dist.max_failures} restarts; checkpoints stay in {storage_path(cfg)} and a rerun with "
-              f"the same run_name continues from the latest.\n{e}", file=sys.stderr)
+              f"the same run_name continues from the newest complete one.\n{e}", file=sys.stderr)
         return 1
     finally:
         if started:
@@ -171,9 +137,22 @@ def train_dist(cfg: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pogdiff.cli import main as cli_main
+    """The `ray job submit` entrypoint: ``pogdiff train-dist CONFIG [overrides]``."""
+    from pogdiff.dist.cluster import drop_source_checkout_from_sys_path
+    from pogdiff.runs import load_run_config
 
-    return cli_main(["train-dist", *(sys.argv[1:] if argv is None else argv)])
+    drop_source_checkout_from_sys_path()
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m pogdiff.dist.ray_driver CONFIG [key.path=value ...]", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = load_run_config(args[0], args[1:])
+    except ConfigError as e:
+        print(f"pogdiff: {e}", file=sys.stderr)
+        return 2
+    return train_dist(cfg)
 
 
 if __name__ == "__main__":

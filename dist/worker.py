@@ -1,7 +1,8 @@
 """One Ray Train worker: a DeepSpeed engine over the UNet, pogdiff's loop, checkpoints via Ray.
 
-Only the UNet is handed to ``deepspeed.initialize``; the VAE and text encoder never are (the
-worker trains on precomputed features and rank 0 loads them, plain, for validation grids).
+Only the UNet is handed to ``deepspeed.initialize``; the text encoder runs frozen beside it on
+the caption tokens the worker streams (y) and reads from the dataset index (y'), and the VAE is
+never loaded (latents are precomputed; rank 0 loads it, plain, for validation grids).
 A checkpoint (pogdiff.train.write_checkpoint) holds the gathered fp32 UNet and EMA as safetensors
 and each rank's optimizer shard as tensors: DeepSpeed's own pickle-based checkpoints are not used.
 """
@@ -30,9 +31,9 @@ class DeepSpeedEngine:
         import deepspeed
         import torch.distributed as dist
 
-        from pogdiff.train import build_lr_scheduler, build_optimizer
+        from pogdiff.train.loop import build_lr_scheduler, build_optimizer
 
-        from .deepspeed_config import deepspeed_config
+        from pogdiff.dist.deepspeed_config import deepspeed_config
 
         self.rank, self.world_size, self.device = dist.get_rank(), dist.get_world_size(), device
         self.zero3 = cfg.dist.zero_stage == 3
@@ -67,7 +68,7 @@ class DeepSpeedEngine:
         return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
 
     def param_shards(self) -> list[torch.Tensor]:
-        from pogdiff.ema import flat_shard
+        from pogdiff.train.ema import flat_shard
 
         if self.zero3:  # the rank's partition, the same cut as flat_shard
             return [p.ds_tensor.detach() for _, p in self.named_parameters()]
@@ -138,73 +139,85 @@ class DeepSpeedEngine:
         return h.hexdigest()
 
 
-def wait_for_registered_checkpoint(cfg: Config, step: int, timeout_s: float = 60.0) -> None:
-    """Until Ray Train has registered the checkpoint of ``step`` (test only: Ray registers a report
-    on its next poll, ~2 s, and a worker group that fails before that loses it)."""
-    import time
+def resume_checkpoint(cfg: Config):
+    """(a local directory to resume from, or None; a context to keep open while reading it).
 
-    from .ray_driver import ray_run_name, storage_path
+    The newest complete checkpoint on storage, whether or not Ray Train registered it: Ray registers
+    a report a poll (~2 s) after it, and a group that fails inside that window would otherwise
+    restart from an older checkpoint. Ray's own checkpoint is a candidate too (and the only one when
+    storage is a URI)."""
+    import ray.train
 
-    snapshot = storage_path(cfg) / ray_run_name(cfg) / "checkpoint_manager_snapshot.json"
-    deadline = time.time() + timeout_s
-    while step and time.time() < deadline:
-        if snapshot.is_file() and f"step_{step:08d}" in snapshot.read_text():
-            return
-        time.sleep(0.2)
+    from pogdiff.train.checkpoint import newest_complete
+
+    from pogdiff.dist.cluster import run_storage
+
+    stack = contextlib.ExitStack()
+    candidates = []
+    local = run_storage(cfg)
+    if local is not None and local.is_dir():
+        candidates += sorted(local.glob("step_*"))
+    registered = ray.train.get_checkpoint()
+    if registered is not None:
+        candidates.append(Path(stack.enter_context(registered.as_directory())))
+    return newest_complete(candidates), stack
 
 
 def train_worker(loop_config: dict) -> None:
-    """Ray Train's ``train_loop_per_worker``: resume from ``ray.train.get_checkpoint()``, train, report."""
+    """Ray Train's ``train_loop_per_worker``: resume from the newest complete checkpoint, stream the
+    prepared dataset, train, report checkpoints."""
+    from pogdiff.dist.cluster import drop_source_checkout_from_sys_path
+
+    drop_source_checkout_from_sys_path()
     cfg: Config = loop_config["cfg"]
     if not cfg.dist.use_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed picks its accelerator
     import ray.train
     import ray.train.torch
 
-    from pogdiff.pipeline import RunFiles, training_inputs
-    from pogdiff.train import (Validator, configure_unet, default_prompts, fit, load_unet_weights, make_ema,
-                               restore_checkpoint, train_batches, write_checkpoint)
+    from pogdiff.data.dataset import Dataset
+    from pogdiff.runs import RunFiles
+    from pogdiff.train.checkpoint import load_unet_weights, restore_checkpoint, write_checkpoint
+    from pogdiff.train.loop import (check_data_position, configure_unet, data_position, fit, make_ema, make_loader,
+                                    stream_batches, training_inputs)
+    from pogdiff.train.validate import Validator, default_prompts
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     files = RunFiles(cfg)
+    ds = Dataset(Path(loop_config["dataset"]))
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)
-    feats, unet, objective, psi_stats = training_inputs(cfg)
-    checkpoint = ray.train.get_checkpoint()
-    with contextlib.ExitStack() as stack:
-        path = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint else None
+    inputs = training_inputs(cfg, ds, device)
+    unet = inputs.unet
+    path, stack = resume_checkpoint(cfg)
+    with stack:
         if path is not None:  # every rank loads the same full weights before DeepSpeed partitions them
             unet.load_state_dict(load_unet_weights(path))
         configure_unet(unet, cfg.model, device)
         unet.to(device).train()
         engine = DeepSpeedEngine(unet, cfg, device)
         ema = make_ema(cfg.train, engine)
-        start = restore_checkpoint(path, engine, ema) if path is not None else 0
-    if path is not None:
-        log.info("rank %d resumed from %s at step %d", engine.rank, checkpoint.path, start)
+        loader = make_loader(cfg, ds, engine.rank, engine.world_size)
+        start = 0
+        if path is not None:
+            start, saved = restore_checkpoint(path, engine, ema)
+            check_data_position(saved.get("data"), data_position(cfg, loader, start))
+            log.info("rank %d resumed from %s at step %d", engine.rank, path, start)
 
     def save(step: int) -> None:
         with tempfile.TemporaryDirectory(prefix="pogdiff-ckpt-") as tmp:
-            write_checkpoint(Path(tmp), engine, ema, step, {"zero_stage": cfg.dist.zero_stage})
+            write_checkpoint(Path(tmp), engine, ema, step, {"zero_stage": cfg.dist.zero_stage,
+                                                           "data": data_position(cfg, loader, step)})
             ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"step_{step:08d}")
 
-    def fail_once(step: int) -> None:  # test only (dist.fail_at_step)
-        marker = files.method / f".failed_at_step_{step}"
-        if step == cfg.dist.fail_at_step and engine.rank == 1 and not marker.exists():
-            marker.touch()
-            wait_for_registered_checkpoint(cfg, step - step % cfg.train.checkpoint_every if cfg.train.checkpoint_every else 0)
-            log.warning("dist.fail_at_step=%d: rank 1 exits now", step)
-            os._exit(1)
-
-    validate = (Validator(cfg, engine, ema, files.model, files.method, default_prompts(cfg, feats))
+    validate = (Validator(cfg, engine, ema, ds.model_dir, files.method, default_prompts(cfg, ds.index))
                 if cfg.train.validate_every else None)
-    batches = train_batches(cfg, feats, engine.rank, engine.world_size, start * cfg.train.grad_accum,
-                            device, engine.dtype)
-    result = fit(cfg, engine, objective, batches, start, files.method, feats.is_minority(cfg.data.minority_images),
-                 ema=ema, save=save, validate=validate, after_step=fail_once if cfg.dist.fail_at_step else None)
+    batches = stream_batches(loader, start * cfg.train.grad_accum, device, engine.dtype)
+    result = fit(cfg, engine, inputs.objective, batches, start, files.method, inputs.is_minority, ema=ema, save=save,
+                 validate=validate)
     summary = {"rank": engine.rank, "world_size": engine.world_size, "start_step": start, "steps": result.steps,
-               "module_sha256": engine.module_digest(), "psi": psi_stats}
+               "module_sha256": engine.module_digest(), "dataset": str(ds.root)}
     out = files.method / "ranks" / f"rank{engine.rank}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .reference import TwoTermWeights, two_term_loss_reference
+from pogdiff.kernels.reference import TwoTermWeights, two_term_loss_reference
 
 __all__ = ["TwoTermWeights", "pog_loss", "two_term_loss", "two_term_loss_concat", "two_term_loss_reference"]
 
@@ -25,7 +25,7 @@ def _resolve_backend(backend: str, tensor: torch.Tensor) -> str:
 
 def _triton_available() -> bool:
     try:
-        from . import triton_two_term  # noqa: F401
+        from pogdiff.kernels import triton_two_term  # noqa: F401
     except ImportError:
         return False
     return True
@@ -47,7 +47,7 @@ def two_term_loss(
     if weights.target.shape != a.shape[:1]:
         raise ValueError(f"weights must have shape ({a.shape[0]},), got {tuple(weights.target.shape)}")
     if _resolve_backend(backend, a) == "triton":
-        from .triton_two_term import two_term_loss_triton
+        from pogdiff.kernels.triton_two_term import two_term_loss_triton
 
         return two_term_loss_triton(a, b, target, weights)
     return two_term_loss_reference(a, b, target, weights)
@@ -70,7 +70,7 @@ def two_term_loss_concat(
     if _resolve_backend(backend, pred) == "triton":
         if weights.target.shape != (batch,):
             raise ValueError(f"weights must have shape ({batch},), got {tuple(weights.target.shape)}")
-        from .triton_two_term import two_term_loss_concat_triton
+        from pogdiff.kernels.triton_two_term import two_term_loss_concat_triton
 
         return two_term_loss_concat_triton(pred, target, weights)
     return two_term_loss(pred[:batch], pred[batch:], target, weights, backend="torch")

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import TwoTermWeights
+from pogdiff.kernels.reference import TwoTermWeights
 
 INTERPRETED = triton.knobs.runtime.interpret  # what @triton.jit below was decorated with
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)

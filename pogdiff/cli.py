@@ -1,4 +1,9 @@
-"""``pogdiff <verb> CONFIG [key.path=value ...]``: the one command-line entry point."""
+"""``pogdiff <verb> CONFIG [key.path=value ...]``: the one command-line entry point.
+
+Every verb takes every kind of ``data.source`` (synthetic, a JSONL/CSV manifest, an imagefolder, a
+prepared directory): the data verbs resolve it to a prepared dataset first (pogdiff.data.dataset).
+Paths in the config are made absolute against the current directory before anything runs.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +12,8 @@ import logging
 import sys
 from typing import Callable
 
-from .config import Config, ConfigError, load_config, to_yaml
+from pogdiff.config import Config, ConfigError, to_yaml
+from pogdiff.runs import load_run_config
 
 
 def _config(cfg: Config) -> int:
@@ -16,24 +22,24 @@ def _config(cfg: Config) -> int:
 
 
 def _train(cfg: Config) -> int:
-    from .pipeline import stage_train
+    from pogdiff.train.loop import run_train
 
-    result = stage_train(cfg)
+    result = run_train(cfg)
     print(json.dumps({"steps": result.steps, "first_loss": result.losses[0] if result.losses else None,
                       "last_loss": result.losses[-1] if result.losses else None, "seconds": round(result.seconds, 1)}))
     return 0
 
 
 def _train_dist(cfg: Config) -> int:
-    from .dist.ray_driver import train_dist
+    from pogdiff.dist.ray_driver import train_dist
 
     return train_dist(cfg)
 
 
 def _index(cfg: Config) -> int:
-    from .dist.knn_graph import run_index
+    from pogdiff.data.dataset import build_neighbours, resolve_dataset
 
-    stats = run_index(cfg)
+    stats = build_neighbours(cfg, resolve_dataset(cfg))
     if "recall_at_k" in stats:
         print(f"recall@{stats['k']} of {stats['index']} (nprobe {stats['nprobe']}) against exact search on "
               f"{stats['recall_sample']} queries: {stats['recall_at_k']:.4f}", file=sys.stderr)
@@ -41,8 +47,20 @@ def _index(cfg: Config) -> int:
     return 0
 
 
+def _density(cfg: Config) -> int:
+    from pogdiff.data.dataset import psi_table_for, resolve_dataset, text_density
+
+    ds = resolve_dataset(cfg)
+    density, nll = text_density(cfg, ds)
+    out = {"dataset": str(ds.root), "temperature": density.temperature, "median_nll": density.median_nll}
+    if cfg.method.name.value == "pogdiff":
+        out["psi"] = psi_table_for(cfg, ds)[1]
+    print(json.dumps(out))
+    return 0
+
+
 def _prepare(cfg: Config) -> int:
-    from .prepare import PrepareError, output_dir, prepare
+    from pogdiff.data.prepare import PrepareError, output_dir, prepare
 
     try:
         dataset = prepare(cfg)
@@ -50,52 +68,47 @@ def _prepare(cfg: Config) -> int:
         print(f"pogdiff prepare: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"output": str(output_dir(cfg)), "samples": dataset["num_samples"], "records": dataset["num_records"],
-                      "shards": len(dataset["shards"]), "skipped": dataset["summary"]["skipped"]}))
+                      "heldout": (dataset.get("heldout") or {}).get("samples", 0), "shards": len(dataset["shards"]),
+                      "skipped": dataset["summary"]["skipped"]}))
     return 0
 
 
 def _sample(cfg: Config) -> int:
-    from .sampling import sample_run, samples_dir
+    from pogdiff.eval.sampling import sample_run
+    from pogdiff.runs import RunFiles
 
-    try:
-        images = sample_run(cfg)
-    except FileNotFoundError as e:
-        print(f"pogdiff sample: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"samples": str(samples_dir(cfg)), "identities": len(images),
+    images = sample_run(cfg)
+    print(json.dumps({"samples": str(RunFiles(cfg).samples), "identities": len(images),
                       "images": sum(len(v) for v in images.values())}))
     return 0
 
 
 def _eval(cfg: Config) -> int:
-    from .eval import evaluate_run, metrics_path
+    from pogdiff.eval import evaluate_run
+    from pogdiff.runs import RunFiles
 
-    try:
-        result = evaluate_run(cfg)
-    except FileNotFoundError as e:
-        print(f"pogdiff eval: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"metrics": str(metrics_path(cfg)), **result["summary"]}))
+    result = evaluate_run(cfg)
+    print(json.dumps({"metrics": str(RunFiles(cfg).metrics), **result["summary"]}))
     return 0
 
 
 def _report(cfg: Config) -> int:
-    from .experiment import report_dir
-    from .report import write_report
+    from pogdiff.experiment.experiment import report_dir
+    from pogdiff.experiment.report import write_report
 
     print(write_report(cfg, cfg.experiment.variants, cfg.experiment.seeds, report_dir(cfg)))
     return 0
 
 
 def _experiment(cfg: Config) -> int:
-    from .experiment import run_experiment
+    from pogdiff.experiment.experiment import run_experiment
 
     print(run_experiment(cfg))
     return 0
 
 
 def _demo(cfg: Config) -> int:
-    from .demo import run_demo
+    from pogdiff.experiment.demo import run_demo
 
     return run_demo(cfg)
 
@@ -103,16 +116,24 @@ def _demo(cfg: Config) -> int:
 # verb -> (handler, help). Each verb loads CONFIG with the overrides and hands it over.
 VERBS: dict[str, tuple[Callable[[Config], int], str]] = {
     "config": (_config, "print the resolved config (file + overrides) as YAML"),
-    "prepare": (_prepare, "image folder + manifest (or synthetic) -> WebDataset shards with precomputed latents + index"),
-    "train": (_train, "encode the data, build neighbours and density, train on one machine"),
-    "train-dist": (_train_dist, "the cluster job: Ray Train workers with DeepSpeed ZeRO, checkpoints, resume, export"),
+    "prepare": (_prepare, "data.source (synthetic, manifest, imagefolder) -> WebDataset shards + memory-mapped index"),
     "index": (_index, "kNN graph of the dataset's image embeddings with the FAISS neighbour service -> neighbour table"),
+    "density": (_density, "the text-density VAE (Eq. 10-11) and psi (Eq. 12) beside the dataset"),
+    "train": (_train, "one machine: stream the prepared dataset and train one method"),
+    "train-dist": (_train_dist, "the cluster job: Ray Train workers with DeepSpeed ZeRO, checkpoints, resume, export"),
     "sample": (_sample, "DDIM images of every identity from the trained run of CONFIG's method and seed"),
     "eval": (_eval, "gRecall, DINO-style score and per-identity FID (All / Few) of the trained run"),
     "report": (_report, "tables, charts and sample grids over experiment.variants x experiment.seeds"),
     "experiment": (_experiment, "train every variant x seed on the same data, evaluate, report (configs/experiment.yaml)"),
-    "demo": (_demo, "the end-to-end demo: data -> neighbours -> density -> train every method -> summary"),
+    "demo": (_demo, "the end-to-end demo: prepare -> index -> density -> train-dist per method -> sample -> eval -> report"),
 }
+
+# Errors a user can act on: one line on stderr and exit 2, no traceback.
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pogdiff.data.prepare import PrepareError
+    from pogdiff.models.components import ModelLoadError
+
+    return ConfigError, PrepareError, ModelLoadError, FileNotFoundError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,11 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_run_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"pogdiff: {e}", file=sys.stderr)
         return 2
-    return VERBS[args.verb][0](cfg)
+    try:
+        return VERBS[args.verb][0](cfg)
+    except _user_errors() as e:
+        print(f"pogdiff {args.verb}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

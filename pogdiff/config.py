@@ -48,7 +48,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    # "synthetic" (the generator, data.profile), a JSONL or CSV manifest, an image folder with a
+    # Hugging Face imagefolder metadata.jsonl/metadata.csv, or a prepared dataset directory. Any
+    # source that is not prepared yet is prepared once (pogdiff.data.dataset.resolve_dataset).
     source: str = "synthetic"
+    # Manifest columns (diffusers' names). None: "image" or "file_name"; "caption" or "text".
+    image_column: Optional[str] = None
+    caption_column: Optional[str] = None
+    identity_column: str = "identity"
+    name_column: str = "name"  # the identity's name in prompts; else the identity label
+    dataloader_num_workers: int = 0  # DataLoader worker processes per training rank (0: in the rank)
+    shuffle_buffer: int = 1000  # samples mixed across shards in each reader
     # Imbalance preset (see pogdiff.synthetic.PROFILES) or "custom" with the counts below.
     profile: str = "agedb-s"
     majority_ids: int = 1
@@ -56,7 +66,9 @@ class DataConfig:
     majority_images: int = 30
     minority_images: int = 2
     image_size: int = 32
-    heldout_images: int = 4  # per identity, never trained on: the DINO-style score's real set
+    # Per identity, never trained on: the DINO-style score's real set. A manifest identity gives
+    # these only while it keeps more than data.minority_images training images; synthetic ones always.
+    heldout_images: int = 4
     seed: int = 0
     # Image encoder for neighbours: "tiny" (weight-free pixel statistics) or a local HF vision model.
     image_encoder: str = "tiny"
@@ -144,7 +156,6 @@ class DistConfig:
     ray_address: Optional[str] = None  # None: $RAY_ADDRESS, else an embedded local cluster
     storage_path: Optional[str] = None  # shared storage for Ray checkpoints; None: <output_dir>/ray
     max_failures: int = 2  # worker-group restarts from the latest checkpoint (FailureConfig)
-    fail_at_step: int = 0  # test only: rank 1 exits once at this step (a marker file guards "once")
 
 
 @dataclass
@@ -164,8 +175,11 @@ class EvalConfig:
 
     # "recognizer": a small identity-recognition CNN trained here on synthetic identities disjoint
     # from the fine-tuning set; or a local Hugging Face vision model directory (e.g. DINOv2).
-    encoder: str = "recognizer"
+    encoder: str = "recognizer"  # synthetic data: trained on disjoint identities; own data: on its training split
     grecall_threshold: float = 0.7  # cosine similarity above which a generated image covers a training image
+    # The metrics are marked invalid (metrics.json "valid": false, and in the report) when the
+    # recogniser identifies fewer held-back real images than this: its features cannot tell identities apart.
+    min_encoder_accuracy: float = 0.8
     fid_eps: float = 1e-6  # added to the diagonal of the (Ledoit-Wolf shrunk) covariances
     batch_size: int = 128  # images per encoder forward
     recognizer_ids: int = 200
@@ -176,6 +190,9 @@ class EvalConfig:
 
 
 # Experiment variant -> method overrides (Tables 1, 2, 5: the methods; Table 6: the ablations).
+# The one list of methods and variants: the demo, the experiment and the report read it from here.
+METHODS = ["vanilla", "cbdm", "t2h", "pogdiff"]  # Tables 1, 2, 5 (and the demo)
+ABLATION = ["vanilla", "pogdiff-no_psi_img", "pogdiff-no_psi_inv", "pogdiff"]  # Table 6 (w/o y' is vanilla)
 VARIANTS: dict[str, dict] = {
     "vanilla": {"name": "vanilla"},  # Table 6 "w/o y'"
     "cbdm": {"name": "cbdm"},
@@ -204,7 +221,9 @@ class PrepareConfig:
     image encoder is data.image_encoder; the imbalance counts are data.profile & co.
     """
 
-    output: Optional[str] = None  # dataset directory; default <output_dir>/<run_name>/prepared
+    # Dataset directory; default <output_dir>/datasets/<source name>-<fingerprint>, shared by every
+    # run and verb with the same source, model and prepare settings.
+    output: Optional[str] = None
     image_root: Optional[str] = None  # manifest image paths are relative to this (default: the manifest's folder)
     samples_per_shard: int = 1000  # records per shard task (a shard never holds more)
     max_shard_bytes: int = 1 << 30  # a shard that would grow past this rolls over into a new part
@@ -216,6 +235,9 @@ class PrepareConfig:
     mask_names: bool = False  # replace real names in captions by generic ones, consistent per identity
     imbalance: bool = False  # subset a manifest to data.profile's majority/minority counts
     strict: bool = False  # bad records are errors instead of being skipped and counted
+    # Shards also carry the image (PNG, at data.image_size) and the caption text, so standard tools can
+    # read them; evaluation needs them (the real image sets come from the dataset).
+    keep_images: bool = True
     seed: int = 0  # name masking and the imbalance subset
 
 
@@ -380,6 +402,14 @@ def _check_values(cfg: Config) -> None:
         problems.append(f"prepare.backend must be process|ray|serial, got '{cfg.prepare.backend}'")
     if cfg.prepare.samples_per_shard < 1 or cfg.prepare.max_shard_bytes < 1 or cfg.prepare.workers < 1:
         problems.append("prepare.samples_per_shard, prepare.max_shard_bytes and prepare.workers must be >= 1")
+    if cfg.data.dataloader_num_workers < 0 or cfg.data.shuffle_buffer < 1:
+        problems.append("data.dataloader_num_workers must be >= 0 and data.shuffle_buffer >= 1")
+    if cfg.data.heldout_images < 0 or cfg.data.minority_images < 1:
+        problems.append("data.heldout_images must be >= 0 and data.minority_images >= 1")
+    ic = cfg.index
+    problems += [f"index.{name} must be >= {low}" for name, low in
+                 (("shards", 1), ("nprobe", 1), ("batch_size", 1), ("nlist", 0), ("train_size", 0), ("pq_m", 0),
+                  ("recall_sample", 0), ("flat_max", 0)) if getattr(ic, name) < low]
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
 

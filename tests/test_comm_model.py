@@ -80,7 +80,7 @@ def test_logged_bytes_of_deepspeed_zero_steps_on_two_ranks():
     import torch
     from diffusers import UNet2DConditionModel
 
-    from pogdiff.models import tiny_unet_config
+    from pogdiff.models.components import tiny_unet_config
 
     with torch.device("meta"):
         params = sum(p.numel() for p in UNet2DConditionModel(**tiny_unet_config()).parameters())

@@ -3,7 +3,7 @@ import math
 import torch
 
 from pogdiff.config import DensityConfig
-from pogdiff.density import TextDensity, fit_text_density
+from pogdiff.method.density import TextDensity, fit_text_density
 
 
 def _imbalanced(n_major=60, n_minor=4, dim=24, seed=0):

@@ -22,10 +22,10 @@ torch.set_num_threads(1)
 from pogdiff.config import ConfigError, GradMode, Method, MethodConfig, load_config
 from pogdiff.dist.deepspeed_config import deepspeed_config
 from pogdiff.dist.ray_driver import connect, ray_run_name, read_history, run, storage_path
-from pogdiff.ema import ShardedEMA, flat_shard
-from pogdiff.objectives import Batch, Objective
+from pogdiff.train.ema import ShardedEMA, flat_shard
+from pogdiff.method.objectives import Batch, Objective
 from pogdiff.pipeline import RunFiles, stage_density, stage_features, stage_neighbours, training_inputs
-from pogdiff.train import epoch_batches, load_state_dict, save_state_dict, train
+from pogdiff.train.loop import epoch_batches, load_state_dict, save_state_dict, train
 
 
 BASE = ["run_name=dist", "data.profile=custom", "data.majority_ids=2", "data.minority_ids=3", "data.majority_images=12",
@@ -93,7 +93,7 @@ def _objective(method=Method.pogdiff, **kw):
 
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     n = 6
-    from pogdiff.neighbours import NeighbourSampler, NeighbourTable
+    from pogdiff.method.neighbours import NeighbourSampler, NeighbourTable
 
     table = NeighbourTable(ids=torch.tensor([[(i + 1) % n, (i + 2) % n] for i in range(n)]),
                            sims=torch.full((n, 2), 0.5), different_identity=torch.zeros(n, 2, dtype=torch.bool))
@@ -174,7 +174,7 @@ class _RankGather:
 @pytest.mark.parametrize("kind", ["adamw", "adamw8bit"])
 def test_optimizer_state_roundtrip_without_pickle(tmp_path, kind):
     from pogdiff.config import TrainConfig
-    from pogdiff.train import build_optimizer
+    from pogdiff.train.loop import build_optimizer
 
     torch.manual_seed(0)
     model = torch.nn.Linear(128, 64)  # 8192 weights: above bitsandbytes' 4096 minimum for 8-bit state

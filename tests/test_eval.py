@@ -102,8 +102,8 @@ def test_compute_metrics_splits_all_and_few():
 
 @pytest.fixture(scope="module")
 def tiny_pipe(tmp_path_factory):
-    from pogdiff.export import make_pipeline
-    from pogdiff.models import build_tiny
+    from pogdiff.models.export import make_pipeline
+    from pogdiff.models.components import build_tiny
     from pogdiff.pipeline import save_components
 
     model = tmp_path_factory.mktemp("model")
@@ -113,7 +113,7 @@ def tiny_pipe(tmp_path_factory):
 
 
 def test_sampling_is_deterministic(tiny_pipe):
-    from pogdiff.sampling import generate
+    from pogdiff.eval.sampling import generate
 
     prompts = {0: "An image of lukas brandt.", 3: "An image of mira okafor."}
     kw = dict(n=2, steps=2, guidance_scale=5.0, batch_size=2)
@@ -132,7 +132,7 @@ def test_sampling_is_deterministic(tiny_pipe):
 def test_samples_file_round_trip(tmp_path, tiny_pipe):
     from PIL import Image
 
-    from pogdiff.sampling import generate, read_samples, save_samples
+    from pogdiff.eval.sampling import generate, read_samples, save_samples
 
     images = generate(tiny_pipe, {2: "An image of lukas brandt.", 0: "An image of mira okafor."}, n=2, steps=1,
                       guidance_scale=5.0, seed=3, batch_size=2)
@@ -155,8 +155,8 @@ def _looks(caption: str) -> str:
 
 
 def test_disjoint_identities_share_nothing_with_the_fine_tuning_set():
-    from pogdiff.synthetic import caption_for, make_identity
-    from pogdiff.tiny_vae import disjoint_records
+    from pogdiff.data.synthetic import caption_for, make_identity
+    from pogdiff.models.tiny_vae import disjoint_records
 
     fine_tuning = [make_identity(i, 0) for i in range(300)]
     taken = {_looks(caption_for(i, "neutral", "white", "even")) for i in fine_tuning}
@@ -170,8 +170,8 @@ def test_disjoint_identities_share_nothing_with_the_fine_tuning_set():
 def test_tiny_vae_pretraining_learns_and_is_cached(tmp_path, monkeypatch):
     from diffusers import AutoencoderKL
 
-    from pogdiff.models import tiny_vae_config
-    from pogdiff.tiny_vae import pretrain_tiny_vae, train_autoencoder
+    from pogdiff.models.components import tiny_vae_config
+    from pogdiff.models.tiny_vae import pretrain_tiny_vae, train_autoencoder
 
     def fresh():
         torch.manual_seed(0)
@@ -194,8 +194,8 @@ def test_report_tables_are_mean_and_std_over_seeds(tmp_path):
 
     from pogdiff.config import load_config
     from pogdiff.eval import metrics_path
-    from pogdiff.experiment import variant_config
-    from pogdiff.report import write_report
+    from pogdiff.experiment.experiment import variant_config
+    from pogdiff.experiment.report import write_report
 
     cfg = load_config("configs/experiment.yaml", [f"output_dir={tmp_path}", "data.profile=agedb-s"])
     fid = {("vanilla", 0): 10.0, ("vanilla", 1): 12.0, ("pogdiff", 0): 7.0, ("pogdiff", 1): 8.0}

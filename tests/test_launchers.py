@@ -28,7 +28,7 @@ import pytest
 from pogdiff.config import load_config
 from pogdiff.dist.ray_driver import ray_run_name, storage_path
 from pogdiff.pipeline import RunFiles
-from pogdiff.train import checkpoint_state
+from pogdiff.train.loop import checkpoint_state
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

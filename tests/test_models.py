@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pogdiff.config import ModelConfig
-from pogdiff.models import ModelLoadError, build_tiny, encode_text, load_components
+from pogdiff.models.components import ModelLoadError, build_tiny, encode_text, load_components
 from pogdiff.pipeline import save_components
 
 

@@ -6,7 +6,7 @@ import torch
 from pogdiff.config import IndexConfig, IndexType, load_config
 from pogdiff.dist.knn_graph import ArraySource, build_knn_graph, clustered_embeddings
 from pogdiff.dist.neighbour_service import NeighbourService, choose_index
-from pogdiff.neighbours import NeighbourTable, exact_knn
+from pogdiff.method.neighbours import NeighbourTable, exact_knn
 
 ray = pytest.importorskip("ray")
 
@@ -66,7 +66,7 @@ def test_flat_graph_equals_numpy_brute_force_and_exact_knn(tmp_path):
 
 def test_pipeline_and_cli_use_the_builder(tmp_path):
     from pogdiff.cli import main
-    from pogdiff.features import FeatureSet
+    from pogdiff.data.encode import FeatureSet
     from pogdiff.pipeline import RunFiles, stage_neighbours
 
     n = 90

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pogdiff.neighbours import NeighbourSampler, NeighbourTable, exact_knn, neighbour_weights, psi_img, psi_table
+from pogdiff.method.neighbours import NeighbourSampler, NeighbourTable, exact_knn, neighbour_weights, psi_img, psi_table
 
 
 def test_eq8_weights_hand_computed():

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from pogdiff.config import GradMode, Method, MethodConfig
-from pogdiff.neighbours import NeighbourSampler, NeighbourTable
-from pogdiff.objectives import Batch, Objective
+from pogdiff.method.neighbours import NeighbourSampler, NeighbourTable
+from pogdiff.method.objectives import Batch, Objective
 
 N, C, H = 6, 2, 3
 ABAR = torch.linspace(0.99, 0.05, 10)

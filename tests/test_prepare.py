@@ -13,11 +13,11 @@ from PIL import Image
 from pogdiff import prepare as prep
 from pogdiff.cli import main as cli_main
 from pogdiff.config import ModelConfig, load_config
-from pogdiff.features import encode_batch, tiny_image_embedding
-from pogdiff.models import load_components, tokenize
-from pogdiff.prepare import PrepareError, imbalanced_subset, mask_caption, prepare
-from pogdiff.shards import DatasetIndex
-from pogdiff.synthetic import iter_records, make_identity, render
+from pogdiff.data.encode import encode_batch, tiny_image_embedding
+from pogdiff.models.components import load_components, tokenize
+from pogdiff.data.prepare import PrepareError, imbalanced_subset, mask_caption, prepare
+from pogdiff.data.shards import DatasetIndex
+from pogdiff.data.synthetic import iter_records, make_identity, render
 
 SMALL = ["data.profile=custom", "data.majority_ids=2", "data.majority_images=6", "data.minority_ids=2",
          "data.minority_images=2"]  # 16 synthetic records
@@ -289,7 +289,7 @@ def test_local_hugging_face_image_encoders(tmp_path):
     from transformers import (BitImageProcessor, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig,
                               CLIPVisionConfig, Dinov2Config, Dinov2Model)
 
-    from pogdiff.features import load_image_encoder
+    from pogdiff.data.encode import load_image_encoder
 
     dino = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                                     image_size=28, patch_size=14))

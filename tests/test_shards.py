@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from pogdiff.shards import (DatasetIndex, Sample, ShardWriter, encode_sample, npy_load, read_tar, read_task_record,
+from pogdiff.data.shards import (DatasetIndex, Sample, ShardWriter, encode_sample, npy_load, read_tar, read_task_record,
                             write_index, write_task)
 
 

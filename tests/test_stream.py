@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pogdiff.shards import Sample, write_index, write_task
-from pogdiff.stream import dist_info, make_train_loader
+from pogdiff.data.shards import Sample, write_index, write_task
+from pogdiff.data.stream import dist_info, make_train_loader
 
 SHARD_SIZES = [7, 3, 12, 5, 1, 9]  # uneven on purpose
 N = sum(SHARD_SIZES)

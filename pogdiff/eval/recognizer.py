@@ -10,6 +10,7 @@ do not reward a method for matching the very features that picked its neighbours
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 from typing import Sequence
@@ -21,10 +22,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import Config, ConfigError
-from ..features import ImageEncoder, images_to_tensor, load_image_encoder
-from ..synthetic import make_identity
-from ..tiny_vae import disjoint_records
+from pogdiff.config import Config, ConfigError
+from pogdiff.data.encode import ImageEncoder, images_to_tensor, load_image_encoder
+from pogdiff.data.synthetic import make_identity
+from pogdiff.models.tiny_vae import disjoint_records
 
 log = logging.getLogger("pogdiff.eval")
 
@@ -64,36 +65,60 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(x.shape[1], 1, -1, 1), groups=x.shape[1])
 
 
-def _settings(cfg: Config) -> dict:
-    e, d = cfg.eval, cfg.data
-    return dict(ids=e.recognizer_ids, per_id=e.recognizer_images_per_id, steps=e.recognizer_steps, dim=e.recognizer_dim,
-                lr=e.recognizer_lr, data_seed=d.seed, image_size=d.image_size, exclude_ids=_n_train_ids(cfg),
-                blur_augment=True)
+def _settings(cfg: Config, ds) -> dict:
+    """What the recogniser depends on (its cache key). Synthetic datasets: disjoint identities of the
+    generator; any other dataset: its own training images."""
+    e, synthetic = cfg.eval, ds.meta.get("synthetic")
+    base = dict(steps=e.recognizer_steps, dim=e.recognizer_dim, lr=e.recognizer_lr, blur_augment=True,
+                image_size=ds.meta["image_size"])
+    if synthetic:
+        return dict(base, source="disjoint-synthetic", ids=e.recognizer_ids, per_id=e.recognizer_images_per_id,
+                    data_seed=synthetic["seed"], exclude_ids=len(synthetic["counts"]))
+    return dict(base, source="dataset", dataset=ds.meta.get("source_fingerprint") or str(ds.root))
 
 
-def _n_train_ids(cfg: Config) -> int:
-    from ..pipeline import train_counts
+def _training_set(cfg: Config, ds, s: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(images in [-1, 1], labels, held-back mask, classes). Held back: every identity's last image
+    (synthetic), or the dataset's held-out split, else one image of each identity with >= 3 (own data)."""
+    if s["source"] == "disjoint-synthetic":
+        fine_tuning = [make_identity(i, s["data_seed"]) for i in range(s["exclude_ids"])]
+        records = list(disjoint_records(s["ids"], s["per_id"], s["data_seed"], s["image_size"], salt=2,
+                                        exclude=fine_tuning))
+        last = torch.tensor([(i + 1) % s["per_id"] == 0 for i in range(len(records))])
+        return images_to_tensor([r.image for r in records]), torch.tensor([r.identity for r in records]), last, s["ids"]
+    train = [(ident, png) for _, ident, png in ds.index.images() if ident >= 0]
+    if not train:
+        raise ValueError(f"dataset '{ds.root}' has no labelled images in its shards (prepare.keep_images=true and an "
+                         "identity column are needed) to train the evaluation's recogniser on")
+    classes = max(i for i, _ in train) + 1
+    if ds.heldout is not None:
+        held = [(ident, png) for _, ident, png in ds.heldout.images() if ident >= 0]
+        mask = [False] * len(train) + [True] * len(held)
+        train += held
+    else:
+        seen: dict[int, int] = {}
+        counts = ds.index.identity_counts()
+        mask = []
+        for ident, _ in train:
+            seen[ident] = seen.get(ident, 0) + 1
+            mask.append(counts[ident] >= 3 and seen[ident] == counts[ident])
+    images = [Image.open(io.BytesIO(png)).convert("RGB") for _, png in train]
+    return images_to_tensor(images), torch.tensor([i for i, _ in train]), torch.tensor(mask), classes
 
-    return len(train_counts(cfg))
 
-
-def train_recognizer(cfg: Config, progress: bool = True) -> tuple[Recognizer, dict]:
+def train_recognizer(cfg: Config, ds, progress: bool = True) -> tuple[Recognizer, dict]:
     from tqdm import tqdm
 
-    s = _settings(cfg)
-    fine_tuning = [make_identity(i, s["data_seed"]) for i in range(s["exclude_ids"])]
-    records = list(disjoint_records(s["ids"], s["per_id"], s["data_seed"], s["image_size"], salt=2, exclude=fine_tuning))
-    x = images_to_tensor([r.image for r in records])
-    y = torch.tensor([r.identity for r in records])
-    # Every identity's last image is held back to report accuracy on unseen images.
-    last = torch.tensor([(i + 1) % s["per_id"] == 0 for i in range(len(records))])
-    torch.manual_seed(s["data_seed"])
-    model = Recognizer(s["dim"], s["ids"])
+    s = _settings(cfg, ds)
+    x, y, held, classes = _training_set(cfg, ds, s)
+    torch.manual_seed(0)
+    model = Recognizer(s["dim"], classes)
     opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, s["lr"], total_steps=max(1, s["steps"]))
-    g = torch.Generator().manual_seed(s["data_seed"])
-    train_idx = (~last).nonzero().flatten()
+    g = torch.Generator().manual_seed(0)
+    train_idx = (~held).nonzero().flatten()
     model.train()
+    loss = torch.tensor(float("nan"))
     for _ in tqdm(range(s["steps"]), desc="recognizer", unit="step", disable=not progress):
         idx = train_idx[torch.randint(len(train_idx), (BATCH,), generator=g)]
         xb = x[idx]
@@ -109,34 +134,39 @@ def train_recognizer(cfg: Config, progress: bool = True) -> tuple[Recognizer, di
         opt.step()
         sched.step()
     model.eval()
-    with torch.no_grad():
-        accuracy = float((model(x[last]).argmax(1) == y[last]).float().mean())
-    stats = {**s, "heldback_accuracy": accuracy, "final_loss": float(loss)}
-    log.info("recognizer: accuracy %.3f on held-back images of its %d training identities", accuracy, s["ids"])
+    accuracy = None
+    if held.any():
+        with torch.no_grad():
+            accuracy = float((model(x[held]).argmax(1) == y[held]).float().mean())
+    stats = {**s, "classes": classes, "heldback_images": int(held.sum()), "heldback_accuracy": accuracy,
+             "final_loss": float(loss)}
+    log.info("recognizer: accuracy %s on %d held-back images of its %d training identities", accuracy,
+             int(held.sum()), classes)
     return model, stats
 
 
-def load_or_train_recognizer(cfg: Config, progress: bool = True) -> tuple[Recognizer, dict]:
-    """Cached per run at ``<run>/recognizer.safetensors``; retrained when its settings change."""
-    path = cfg.run_dir / "recognizer.safetensors"
+def load_or_train_recognizer(cfg: Config, ds, progress: bool = True) -> tuple[Recognizer, dict]:
+    """Cached beside the dataset (``artifacts/recognizer-<fp>.safetensors``); retrained when its settings change."""
+    from pogdiff.runs import fingerprint
+
+    path = ds.artifacts / f"recognizer-{fingerprint(_settings(cfg, ds), 12)}.safetensors"
     if path.is_file():
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
             stats = json.loads(f.metadata()["stats"])
-        if {k: stats.get(k) for k in _settings(cfg)} == _settings(cfg):
-            model = Recognizer(stats["dim"], stats["ids"])
-            model.load_state_dict(load_file(str(path)))
-            return model.eval(), stats
-    model, stats = train_recognizer(cfg, progress)
+        model = Recognizer(stats["dim"], stats["classes"])
+        model.load_state_dict(load_file(str(path)))
+        return model.eval(), stats
+    model, stats = train_recognizer(cfg, ds, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"stats": json.dumps(stats)})
     tmp.replace(path)
     return model, stats
 
 
-def eval_encoder(cfg: Config, progress: bool = True) -> tuple[ImageEncoder, dict]:
+def eval_encoder(cfg: Config, ds, progress: bool = True) -> tuple[ImageEncoder, dict]:
     """(images -> (B, d) embeddings, a description) for the metrics."""
     name = cfg.eval.encoder
     if name == "tiny" or name == cfg.data.image_encoder:
@@ -144,7 +174,7 @@ def eval_encoder(cfg: Config, progress: bool = True) -> tuple[ImageEncoder, dict
                           "metrics need independent features: use 'recognizer' or another local HF vision model")
     if name != "recognizer":
         return load_image_encoder(name), {"encoder": name}
-    model, stats = load_or_train_recognizer(cfg, progress)
+    model, stats = load_or_train_recognizer(cfg, ds, progress)
 
     @torch.no_grad()
     def encode(images: Sequence[Image.Image]) -> torch.Tensor:

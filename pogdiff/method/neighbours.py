@@ -107,24 +107,27 @@ def psi_table(
 
 
 class NeighbourSampler:
-    """Draws, each step and afresh, one neighbour j ~ Cat(w) per sample (Eq. 8) and its psi."""
+    """Draws, each step and afresh, one neighbour j ~ Cat(w) per sample (Eq. 8) and its psi.
+
+    The tables may be memory-mapped (N, k) arrays: only the batch's rows are read, and the
+    weights are computed for those rows alone, so no per-process table grows with N."""
 
     def __init__(self, table: NeighbourTable, psi: torch.Tensor):
-        self.ids = table.ids
-        self.psi = psi
-        w = neighbour_weights(table.sims, table.ids)
-        self.has_mass = w.sum(1) > 0
-        # Rows with no mass draw any slot (psi is 0 there) so multinomial always has support.
-        self.weights = torch.where(self.has_mass[:, None], w, torch.ones_like(w))
+        self.table, self.psi = table, psi
 
     def sample(self, index: torch.Tensor, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(neighbour dataset indices (B,), psi (B,)); a sample with no usable neighbour gets itself and psi 0."""
         index = index.cpu()
-        slot = torch.multinomial(self.weights[index], 1, generator=generator).squeeze(1)
-        nid = self.ids[index, slot]
-        psi = self.psi[index, slot]
-        usable = self.has_mass[index] & (nid >= 0)
-        return torch.where(usable, nid, index), torch.where(usable, psi, torch.zeros_like(psi))
+        ids, sims, psi = self.table.ids[index], self.table.sims[index], self.psi[index]
+        w = neighbour_weights(sims, ids)
+        has_mass = w.sum(1) > 0
+        # Rows with no mass draw any slot (psi is 0 there) so multinomial always has support.
+        w = torch.where(has_mass[:, None], w, torch.ones_like(w))
+        slot = torch.multinomial(w, 1, generator=generator).squeeze(1)
+        nid = ids.gather(1, slot[:, None]).squeeze(1)
+        p = psi.gather(1, slot[:, None]).squeeze(1).float()
+        usable = has_mass & (nid >= 0)
+        return torch.where(usable, nid, index), torch.where(usable, p, torch.zeros_like(p))
 
 
 def summarize_psi(psi: torch.Tensor, is_minority: np.ndarray | torch.Tensor) -> dict:
@@ -134,4 +137,6 @@ def summarize_psi(psi: torch.Tensor, is_minority: np.ndarray | torch.Tensor) -> 
     out = {}
     for name, mask in (("head", ~is_minority), ("tail", is_minority)):
         out[f"psi_mean_{name}"] = float(per_sample[mask].mean()) if mask.any() else float("nan")
+    head, tail = out["psi_mean_head"], out["psi_mean_tail"]
+    out["tail_over_head"] = tail / head if head > 0 and tail == tail else None
     return out

@@ -18,12 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from pogdiff.kernels import TwoTermWeights, two_term_loss, two_term_loss_concat
 
-from .config import GradMode, Method, MethodConfig
-from .neighbours import NeighbourSampler
+from pogdiff.config import GradMode, Method, MethodConfig
+from pogdiff.method.neighbours import NeighbourSampler
 
 # unet_fn(x_t, t, cond) -> eps prediction
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -31,9 +32,47 @@ UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class Batch:
-    index: torch.Tensor  # (B,) dataset indices, on CPU
-    latents: torch.Tensor  # x0 (B, C, H, W)
-    text: torch.Tensor  # y (B, L, D)
+    """What the reader yields and the objective consumes (pogdiff.data.stream): the same type on
+    every path."""
+
+    index: torch.Tensor  # (B,) dataset rows, on CPU: neighbour table, psi, density
+    latents: torch.Tensor  # x0 (B, C, H, W), already scaled by the VAE scaling factor
+    tokens: torch.Tensor  # (B, L) int64 caption token ids of y
+    keys: Optional[list[str]] = None  # dataset keys, for messages about bad samples
+
+
+class TextConditioner:
+    """Caption token ids -> the UNet's cross-attention conditioning, through the frozen text encoder.
+
+    ``tokens`` is the dataset's (N, L) token table (memory-mapped, pogdiff.data.shards): y' of row
+    ``j`` is ``encode(tokens[j])``, so no step ever opens a tar file or holds (N, L, D) states.
+    ``null_tokens`` (L,) is the empty caption (caption dropout, classifier-free guidance).
+    """
+
+    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], tokens, null_tokens: Optional[torch.Tensor] = None):
+        self.encode, self.tokens, self.null_tokens = encode, tokens, null_tokens
+
+    @classmethod
+    def from_table(cls, table: torch.Tensor, null: Optional[torch.Tensor] = None) -> "TextConditioner":
+        """Precomputed states (N, L, D): row ``i``'s "tokens" are ``[i]`` (tests and benchmarks)."""
+        full = table if null is None else torch.cat([table, null[None]])
+        return cls(lambda tok: full[tok[:, 0].cpu()], torch.arange(len(table))[:, None],
+                   None if null is None else torch.tensor([len(table)]))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        return self.encode(tokens).to(device, dtype)
+
+    def rows(self, rows: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        table = self.tokens
+        tok = table[rows] if torch.is_tensor(table) else torch.from_numpy(np.asarray(table[rows.cpu().numpy()]))
+        return self(tok.long(), device, dtype)
+
+    def null(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        return self(self.null_tokens[None].long(), device, dtype)[0]
 
 
 @dataclass
@@ -64,10 +103,9 @@ class Objective:
         self,
         cfg: MethodConfig,
         alphas_cumprod: torch.Tensor,
-        text_table: Optional[torch.Tensor] = None,  # (N, L, D): y' lookup (pogdiff, cbdm)
+        text: TextConditioner,  # y and y' from token ids
         sampler: Optional[NeighbourSampler] = None,  # pogdiff
         log_density: Optional[torch.Tensor] = None,  # (N,) ELBO per sample (t2h)
-        null_text: Optional[torch.Tensor] = None,  # (L, D) empty-caption embedding
         caption_dropout: float = 0.0,
         backend: str = "auto",
         snr_gamma: Optional[float] = None,  # Min-SNR: min(SNR, gamma) / SNR scales each whole per-sample loss
@@ -77,18 +115,19 @@ class Objective:
         self.snr_gamma, self.noise_offset = snr_gamma, noise_offset
         self.alphas_cumprod = alphas_cumprod.float()
         self.num_timesteps = alphas_cumprod.shape[0]
-        self.text_table, self.sampler, self.log_density = text_table, sampler, log_density
-        self.null_text, self.caption_dropout = null_text, caption_dropout
-        needs = {Method.pogdiff: ("text_table", "sampler"), Method.cbdm: ("text_table",), Method.t2h: ("log_density",)}
+        self.text, self.sampler, self.log_density = text, sampler, log_density
+        self.caption_dropout = caption_dropout
+        needs = {Method.pogdiff: ("sampler",), Method.t2h: ("log_density",)}
         for attr in needs.get(cfg.name, ()):
             if getattr(self, attr) is None:
                 raise ValueError(f"method '{cfg.name.value}' needs {attr}")
-        if caption_dropout > 0 and null_text is None:
-            raise ValueError("caption_dropout > 0 needs the empty-caption embedding (null_text)")
+        if caption_dropout > 0 and text.null_tokens is None:
+            raise ValueError("caption_dropout > 0 needs the empty caption's tokens (TextConditioner.null_tokens)")
 
     def __call__(self, unet: UNetFn, batch: Batch, generator: torch.Generator, with_terms: bool = False) -> LossOutput:
-        x0, y = batch.latents, batch.text
+        x0 = batch.latents
         bsz, device = x0.shape[0], x0.device
+        y = self.text(batch.tokens, device, x0.dtype)
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
         if self.noise_offset > 0:
             noise += self.noise_offset * torch.randn(x0.shape[:2] + (1,) * (x0.dim() - 2), generator=generator)
@@ -102,7 +141,7 @@ class Objective:
         dropped = None
         if self.caption_dropout > 0:
             dropped = torch.rand(bsz, generator=generator) < self.caption_dropout
-            y = torch.where(to_device(dropped, device).view(-1, 1, 1), to_device(self.null_text, device).to(y.dtype), y)
+            y = torch.where(to_device(dropped, device).view(-1, 1, 1), self.text.null(device, y.dtype), y)
 
         method = self.cfg.name
         target, y_prime = noise, None
@@ -115,11 +154,11 @@ class Objective:
             nid, psi = self.sampler.sample(batch.index, generator)
             if dropped is not None:  # an unconditional y has no neighbour to agree with
                 psi = torch.where(dropped, torch.zeros_like(psi), psi)
-            y_prime = self.neighbour_text(nid, device, y.dtype)
+            y_prime = self.text.rows(nid, device, y.dtype)
             weights = TwoTermWeights.pogdiff(to_device(psi, device), self.cfg.grad_mode.value)
         elif method == Method.cbdm:
-            nid = torch.randint(0, self.text_table.shape[0], (bsz,), generator=generator)
-            y_prime = self.neighbour_text(nid, device, y.dtype)
+            nid = torch.randint(0, len(self.text), (bsz,), generator=generator)
+            y_prime = self.text.rows(nid, device, y.dtype)
             weights = TwoTermWeights.cbdm(self.cfg.cbdm_tau * t_dev.float() / self.num_timesteps)
         else:  # pragma: no cover - the config enum admits nothing else
             raise ValueError(f"unknown method {method}")
@@ -147,13 +186,6 @@ class Objective:
                 target_mse = (a.float() - target.float()).pow(2).flatten(1).mean(1)
                 pair_mse = None if b is None else (a.float() - b.float()).pow(2).flatten(1).mean(1)
         return LossOutput(per_sample.mean(), target_mse, pair_mse, weights, t)
-
-    def neighbour_text(self, nid: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """y' rows of the text table (gathered where the table lives), on ``device``."""
-        table = self.text_table
-        if table.device.type == "cpu":
-            return to_device(table[nid], device).to(dtype)  # copy in the table's (narrower) dtype
-        return table[to_device(nid, table.device)].to(device, dtype)
 
     @torch.no_grad()
     def t2h_target(self, x0, x_t, noise, abar, index, generator) -> torch.Tensor:

@@ -22,8 +22,8 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
-from .features import images_to_tensor
-from .synthetic import Identity, Record, make_identity, render
+from pogdiff.data.encode import images_to_tensor
+from pogdiff.data.synthetic import Identity, Record, make_identity, render
 
 log = logging.getLogger("pogdiff.tiny_vae")
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import VARIANTS, Config, Method
+from pogdiff.config import VARIANTS, Config, Method
 
 log = logging.getLogger("pogdiff.experiment")
 
@@ -32,7 +32,7 @@ def is_trained(cfg: Config) -> bool:
     """The run finished ``train.steps`` steps and exported its pipeline."""
     import json
 
-    from .pipeline import RunFiles
+    from pogdiff.runs import RunFiles
 
     files = RunFiles(cfg)
     if not files.history.is_file() or not (files.pipeline / "model_index.json").is_file():
@@ -42,50 +42,53 @@ def is_trained(cfg: Config) -> bool:
 
 
 def report_dir(cfg: Config) -> Path:
-    return Path(cfg.experiment.report_dir) if cfg.experiment.report_dir else cfg.run_dir / "report"
+    return Path(cfg.experiment.report_dir) if cfg.experiment.report_dir else Path(cfg.output_dir) / cfg.run_name / "report"
 
 
 def evaluate_runs(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out: Optional[Path] = None,
                   progress: bool = True) -> Path:
-    """Sample, score and report every trained (variant, seed) run below ``cfg.run_dir``; runs not
-    trained yet are left out of the report. Returns the report's markdown file."""
-    from .eval import evaluate_reference, evaluate_run, real_embeddings
-    from .eval.recognizer import eval_encoder
-    from .report import write_report
+    """Sample, score and report every trained (variant, seed) run of ``cfg``'s run; runs not trained
+    yet are left out of the report. Returns the report's markdown file."""
+    from pogdiff.data.dataset import resolve_dataset
+    from pogdiff.eval import evaluate_reference, evaluate_run, real_embeddings
+    from pogdiff.eval.recognizer import eval_encoder
+    from pogdiff.experiment.report import write_report
 
-    encoder = eval_encoder(cfg, progress)
-    real = real_embeddings(cfg, encoder[0], cfg.sample.images_per_id)
-    evaluate_reference(cfg, encoder, real)
+    ds = resolve_dataset(cfg, progress)
+    encoder = eval_encoder(cfg, ds, progress)
+    real = real_embeddings(cfg, ds, encoder[0], cfg.sample.images_per_id)
+    evaluate_reference(cfg, ds, encoder, real)
     for seed in seeds:
         for variant in variants:
             vcfg = variant_config(cfg, variant, seed)
             if is_trained(vcfg):
-                evaluate_run(vcfg, progress, encoder=encoder, real=real)
+                evaluate_run(vcfg, progress, encoder=encoder, real=real, ds=ds)
     return write_report(cfg, variants, seeds, out or report_dir(cfg))
 
 
 def run_experiment(cfg: Config, progress: bool = True) -> Path:
-    from .eval import evaluate_reference, evaluate_run, real_embeddings
-    from .eval.recognizer import eval_encoder
-    from .pipeline import stage_density, stage_features, stage_neighbours, stage_train
-    from .report import write_report
+    """Every variant x seed on one machine (``pogdiff train``'s path), each scored, then the report."""
+    from pogdiff.data.dataset import prepare_artifacts, resolve_dataset
+    from pogdiff.eval import evaluate_reference, evaluate_run, real_embeddings
+    from pogdiff.eval.recognizer import eval_encoder
+    from pogdiff.experiment.report import write_report
+    from pogdiff.train.loop import run_train
 
     t0 = time.perf_counter()
     variants, seeds = list(cfg.experiment.variants), list(cfg.experiment.seeds)
-    feats = stage_features(cfg)
-    stage_neighbours(cfg, feats)
-    stage_density(cfg, feats)
-    encoder = eval_encoder(cfg, progress)
-    real = real_embeddings(cfg, encoder[0], cfg.sample.images_per_id)
-    evaluate_reference(cfg, encoder, real)
+    ds = resolve_dataset(cfg, progress)
+    encoder = eval_encoder(cfg, ds, progress)
+    real = real_embeddings(cfg, ds, encoder[0], cfg.sample.images_per_id)
+    evaluate_reference(cfg, ds, encoder, real)
     out = report_dir(cfg)
     for seed in seeds:
         for variant in variants:
             vcfg = variant_config(cfg, variant, seed)
+            prepare_artifacts(vcfg, ds, progress)
             if not is_trained(vcfg):
                 log.info("training %s seed %d (%.0f s into the experiment)", variant, seed, time.perf_counter() - t0)
-                stage_train(vcfg, progress=progress)
-            summary = evaluate_run(vcfg, progress, encoder=encoder, real=real)["summary"]
+                run_train(vcfg, progress=progress)
+            summary = evaluate_run(vcfg, progress, encoder=encoder, real=real, ds=ds)["summary"]
             log.info("%s seed %d: %s", variant, seed, {k: round(v, 4) for k, v in summary.items()})
         write_report(cfg, variants, seeds, out)  # after every seed: a partial report is always there
     log.info("experiment done in %.0f s; report at %s", time.perf_counter() - t0, out / "report.md")

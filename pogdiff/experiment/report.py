@@ -13,18 +13,16 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .config import Config
-from .eval import METRICS, metrics_path
-from .experiment import variant_config
-from .pipeline import RunFiles, train_counts
+from pogdiff.config import ABLATION, METHODS, Config
+from pogdiff.eval import METRICS, metrics_path
+from pogdiff.experiment.experiment import variant_config
+from pogdiff.runs import RunFiles
 
 LABELS = {"vanilla": "Vanilla", "cbdm": "CBDM", "t2h": "T2H", "pogdiff": "PoGDiff (ours)",
           "pogdiff-no_psi_img": "w/o ψ_img", "pogdiff-no_psi_inv": "w/o ψ_inv",
           "reference": "Real images (reference)", "reference_vae": "Real images through the VAE (ceiling)"}
 METRIC_TITLES = {"fid": "FID ↓", "dino": "DINO-style ↑", "grecall": "gRecall ↑"}
 LOWER_IS_BETTER = {"fid"}
-METHODS = ["vanilla", "cbdm", "t2h", "pogdiff"]
-ABLATION = ["vanilla", "pogdiff-no_psi_img", "pogdiff-no_psi_inv", "pogdiff"]
 # name -> (caption, rows, metrics, with the real-image reference row)
 TABLES = {
     "table1_fid": ("Table 1. FID per identity (recogniser features), averaged over identities.", METHODS, ["fid"], True),
@@ -129,20 +127,26 @@ def plot_per_identity(results: dict, names: dict[int, str], few: set[int], varia
     plt.close(fig)
 
 
-def plot_samples(cfg: Config, identity: int, name: str, variants: list[str], seed: int, path: Path, n: int = 8) -> None:
+def plot_samples(cfg: Config, ds, identity: int, name: str, variants: list[str], seed: int, path: Path, n: int = 8) -> None:
     """Training images of ``identity`` on top, then each method's first ``n`` samples (one seed)."""
-    from .sampling import load_samples
-    from .synthetic import iter_records
+    import io
+
+    from PIL import Image
+
+    from pogdiff.eval.sampling import load_samples
 
     plt = _plt()
-    counts = train_counts(cfg)
-    only = [min(n, c) if i == identity else 0 for i, c in enumerate(counts)]
-    gt = [np.asarray(r.image) for r in iter_records(only, cfg.data.seed, cfg.data.image_size)]
+    gt = []
+    for _, ident, png in ds.index.images():
+        if ident == identity and len(gt) < n:
+            gt.append(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
     rows = [("training images", gt)]
     for v in variants:
         samples = load_samples(variant_config(cfg, v, seed))
-        if samples is not None:
+        if samples is not None and identity in samples:
             rows.append((f"{LABELS[v]} (seed {seed})", list(samples[identity][:n])))
+    if not gt:
+        return
     fig, axes = plt.subplots(len(rows), 1, figsize=(n * 0.9 + 1.5, 1.05 * len(rows)))
     axes = np.atleast_1d(axes)
     blank = np.full_like(gt[0], 255)
@@ -152,39 +156,35 @@ def plot_samples(cfg: Config, identity: int, name: str, variants: list[str], see
                   interpolation="nearest")
         ax.set_xticks([]), ax.set_yticks([])
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    axes[0].set_title(f"'{cfg.sample.prompt_template.format(p=name)}'  ({counts[identity]} training images)", fontsize=9)
+    count = ds.index.identity_counts()[identity]
+    axes[0].set_title(f"'{cfg.sample.prompt_template.format(p=name)}'  ({count} training images)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_psi(cfg: Config, variants: list[str], path: Path) -> bool:
+def plot_psi(cfg: Config, ds, variants: list[str], path: Path) -> bool:
     """Histograms of psi over (sample, neighbour) pairs, head vs tail samples, per PoGDiff variant."""
     import torch
-    from diffusers import DDPMScheduler
 
-    from .density import TextDensity
-    from .features import FeatureSet
-    from .neighbours import NeighbourTable
-    from .pipeline import build_objective
+    from pogdiff.data.dataset import neighbour_table, psi_table_for
 
     variants = [v for v in variants if v.startswith("pogdiff")]
-    files = RunFiles(cfg)
-    if not variants or not files.features.is_file():
+    if not variants:
         return False
     plt = _plt()
-    feats = FeatureSet.load(files.features)
-    table, density = NeighbourTable.load(files.neighbours), TextDensity.load(files.density)
-    alphas = DDPMScheduler.from_pretrained(str(files.model / "scheduler")).alphas_cumprod
-    tail = feats.is_minority(cfg.data.minority_images)
+    tail = torch.from_numpy(ds.index.is_minority(cfg.data.minority_images))
+    usable = neighbour_table(cfg, ds, progress=False).ids >= 0
     fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 3.2), squeeze=False)
     for ax, v in zip(axes[0], variants):
-        objective, _ = build_objective(variant_config(cfg, v, 0), feats, table, density, alphas)
-        psi, usable = objective.sampler.psi, objective.sampler.ids >= 0
-        logs = torch.log10(psi[usable & (psi > 0)])
+        psi = torch.from_numpy(np.array(psi_table_for(variant_config(cfg, v, 0), ds, progress=False)[0]))
+        positive = usable & (psi > 0)
+        if not positive.any():
+            continue
+        logs = torch.log10(psi[positive])
         bins = np.linspace(float(logs.min()) - 0.05, float(logs.max()) + 0.05, 41)
         for name, mask in (("head (majority)", ~tail), ("tail (minority)", tail)):
-            values = psi[mask[:, None] & usable & (psi > 0)]
+            values = psi[mask[:, None] & positive]
             if len(values):
                 ax.hist(torch.log10(values).numpy(), bins=bins, alpha=0.6, density=True, label=f"{name}, n={len(values)}")
         ax.set_title(LABELS[v], fontsize=9)
@@ -217,20 +217,28 @@ def plot_losses(cfg: Config, variants: list[str], seeds: Sequence[int], path: Pa
     plt.close(fig)
 
 
-def plot_vae_roundtrip(cfg: Config, path: Path, per_id: int = 2) -> bool:
-    """Training images (top) and decode(encode(x)) through the run's frozen VAE (bottom)."""
-    from .eval import vae_roundtrip
-    from .synthetic import iter_records
+def plot_vae_roundtrip(cfg: Config, ds, path: Path, per_id: int = 2) -> bool:
+    """Training images (top) and decode(encode(x)) through the dataset's frozen VAE (bottom)."""
+    import io
 
-    if not (RunFiles(cfg).model / "vae").is_dir():
+    from PIL import Image
+
+    from pogdiff.eval import vae_roundtrip
+
+    taken: dict[int, int] = {}
+    images = []
+    for _, ident, png in ds.index.images():
+        if taken.get(ident, 0) < per_id and len(images) < 48:
+            taken[ident] = taken.get(ident, 0) + 1
+            images.append(Image.open(io.BytesIO(png)).convert("RGB"))
+    if not images:
         return False
-    counts = train_counts(cfg)
-    records = list(iter_records([min(per_id, c) for c in counts], cfg.data.seed, cfg.data.image_size))
-    rows = [np.concatenate([np.asarray(r.image) for r in rs], 1) for rs in (records, vae_roundtrip(cfg, records))]
+    rows = [np.concatenate([np.asarray(im) for im in ims], 1) for ims in (images, vae_roundtrip(ds.model_dir, images))]
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(0.55 * len(records) + 0.5, 1.6))
+    fig, ax = plt.subplots(figsize=(0.55 * len(images) + 0.5, 1.6))
     ax.imshow(np.concatenate(rows, 0), interpolation="nearest")
-    ax.set_xticks([]), ax.set_yticks([16, 48], ["real", "VAE"])
+    h = images[0].size[1]
+    ax.set_xticks([]), ax.set_yticks([h // 2, h + h // 2], ["real", "VAE"])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -270,22 +278,28 @@ def write_report(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out
     variants = list(variants)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    from pogdiff.data.dataset import resolve_dataset
+
+    ds = resolve_dataset(cfg, progress=False)
+    run_dir = Path(cfg.output_dir) / cfg.run_name
     results = collect(cfg, variants, seeds)
-    ref_path = cfg.run_dir / "reference_metrics.json"
+    ref_path = run_dir / "reference_metrics.json"
     reference = json.loads(ref_path.read_text()) if ref_path.is_file() else {}
     reference = {k: reference[k] for k in ("reference", "reference_vae") if k in reference}
     any_run = next((r for runs in results.values() for r in runs.values()), None)
-    counts = train_counts(cfg)
-    few = {i for i, c in enumerate(counts) if c <= cfg.data.minority_images}
-    from .synthetic import make_identity
-
-    names = {i: make_identity(i, cfg.data.seed).name for i in range(len(counts))}
+    id_counts = {i: c for i, c in ds.index.identity_counts().items() if i >= 0}
+    counts = list(id_counts.values()) or [0]
+    few = {i for i, c in id_counts.items() if c <= cfg.data.minority_images}
+    names = ds.index.identity_names()
     d, t, s = cfg.data, cfg.train, cfg.sample
-    md = [f"# PoGDiff vs. baselines on synthetic imbalanced identities ({cfg.run_name})", "",
-          "Generated by `pogdiff report` from the runs under `" + str(cfg.run_dir) + "`.", "", "## Setup", "",
-          f"- Data: synthetic identities, profile `{d.profile}`: {len(counts) - len(few)} majority identities "
-          f"x {max(counts)} images, {len(few)} minority identities x {min(counts)} images ({sum(counts)} images, "
-          f"{d.image_size}x{d.image_size}); {d.heldout_images} held-out real images per identity.",
+    held = ds.meta.get("heldout") or {}
+    source = f"synthetic identities, profile `{d.profile}`" if ds.meta.get("synthetic") else f"`{ds.meta.get('source')}`"
+    md = [f"# PoGDiff vs. baselines on imbalanced identities ({cfg.run_name})", "",
+          "Generated by `pogdiff report` from the runs under `" + str(run_dir) + "`.", "", "## Setup", "",
+          f"- Data: {source}, prepared at `{ds.root}`: {len(id_counts) - len(few)} majority identities "
+          f"(up to {max(counts)} images), {len(few)} minority identities (at most {d.minority_images} images) "
+          f"({sum(counts)} images, {ds.meta['image_size']}x{ds.meta['image_size']}); "
+          f"{held.get('samples', 0)} held-out real images ({held.get('per_identity', 0)} per identity where it had enough).",
           f"- Model: `{cfg.model.name}` (tiny: random-init UNet and text encoder; VAE pretrained as an autoencoder "
           f"for {cfg.model.tiny_vae_steps} steps on disjoint identities).",
           f"- Training: {t.steps} steps, batch {t.batch_size}, lr {t.lr}, grad_mode `{cfg.method.grad_mode.value}`, "
@@ -299,12 +313,23 @@ def write_report(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out
           ]
     if any_run is not None:
         enc = any_run["encoder"]
-        if enc.get("encoder") == "recognizer":
+        acc = enc.get("heldback_accuracy")
+        acc = "n/a" if acc is None else f"{acc:.3f}"
+        if enc.get("encoder") == "recognizer" and enc.get("source") == "disjoint-synthetic":
             md.append(f"- Feature extractor: identity-recognition CNN trained on {enc['ids']} disjoint synthetic "
                       f"identities x {enc['per_id']} images for {enc['steps']} steps (accuracy on held-back images "
-                      f"of those identities: {enc['heldback_accuracy']:.3f}); penultimate {enc['dim']}-d embedding.")
+                      f"of those identities: {acc}); penultimate {enc['dim']}-d embedding.")
+        elif enc.get("encoder") == "recognizer":
+            md.append(f"- Feature extractor: identity-recognition CNN trained on this dataset's own training split "
+                      f"({enc['classes']} identities, {enc['steps']} steps; accuracy on {enc['heldback_images']} "
+                      f"held-back images: {acc}); penultimate {enc['dim']}-d embedding.")
         else:
             md.append(f"- Feature extractor: `{enc['encoder']}`.")
+        invalid = sorted({r["invalid_reason"] for runs in results.values() for r in runs.values()
+                          if not r.get("valid", True)})
+        if invalid:
+            md += ["", f"**The metrics below are INVALID: {'; '.join(invalid)}. Use a stronger eval.encoder "
+                   "(a local vision model directory) or more recogniser training before reading them.**"]
     missing = [f"{v} seed {sd}" for v in variants for sd in seeds if sd not in results.get(v, {})]
     if missing:
         md += ["", f"**Missing runs (not in the tables):** {', '.join(missing)}."]
@@ -329,16 +354,16 @@ def write_report(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out
         seed0 = min(next(iter(results.values())))
         for label, group in (("minority", sorted(few)), ("majority", sorted(set(names) - few))):
             if group:
-                plot_samples(cfg, group[0], names[group[0]], variants, seed0, out / f"samples_{label}.png")
+                plot_samples(cfg, ds, group[0], names[group[0]], variants, seed0, out / f"samples_{label}.png")
                 md += [f"Samples of a {label} identity, every method side by side:", "",
                        f"![{label} samples](samples_{label}.png)", ""]
         plot_losses(cfg, variants, seeds, out / "loss_curves.png")
         md += ["Training loss:", "", "![loss curves](loss_curves.png)", ""]
-    if plot_vae_roundtrip(cfg, out / "vae_roundtrip.png"):
+    if plot_vae_roundtrip(cfg, ds, out / "vae_roundtrip.png"):
         md += ["The frozen tiny VAE (pretrained on disjoint identities): training images and their "
                "reconstructions. Generated images can be no sharper than this.", "",
                "![vae](vae_roundtrip.png)", ""]
-    if plot_psi(cfg, variants, out / "psi_hist.png"):
+    if plot_psi(cfg, ds, variants, out / "psi_hist.png"):
         md += ["ψ = ψ_img · ψ_inv per (sample, neighbour), head vs tail samples:", "", "![psi](psi_hist.png)", ""]
     notes = out / "discussion.md"  # hand-written; kept when the report is regenerated
     if notes.is_file():

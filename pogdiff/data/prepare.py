@@ -32,12 +32,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .config import Config, ModelConfig, PrepareConfig
-from .features import encode_batch, images_to_tensor, load_image_encoder
-from .models import Components, load_components
-from .shards import Sample, atomic_write, read_task_record, write_index, write_task
-from .synthetic import Record, identity_name, iter_records, profile_counts
-from .train import resolve_device
+from pogdiff.config import Config, ModelConfig, PrepareConfig
+from pogdiff.data.encode import encode_batch, images_to_tensor, load_image_encoder
+from pogdiff.models.components import Components, load_components
+from pogdiff.data.shards import Sample, read_task_record, write_index, write_task
+from pogdiff.runs import atomic_write
+from pogdiff.data.synthetic import Record, identity_name, iter_records, profile_counts
+from pogdiff.models.components import resolve_device
 
 log = logging.getLogger("pogdiff.prepare")
 
@@ -86,9 +87,9 @@ def log_skipped(skipped: Sequence[dict]) -> None:
 # ---------------------------------------------------------------- the plan (driver side)
 
 def read_manifest(path: Path) -> Iterator[tuple[str, Optional[dict], str]]:
-    """(where, row or None, why the row is unusable)."""
+    """(where, row or None, why the row is unusable). A UTF-8 BOM is tolerated."""
     if path.suffix in (".jsonl", ".json"):
-        with path.open() as f:
+        with path.open(encoding="utf-8-sig", errors="strict") as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -99,14 +100,41 @@ def read_manifest(path: Path) -> Iterator[tuple[str, Optional[dict], str]]:
                     continue
                 yield f"{path}:{line_no}", row if isinstance(row, dict) else None, "not a JSON object"
     elif path.suffix == ".csv":
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
-            if reader.fieldnames is None or "image" not in reader.fieldnames:
-                raise PrepareError(f"{path}: a CSV manifest needs a header with at least 'image' and 'caption' columns")
+            if reader.fieldnames is None:
+                raise PrepareError(f"{path}: a CSV manifest needs a header line naming its columns")
             for row in reader:
                 yield f"{path}:{reader.line_num}", row, ""
     else:
-        raise PrepareError(f"data.source '{path}': a manifest is a .jsonl or .csv file (or 'synthetic')")
+        raise PrepareError(f"data.source '{path}': a manifest is a .jsonl or .csv file, an image folder with "
+                           "metadata.jsonl, a prepared dataset directory, or 'synthetic'")
+
+
+IMAGEFOLDER_METADATA = ("metadata.jsonl", "metadata.csv")  # Hugging Face's imagefolder convention
+
+
+def manifest_path(source: str) -> tuple[Path, bool]:
+    """(the manifest file, whether the source is an imagefolder directory)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        for name in IMAGEFOLDER_METADATA:
+            if (path / name).is_file():
+                return path / name, True
+        raise PrepareError(f"data.source '{source}' is a directory without dataset.json (a prepared dataset) or "
+                           f"{' / '.join(IMAGEFOLDER_METADATA)} (a Hugging Face imagefolder)")
+    if not path.is_file():
+        raise PrepareError(f"data.source '{source}' is neither 'synthetic' nor an existing manifest file or directory")
+    return path, False
+
+
+def columns(cfg: Config, row: dict) -> tuple[str, str]:
+    """(image column, caption column) of this manifest: data.image_column / data.caption_column,
+    else the first present of diffusers' and this project's usual names."""
+    d = cfg.data
+    image = d.image_column or next((c for c in ("image", "file_name") if c in row), "image")
+    caption = d.caption_column or next((c for c in ("caption", "text") if c in row), "caption")
+    return image, caption
 
 
 MAX_KEY = 80  # a USTAR member name holds 100 characters: the key plus ".latent.npy" must fit
@@ -185,16 +213,20 @@ def label_order(labels: set[str]) -> list[str]:
 class Plan:
     num_records: int
     items: Optional[list[Item]]  # manifest records; None for synthetic
-    synthetic: Optional[tuple[list[int], int, int]]  # (images per identity, seed, image size)
+    synthetic: Optional[tuple]  # (images per identity, seed, image size, first image index)
     skipped: list[dict]  # found by the driver
     name_map: dict[str, str]  # identity label -> generic name (name masking)
     selection: dict  # what the imbalance protocol did
+    heldout_items: Optional[list[Item]] = None  # the held-out split of a manifest
+    heldout_synthetic: Optional[tuple] = None  # (images per identity, seed, image size, first image index)
 
     def fingerprint(self, cfg: Config) -> str:
         pc = cfg.prepare
+        records = lambda items: [(i.key, i.image, i.caption, i.identity, i.name) for i in items or []]  # noqa: E731
         content = {
-            "records": [(i.key, i.image, i.caption, i.identity, i.name) for i in self.items] if self.items is not None
-            else self.synthetic,
+            "records": records(self.items) if self.items is not None else self.synthetic,
+            "heldout": records(self.heldout_items) if self.items is not None else self.heldout_synthetic,
+            "keep_images": pc.keep_images,
             "model": [cfg.model.name, cfg.model.revision, cfg.model.seed], "image_encoder": cfg.data.image_encoder,
             "image_size": cfg.data.image_size, "samples_per_shard": pc.samples_per_shard,
             "max_shard_bytes": pc.max_shard_bytes,
@@ -208,24 +240,28 @@ def plan_manifest(cfg: Config, path: Path) -> Plan:
     skipped: list[dict] = []
     rows: list[dict] = []
     seen: dict[str, str] = {}
+    image_col = caption_col = None
     for where, row, problem in read_manifest(path):
-        if row is None or not str(row.get("image") or "").strip():
-            skip_record(skipped, pc.strict, where, "bad_manifest_row", problem or "no 'image' field")
+        if row is not None and image_col is None:
+            image_col, caption_col = columns(cfg, row)
+        if row is None or not str(row.get(image_col) or "").strip():
+            skip_record(skipped, pc.strict, where, "bad_manifest_row", problem or f"no '{image_col}' field "
+                        f"(the image column; set data.image_column if it has another name)")
             continue
-        image = str(row["image"]).strip()
+        image = str(row[image_col]).strip()
         key = sanitize_key(str(row.get("key") or Path(image).with_suffix("").as_posix()))
         where = f"{where} (key={key}, image={image})"
         if key in seen:
             skip_record(skipped, pc.strict, where, "duplicate_key", f"key '{key}' was already used by {seen[key]}")
             continue
         seen[key] = where
-        caption = " ".join(str(row.get("caption") or "").split())
+        caption = " ".join(str(row.get(caption_col) or "").split())
         if not caption:
-            skip_record(skipped, pc.strict, where, "empty_caption", "the caption is empty")
+            skip_record(skipped, pc.strict, where, "empty_caption", f"the caption (column '{caption_col}') is empty")
             continue
-        label = row.get("identity")
+        label = row.get(d.identity_column)
         label = "" if label is None else str(label).strip()
-        name = str(row.get("name") or "").strip() or label.replace("_", " ")
+        name = str(row.get(d.name_column) or "").strip() or label.replace("_", " ")
         rows.append(dict(where=where, key=key, image=str(root / image), caption=caption, label=label, name=name))
 
     labelled = pc.imbalance or pc.mask_names or any(r["label"] for r in rows)
@@ -252,13 +288,32 @@ def plan_manifest(cfg: Config, path: Path) -> Plan:
     if pc.mask_names:
         real = {r["label"]: r["name"] for r in reversed(rows)}  # the first name given for each identity
         name_map = dict(zip(order, generic_names([real[lab] for lab in order], pc.seed)))
-    items = []
-    for ordinal, r in enumerate(rows):
+    heldout_pos = heldout_positions([r["label"] for r in rows], d.heldout_images, d.minority_images, pc.seed) \
+        if labelled else set()
+    items, heldout = [], []
+    for r_pos, r in enumerate(rows):
         caption, name = r["caption"], r["name"]
         if pc.mask_names:
             caption, name = mask_caption(caption, name, name_map[r["label"]]), name_map[r["label"]]
-        items.append(Item(ordinal, r["key"], r["image"], caption, identity_of.get(r["label"], -1), name, r["where"]))
-    return Plan(len(items), items, None, skipped, name_map, selection)
+        split = heldout if r_pos in heldout_pos else items
+        split.append(Item(len(split), r["key"], r["image"], caption, identity_of.get(r["label"], -1), name, r["where"]))
+    return Plan(len(items), items, None, skipped, name_map, selection, heldout_items=heldout)
+
+
+def heldout_positions(labels: Sequence[str], per_id: int, minority_images: int, seed: int) -> set[int]:
+    """``per_id`` random rows of every identity that keeps more than ``minority_images`` training
+    images after giving them: never trained on, the real set of the DINO-style score. Minority
+    identities give none (their few images are what the method is about)."""
+    by_label: dict[str, list[int]] = {}
+    for pos, label in enumerate(labels):
+        by_label.setdefault(label, []).append(pos)
+    rng = np.random.default_rng([seed, 7])
+    out: set[int] = set()
+    for label in sorted(by_label):
+        rows = by_label[label]
+        if per_id and len(rows) - per_id > minority_images:
+            out.update(rng.choice(rows, size=per_id, replace=False).tolist())
+    return out
 
 
 def make_plan(cfg: Config) -> Plan:
@@ -267,11 +322,10 @@ def make_plan(cfg: Config) -> Plan:
         if cfg.prepare.mask_names:
             raise PrepareError("prepare.mask_names: synthetic identities already carry generic names; nothing to mask")
         counts = profile_counts(d.profile, d.majority_ids, d.minority_ids, d.majority_images, d.minority_images)
-        return Plan(sum(counts), None, (counts, d.seed, d.image_size), [], {}, {})
-    path = Path(d.source).expanduser()
-    if not path.is_file():
-        raise PrepareError(f"data.source '{d.source}' is neither 'synthetic' nor an existing manifest file")
-    return plan_manifest(cfg, path)
+        heldout = [d.heldout_images] * len(counts) if d.heldout_images else None
+        return Plan(sum(counts), None, (counts, d.seed, d.image_size, [0] * len(counts)), [], {}, {},
+                    heldout_synthetic=(heldout, d.seed, d.image_size, counts) if heldout else None)
+    return plan_manifest(cfg, manifest_path(d.source)[0])
 
 
 # ---------------------------------------------------------------- shard tasks (workers)
@@ -288,8 +342,9 @@ class Task:
     max_samples: int
     max_bytes: int
     strict: bool
+    keep_images: bool = True
     items: Optional[list[Item]] = None
-    synthetic: Optional[tuple[list[int], int, int, int, int]] = None  # counts, seed, size, start, stop
+    synthetic: Optional[tuple] = None  # counts, seed, size, first image indices, start, stop
 
 
 class BadRecord(Exception):
@@ -313,21 +368,23 @@ def load_image(path: str, size: int) -> Image.Image:
         raise BadRecord("corrupt_image", f"'{path}' is not a decodable image: {e}") from None
 
 
-def synthetic_slice(counts: Sequence[int], seed: int, size: int, start: int, stop: int) -> Iterator[Record]:
-    """Records ``start .. stop`` of the synthetic stream (identity after identity), rendered on the spot."""
+def synthetic_slice(counts: Sequence[int], seed: int, size: int, bases: Sequence[int], start: int,
+                    stop: int) -> Iterator[Record]:
+    """Records ``start .. stop`` of the synthetic stream (identity after identity; identity ``i``'s
+    images from ``bases[i]`` on), rendered on the spot."""
     sub, starts, offset = [], [], 0
-    for c in counts:
+    for c, base in zip(counts, bases):
         a, b = max(start - offset, 0), min(stop - offset, c)
         sub.append(max(b - a, 0))
-        starts.append(a if b > a else 0)
+        starts.append(base + (a if b > a else 0))
         offset += c
     return iter_records(sub, seed, size, starts)
 
 
 def task_records(task: Task) -> Iterator[tuple[Item, Image.Image | BadRecord]]:
     if task.synthetic is not None:
-        counts, seed, size, start, stop = task.synthetic
-        for ordinal, rec in enumerate(synthetic_slice(counts, seed, size, start, stop), start):
+        counts, seed, size, bases, start, stop = task.synthetic
+        for ordinal, rec in enumerate(synthetic_slice(counts, seed, size, bases, start, stop), start):
             yield Item(ordinal, rec.key, "", rec.caption, rec.identity, rec.name, f"synthetic:{rec.key}"), rec.image
         return
     for item in task.items:
@@ -366,7 +423,8 @@ def run_task(task: Task) -> dict:
                 skip_record(skipped, task.strict, item.where, "nan_embedding", f"non-finite {', '.join(bad)}")
                 continue
             yield Sample(item.key, item.ordinal, item.identity, item.name, item.caption, latents[j].numpy(),
-                         enc.tokens[j].numpy(), enc.pooled[j].numpy(), enc.image_emb[j].numpy())
+                         enc.tokens[j].numpy(), enc.pooled[j].numpy(), enc.image_emb[j].numpy(),
+                         png_bytes(chunk[j][1]) if task.keep_images else None)
 
     def samples() -> Iterator[Sample]:
         chunk: list[tuple[Item, Image.Image]] = []
@@ -382,6 +440,12 @@ def run_task(task: Task) -> dict:
             yield from encoded(chunk)
 
     return write_task(Path(task.folder), task.index, samples(), task.max_samples, task.max_bytes, skipped)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _process_init(threads: int) -> None:
@@ -431,13 +495,11 @@ def run_ray(tasks: list[Task], pc: PrepareConfig, done) -> None:
     output folder must be on storage every node sees."""
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, num_cpus=None if address else pc.workers, include_dashboard=False,
-                 log_to_driver=True)
+    from pogdiff.dist.cluster import connect
+
+    started = connect(num_cpus=pc.workers)
     try:
-        remote = ray.remote(num_cpus=1, num_gpus=pc.ray_gpus_per_task, max_retries=2)(run_task)
+        remote = ray.remote(num_cpus=1, num_gpus=pc.ray_gpus_per_task, max_retries=2)(run_ray_task)
         pending = {remote.remote(t): t for t in tasks}
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
@@ -454,20 +516,59 @@ def run_ray(tasks: list[Task], pc: PrepareConfig, done) -> None:
             ray.shutdown()
 
 
+def run_ray_task(task: Task) -> dict:
+    from pogdiff.dist.cluster import drop_source_checkout_from_sys_path
+
+    drop_source_checkout_from_sys_path()
+    return run_task(task)
+
+
 def task_size(task: Task) -> int:
-    return len(task.items) if task.items is not None else task.synthetic[4] - task.synthetic[3]
+    return len(task.items) if task.items is not None else task.synthetic[5] - task.synthetic[4]
 
 
 # ---------------------------------------------------------------- the driver
 
+def source_fingerprint(cfg: Config) -> str:
+    """What a prepared dataset depends on: the source (a manifest's bytes), the frozen encoders and
+    every setting that changes a shard. Equal fingerprints reuse one prepared directory."""
+    d, pc, m = cfg.data, cfg.prepare, cfg.model
+    content: dict = {"model": [m.name, m.revision, m.seed, m.tiny_vae_steps if m.name == "tiny" else None],
+                     "image_encoder": d.image_encoder, "image_size": d.image_size, "heldout_images": d.heldout_images,
+                     "minority_images": d.minority_images, "prepare": {k: getattr(pc, k) for k in (
+                         "image_root", "samples_per_shard", "max_shard_bytes", "mask_names", "imbalance", "seed",
+                         "keep_images")}}
+    if d.source == "synthetic" or pc.imbalance:
+        content["counts"] = profile_counts(d.profile, d.majority_ids, d.minority_ids, d.majority_images, d.minority_images)
+    if d.source == "synthetic":
+        content["synthetic_seed"] = d.seed
+    else:
+        path, _ = manifest_path(d.source)
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        content.update(manifest=str(path.resolve()), manifest_sha256=h.hexdigest(),
+                       columns=[d.image_column, d.caption_column, d.identity_column, d.name_column])
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def output_dir(cfg: Config) -> Path:
-    return Path(cfg.prepare.output).expanduser() if cfg.prepare.output else cfg.run_dir / "prepared"
+    """``prepare.output``, else ``<output_dir>/datasets/<source name>-<fingerprint>``."""
+    if cfg.prepare.output:
+        return Path(cfg.prepare.output).expanduser()
+    if cfg.data.source == "synthetic":
+        name = f"synthetic-{cfg.data.profile}"
+    else:
+        path, imagefolder = manifest_path(cfg.data.source)
+        name = path.parent.name if imagefolder else path.stem
+    return Path(cfg.output_dir).expanduser() / "datasets" / f"{sanitize_key(name)[:40]}-{source_fingerprint(cfg)}"
 
 
 def calibration_images(plan: Plan, size: int) -> list[Image.Image]:
     if plan.synthetic is not None:
-        counts, seed, img_size = plan.synthetic
-        return [r.image for r in synthetic_slice(counts, seed, img_size, 0, min(CALIBRATION_IMAGES, sum(counts)))]
+        counts, seed, img_size, bases = plan.synthetic
+        return [r.image for r in synthetic_slice(counts, seed, img_size, bases, 0, min(CALIBRATION_IMAGES, sum(counts)))]
     images = []
     for item in plan.items:
         try:
@@ -488,12 +589,12 @@ def frozen_model(cfg: Config, out: Path, plan: Plan) -> str:
     target = out / "model"
     if (target / "vae" / "config.json").is_file():
         return str(target)
-    from .pipeline import save_components
+    from pogdiff.models.components import save_components
 
-    from .tiny_vae import pretrain_tiny_vae
+    from pogdiff.models.tiny_vae import pretrain_tiny_vae
 
     components = load_components(cfg.model)
-    # the same pretrained tiny VAE as pipeline.stage_features: a random decoder makes images meaningless
+    # a random-init decoder would make images meaningless: pretrain the tiny VAE as an autoencoder first
     pretrain_tiny_vae(components.vae, cfg.model.tiny_vae_steps, cfg.model.seed, cfg.data.image_size)
     images = calibration_images(plan, cfg.data.image_size)
     if images:
@@ -530,14 +631,34 @@ def plot_label_distribution(identities: np.ndarray, path: Path, title: str) -> l
     return counts.tolist()
 
 
-def prepare(cfg: Config, progress: bool = True) -> dict:
-    """Plan, run the unfinished shard tasks, write the index. Returns dataset.json's content."""
-    pc = cfg.prepare
-    out = output_dir(cfg)
-    shards = out / "shards"
+def run_split(shards: Path, items: Optional[list[Item]], synthetic: Optional[tuple], num_records: int, common: dict,
+              pc: PrepareConfig, progress: bool) -> tuple[int, list[dict]]:
+    """Run the unfinished shard tasks of one split; returns (tasks, their sidecar records)."""
     shards.mkdir(parents=True, exist_ok=True)
     for tmp in shards.glob(".*.tmp"):  # parts of tasks an earlier run did not finish
         tmp.unlink()
+    per = pc.samples_per_shard
+    num_tasks = -(-num_records // per)
+    tasks = []
+    for t in range(num_tasks):
+        a, b = t * per, min((t + 1) * per, num_records)
+        if read_task_record(shards, t) is not None:
+            continue
+        if items is not None:
+            tasks.append(Task(t, folder=str(shards), items=items[a:b], **common))
+        else:
+            tasks.append(Task(t, folder=str(shards), synthetic=(*synthetic, a, b), **common))
+    log.info("%s: %d records in %d shard tasks, %d to do", shards, num_records, num_tasks, len(tasks))
+    run_tasks(tasks, pc, progress, total=sum(task_size(t) for t in tasks))
+    return num_tasks, [read_task_record(shards, t) for t in range(num_tasks)]
+
+
+def prepare(cfg: Config, progress: bool = True) -> dict:
+    """Plan, run the unfinished shard tasks (training split, then the held-out split), write the
+    indexes. Returns dataset.json's content. Rows in = samples + skipped records (+ held out)."""
+    pc, d = cfg.prepare, cfg.data
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
     plan = make_plan(cfg)
     log_skipped(plan.skipped)
     fingerprint = plan.fingerprint(cfg)
@@ -546,29 +667,26 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
         raise PrepareError(f"'{out}' holds shards of a different plan (other records or settings); "
                            "use another prepare.output or delete that directory")
     if plan.num_records == 0:
-        raise PrepareError(f"data.source '{cfg.data.source}': no usable record (see the skipped records above)")
-    per = pc.samples_per_shard
-    num_tasks = -(-plan.num_records // per)
-    atomic_write(plan_file, json.dumps({"fingerprint": fingerprint, "num_records": plan.num_records,
-                                        "num_tasks": num_tasks}))
+        raise PrepareError(f"data.source '{d.source}': no usable record (see the skipped records above)")
+    atomic_write(plan_file, json.dumps({"fingerprint": fingerprint, "num_records": plan.num_records}))
     model = frozen_model(cfg, out, plan)
-    common = dict(folder=str(shards), model=model, image_encoder=cfg.data.image_encoder, image_size=cfg.data.image_size,
-                  device=pc.device, batch_size=pc.batch_size, max_samples=per, max_bytes=pc.max_shard_bytes,
-                  strict=pc.strict)
-    tasks = []
-    for t in range(num_tasks):
-        a, b = t * per, min((t + 1) * per, plan.num_records)
-        if read_task_record(shards, t) is not None:
-            continue
-        if plan.items is not None:
-            tasks.append(Task(t, items=plan.items[a:b], **common))
-        else:
-            tasks.append(Task(t, synthetic=(*plan.synthetic, a, b), **common))
-    log.info("%s: %d records in %d shard tasks, %d to do", out, plan.num_records, num_tasks, len(tasks))
-    run_tasks(tasks, pc, progress, total=sum(task_size(t) for t in tasks))
+    common = dict(model=model, image_encoder=d.image_encoder, image_size=d.image_size, device=pc.device,
+                  batch_size=pc.batch_size, max_samples=pc.samples_per_shard, max_bytes=pc.max_shard_bytes,
+                  strict=pc.strict, keep_images=pc.keep_images)
+    num_tasks, records = run_split(out / "shards", plan.items, plan.synthetic, plan.num_records, common, pc, progress)
+    heldout_n = len(plan.heldout_items) if plan.heldout_items else \
+        (sum(plan.heldout_synthetic[0]) if plan.heldout_synthetic else 0)
+    heldout_skipped: list[dict] = []
+    if heldout_n:
+        h_tasks, h_records = run_split(out / "heldout" / "shards", plan.heldout_items or None, plan.heldout_synthetic,
+                                       heldout_n, common, pc, progress)
+        heldout_skipped = [s for r in h_records for s in r["skipped"]]
+        if sum(len(r["samples"]) for r in h_records):
+            write_index(out / "heldout", h_tasks, heldout_n, {"model": os.path.relpath(model, out / "heldout")
+                                                              if Path(model).is_relative_to(out) else model,
+                                                              "split": "heldout"})
 
-    records = [read_task_record(shards, t) for t in range(num_tasks)]
-    skipped = plan.skipped + [s for r in records for s in r["skipped"]]
+    skipped = plan.skipped + [s for r in records for s in r["skipped"]] + heldout_skipped
     if plan.selection:  # bad images found after the selection leave an identity short of its count
         have = Counter(s["identity"] for r in records for s in r["samples"])
         want = Counter(item.identity for item in plan.items)
@@ -578,17 +696,23 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
                         "(identity: [have, want]): %s", plan.selection["short_identities"])
     summary = {"skipped": dict(Counter(s["reason"] for s in skipped)), "skipped_records": skipped,
                "imbalance": plan.selection}
+    heldout_samples = 0
+    if (out / "heldout" / "dataset.json").is_file():
+        heldout_samples = json.loads((out / "heldout" / "dataset.json").read_text())["num_samples"]
     meta = {"model": os.path.relpath(model, out) if Path(model).is_relative_to(out) else model,
-            "image_encoder": cfg.data.image_encoder, "image_size": cfg.data.image_size,
-            "source": cfg.data.source, "name_masking": pc.mask_names, "summary": summary,
-            "prepare": asdict(pc)}
+            "image_encoder": d.image_encoder, "image_size": d.image_size,
+            "source": d.source, "source_fingerprint": source_fingerprint(cfg), "name_masking": pc.mask_names,
+            "summary": summary, "prepare": asdict(pc), "keep_images": pc.keep_images,
+            "heldout": {"samples": heldout_samples, "per_identity": d.heldout_images} if heldout_samples else None,
+            "synthetic": {"counts": plan.synthetic[0], "seed": plan.synthetic[1], "image_size": plan.synthetic[2],
+                          "heldout_images": d.heldout_images} if plan.synthetic is not None else None}
     dataset = write_index(out, num_tasks, plan.num_records, meta)
     if plan.name_map:
         atomic_write(out / "name_map.json", json.dumps(plan.name_map, indent=1))
     identities = np.load(out / "identities.npy")
     if (identities >= 0).any():
         plot_label_distribution(identities[identities >= 0], out / "label_distribution.png",
-                                f"{Path(cfg.data.source).name}: {len(identities)} images")
-    log.info("prepared %d samples in %d shards under %s; skipped %d records %s", dataset["num_samples"],
-             len(dataset["shards"]), out, len(skipped), summary["skipped"] or "")
+                                f"{Path(d.source).name}: {len(identities)} images")
+    log.info("prepared %d samples (+%d held out) in %d shards under %s; skipped %d records %s", dataset["num_samples"],
+             heldout_samples, len(dataset["shards"]), out, len(skipped), summary["skipped"] or "")
     return dataset

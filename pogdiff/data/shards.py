@@ -32,8 +32,11 @@ from typing import BinaryIO, Iterable, Iterator, Optional
 
 import numpy as np
 
+from pogdiff.runs import atomic_write
+
 FORMAT = "pogdiff-shards/1"
 LATENT, TOKENS, POOLED, IMAGE_EMB, META = "latent.npy", "tokens.npy", "pooled.npy", "imgemb.npy", "json"
+IMAGE, CAPTION = "png", "txt"  # with prepare.keep_images: the image at data.image_size, the caption text
 COLUMNS = {"tokens": np.int32, "image_emb": np.float32, "pooled": np.float32}  # per-task .npz -> index .npy
 TAR_BLOCK = 512
 
@@ -112,6 +115,7 @@ class Sample:
     tokens: np.ndarray  # (L,)
     pooled: np.ndarray  # (D,)
     image_emb: np.ndarray  # (d,)
+    image: Optional[bytes] = None  # PNG (prepare.keep_images)
 
     @property
     def meta(self) -> dict:
@@ -120,20 +124,17 @@ class Sample:
 
 
 def encode_sample(s: Sample) -> dict[str, bytes]:
-    return {LATENT: npy_bytes(s.latent.astype(np.float16)), TOKENS: npy_bytes(s.tokens.astype(np.int32)),
-            POOLED: npy_bytes(s.pooled.astype(np.float32)), IMAGE_EMB: npy_bytes(s.image_emb.astype(np.float32)),
-            META: json.dumps(s.meta).encode()}
+    files = {LATENT: npy_bytes(s.latent.astype(np.float16)), TOKENS: npy_bytes(s.tokens.astype(np.int32)),
+             POOLED: npy_bytes(s.pooled.astype(np.float32)), IMAGE_EMB: npy_bytes(s.image_emb.astype(np.float32)),
+             META: json.dumps(s.meta).encode()}
+    if s.image is not None:
+        files[IMAGE], files[CAPTION] = s.image, s.caption.encode()
+    return files
 
 
 def tar_bytes(files: dict[str, bytes]) -> int:
     """Bytes these files take in a tar: a 512-byte header each, data padded to 512."""
     return sum(TAR_BLOCK + -(-len(v) // TAR_BLOCK) * TAR_BLOCK for v in files.values())
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 def task_name(task: int) -> str:
@@ -290,6 +291,35 @@ class DatasetIndex:
     def shard_urls(self) -> list[str]:
         return [str(self.root / p["url"]) for p in self.meta["shards"]]
 
+    def identity_counts(self) -> dict[int, int]:
+        ids, counts = np.unique(self.identities, return_counts=True)
+        return dict(zip(ids.tolist(), counts.tolist()))
+
+    def is_minority(self, few_max_images: int) -> np.ndarray:
+        """Per row: its identity has at most ``few_max_images`` training images (the "Few" split)."""
+        counts = self.identity_counts()
+        table = np.array([counts.get(i, 0) for i in range(int(self.identities.max(initial=-1)) + 1)], dtype=np.int64)
+        return (self.identities >= 0) & (table[self.identities.clip(min=0)] <= few_max_images)
+
+    def identity_names(self) -> dict[int, str]:
+        """identity -> its name (the manifest's name column, else the identity label), first row wins."""
+        out: dict[int, str] = {}
+        for i, name in zip(self.identities.tolist(), self.names):
+            if i >= 0 and i not in out:
+                out[i] = name or str(i)
+        return dict(sorted(out.items()))
+
+    def images(self) -> Iterator[tuple[int, int, bytes]]:
+        """(row, identity, PNG bytes) of every row, shard after shard (needs prepare.keep_images)."""
+        row_of = {k: r for r, k in enumerate(self.keys)}
+        for url in self.shard_urls:
+            with open(url, "rb") as f:
+                for member in read_tar(f, url):
+                    key, _, ext = member["fname"].partition(".")
+                    if ext == IMAGE and key in row_of:
+                        row = row_of[key]
+                        yield row, int(self.identities[row]), member["data"]
+
     @classmethod
     def load(cls, root: str | Path) -> "DatasetIndex":
         root = Path(root)
@@ -301,3 +331,18 @@ class DatasetIndex:
         return cls(root, meta, [r["key"] for r in rows], [r["shard"] for r in rows], [r["caption"] for r in rows],
                    [r["name"] for r in rows], np.load(root / "identities.npy"), mm("tokens"), mm("image_emb"),
                    mm("pooled"))
+
+
+class EmbeddingSource:
+    """The FAISS builder's view of a prepared dataset: image embeddings and identities, read one slice
+    at a time from the memory-mapped index; picklable by path, so Ray shard actors open it themselves."""
+
+    def __init__(self, root: str | Path):
+        self.root = str(root)
+        self.n, self.dim = np.load(Path(self.root) / "image_emb.npy", mmap_mode="r").shape
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(np.load(Path(self.root) / "image_emb.npy", mmap_mode="r")[start:stop], dtype=np.float32)
+
+    def identities(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        return np.load(Path(self.root) / "identities.npy", mmap_mode="r")[start:stop].astype(np.int64)

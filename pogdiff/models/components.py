@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .config import ModelConfig
+from pogdiff.config import ModelConfig
 
 # (subfolder, file that must exist in it) of a diffusers Stable Diffusion directory.
 REQUIRED_PARTS = {
@@ -90,7 +90,7 @@ def build_tiny_tokenizer(words: list[str]) -> CLIPTokenizer:
 
 
 def build_tiny(seed: int = 0) -> Components:
-    from .synthetic import vocabulary
+    from pogdiff.data.synthetic import vocabulary
 
     torch.manual_seed(seed)
     tokenizer = build_tiny_tokenizer(vocabulary())
@@ -177,3 +177,18 @@ def encode_tokens(components: Components, input_ids: torch.Tensor, device: torch
 
 def encode_text(components: Components, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return encode_tokens(components, tokenize(components, captions), device)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but no CUDA device is visible")
+    return torch.device(name)
+
+
+def save_components(c: Components, path: Path) -> None:
+    """A diffusers Stable Diffusion directory (without model_index.json) of these components."""
+    for name in ("unet", "vae", "text_encoder", "tokenizer"):
+        getattr(c, name).save_pretrained(path / name)
+    c.noise_scheduler.save_pretrained(path / "scheduler")

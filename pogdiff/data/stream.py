@@ -1,6 +1,6 @@
 """Streaming prepared shards into training (WebDataset): the reader a trainer calls.
 
-    from pogdiff.stream import make_train_loader
+    from pogdiff.data.stream import make_train_loader
 
     loader = make_train_loader("/shared/agedb-l", batch_size=8, num_workers=4, seed=0)  # rank/world from env
     for epoch in range(epochs):
@@ -63,7 +63,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shards import LATENT, META, TOKENS, npy_load, read_tar
+from pogdiff.data.shards import LATENT, META, TOKENS, npy_load, read_tar
+from pogdiff.runs import derive_seed
 
 log = logging.getLogger("pogdiff.stream")
 
@@ -83,8 +84,7 @@ def dist_info(rank: Optional[int] = None, world_size: Optional[int] = None) -> t
     return rank, world_size
 
 
-def stream_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+stream_seed = derive_seed
 
 
 class SkipAndLog:

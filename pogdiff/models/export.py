@@ -17,8 +17,8 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
-from .config import ModelConfig
-from .models import load_components
+from pogdiff.config import ModelConfig
+from pogdiff.models.components import load_components
 
 
 def build_unet(model_dir: str | Path, weights: dict[str, torch.Tensor]) -> UNet2DConditionModel:

@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import DensityConfig
-from .neighbours import check_finite
+from pogdiff.config import DensityConfig
+from pogdiff.method.neighbours import check_finite
 
 
 class TextVAE(nn.Module):
@@ -71,7 +71,10 @@ class TextDensity:
         return torch.cat(out)
 
     def log_psi_inv(self, y: torch.Tensor, a3: float = 1.0) -> torch.Tensor:
-        z = (self.nll(y) - self.median_nll) / self.temperature
+        return self.log_psi_inv_from_nll(self.nll(y), a3)
+
+    def log_psi_inv_from_nll(self, nll: torch.Tensor, a3: float = 1.0) -> torch.Tensor:
+        z = (nll.float() - self.median_nll) / self.temperature
         return z.clamp(-self.log_clip, self.log_clip) - math.log(a3)
 
     def log_density(self, y: torch.Tensor) -> torch.Tensor:

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
-from .config import Config
-from .pipeline import RunFiles
+from pogdiff.config import Config
+from pogdiff.runs import RunFiles
 
 
 def image_seed(seed: int, identity: int, index: int) -> int:
@@ -40,7 +40,8 @@ def load_pipeline(pipeline_dir: str | Path, device: torch.device):
 
     pipeline_dir = Path(pipeline_dir)
     if not (pipeline_dir / "model_index.json").is_file():
-        raise FileNotFoundError(f"no trained pipeline at '{pipeline_dir}': run `pogdiff train` with this config first")
+        raise FileNotFoundError(f"no trained pipeline at '{pipeline_dir}': run `pogdiff train` or `pogdiff train-dist` "
+                                "with this config (method, seed, run_name, output_dir) first")
     pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_dir), safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False)
     # Latents are scaled to unit variance, so clipping the predicted x0 to [-1, 1] (the DDIM default
@@ -79,12 +80,13 @@ def _ray_generate(pipeline_dir: str, prompts: dict[int, str], n: int, steps: int
     """The identities split into ``workers`` Ray tasks, each loading the pipeline once."""
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    from pogdiff.dist.cluster import connect, drop_source_checkout_from_sys_path
+
+    started = connect(num_cpus=workers, log_to_driver=False)
     try:
         @ray.remote(num_cpus=1)
         def task(chunk: dict[int, str]) -> dict[int, np.ndarray]:
+            drop_source_checkout_from_sys_path()
             torch.set_num_threads(1)
             return generate(load_pipeline(pipeline_dir, torch.device("cpu")), chunk, n, steps, guidance_scale, seed, batch_size)
 
@@ -99,17 +101,22 @@ def _ray_generate(pipeline_dir: str, prompts: dict[int, str], n: int, steps: int
             ray.shutdown()
 
 
-def identity_prompts(cfg: Config) -> dict[int, str]:
-    """identity -> prompt, for every identity of the run's training set (names from features)."""
-    from .features import FeatureSet
+def identity_prompts(cfg: Config, index=None) -> dict[int, str]:
+    """identity -> prompt, for every identity of the dataset (names from its manifest: the name
+    column, else the identity label; the generator's names for synthetic data)."""
+    if index is None:
+        from pogdiff.data.dataset import resolve_dataset
 
-    feats = FeatureSet.load(RunFiles(cfg).features)
-    names = dict(zip(feats.identities.tolist(), feats.names))
-    return {i: cfg.sample.prompt_template.format(p=names[i]) for i in sorted(names)}
+        index = resolve_dataset(cfg, progress=False).index
+    names = index.identity_names()
+    if not names:
+        raise ValueError(f"dataset '{index.root}' has no identity labels (data.identity_column): sampling and "
+                         "evaluation are per identity")
+    return {i: cfg.sample.prompt_template.format(p=name) for i, name in names.items()}
 
 
 def samples_dir(cfg: Config) -> Path:
-    return RunFiles(cfg).method / "generated"
+    return RunFiles(cfg).samples
 
 
 def _settings(cfg: Config) -> dict:
@@ -155,8 +162,8 @@ def sample_run(cfg: Config, progress: bool = True) -> dict[int, np.ndarray]:
     cached = load_samples(cfg)
     if cached is not None:
         return cached
-    from .export import image_grid
-    from .train import resolve_device
+    from pogdiff.models.components import resolve_device
+    from pogdiff.models.export import image_grid
 
     s = cfg.sample
     files = RunFiles(cfg)

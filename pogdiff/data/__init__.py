@@ -1,0 +1,1 @@
+"""Datasets: sources, prepare, the shard format, the streaming reader, the frozen encoders."""

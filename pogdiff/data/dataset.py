@@ -1,0 +1,206 @@
+"""One dataset, one path: every verb reads a *prepared dataset* and its per-dataset artifacts.
+
+    ds = resolve_dataset(cfg)          # any data.source -> a prepared directory (prepared once, then reused)
+    ds.index                            # pogdiff.data.shards.DatasetIndex: memory-mapped columns, shard list
+    neighbour_table(cfg, ds)            # Eq. 8 table, built with the FAISS service on first use
+    text_density(cfg, ds)               # Eq. 10-11 VAE and the -ELBO of every row
+    psi_table_for(cfg, ds)              # Eq. 12 psi per (row, neighbour) for the method's a1, a2, a3
+
+``data.source`` is ``synthetic``, a JSONL/CSV manifest, a Hugging Face imagefolder directory or a
+prepared directory. The first three are prepared into ``prepare.output`` (default
+``<output_dir>/datasets/<name>-<fingerprint>``); a directory whose dataset.json carries the same
+source fingerprint is reused as it is.
+
+Artifacts sit beside the index in ``<dataset>/artifacts/``, written atomically (temp + rename)
+and memory-mapped when read (``mmap_mode="c"``: copy-on-write, so torch can wrap them without a
+copy and no process holds whole-dataset tensors):
+
+    neighbours-k<k>/ids.npy sims.npy different_identity.npy stats.json
+    density-<fp>/density.safetensors nll.npy               (nll = -ELBO per row)
+    psi-<fp>.npy  psi-<fp>.json                            ((N, k) fp32 and its head/tail summary)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from pogdiff.config import Config
+from pogdiff.data.shards import DatasetIndex, EmbeddingSource
+from pogdiff.method.density import TextDensity, fit_text_density
+from pogdiff.method.neighbours import NeighbourTable, psi_table, summarize_psi
+from pogdiff.runs import fingerprint, write_json
+
+log = logging.getLogger("pogdiff.data")
+
+
+def is_prepared(path: str | Path) -> bool:
+    return (Path(path) / "dataset.json").is_file()
+
+
+@dataclass
+class Dataset:
+    root: Path
+
+    @cached_property
+    def index(self) -> DatasetIndex:
+        return DatasetIndex.load(self.root)
+
+    @property
+    def meta(self) -> dict:
+        return self.index.meta
+
+    @property
+    def model_dir(self) -> str:
+        """The diffusers directory whose VAE and text encoder made the shards (and whose UNet trains)."""
+        model = self.meta["model"]
+        return str((self.root / model).resolve()) if not Path(model).is_absolute() and (self.root / model).exists() \
+            else model
+
+    @cached_property
+    def heldout(self) -> Optional[DatasetIndex]:
+        return DatasetIndex.load(self.root / "heldout") if is_prepared(self.root / "heldout") else None
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    def __len__(self) -> int:
+        return int(self.meta["num_samples"])
+
+
+def resolve_dataset(cfg: Config, progress: bool = True) -> Dataset:
+    """``data.source`` as a prepared dataset: a prepared directory as it is; any other source
+    prepared once (``pogdiff prepare``) and reused while its fingerprint holds."""
+    from pogdiff.data.prepare import output_dir, prepare, source_fingerprint
+
+    source = cfg.data.source
+    if source != "synthetic" and is_prepared(source):
+        return Dataset(Path(source).resolve())
+    out = output_dir(cfg)
+    if is_prepared(out) and json.loads((out / "dataset.json").read_text()).get("source_fingerprint") == source_fingerprint(cfg):
+        return Dataset(out.resolve())
+    prepare(cfg, progress=progress)
+    return Dataset(out.resolve())
+
+
+def _load(path: Path) -> np.ndarray:
+    return np.load(path, mmap_mode="c")
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------- neighbours (Eq. 8)
+
+def neighbours_dir(cfg: Config, ds: Dataset) -> Path:
+    return ds.artifacts / f"neighbours-k{cfg.method.k}"
+
+
+def build_neighbours(cfg: Config, ds: Dataset, progress: bool = True) -> dict:
+    """The kNN graph of the dataset's image embeddings with the FAISS service (pogdiff.dist.knn_graph)
+    -> ``neighbours-k<k>/``; returns the build's stats."""
+    from pogdiff.dist.knn_graph import build_knn_graph
+
+    out = neighbours_dir(cfg, ds)
+    table, stats = build_knn_graph(EmbeddingSource(ds.root), cfg.method.k, cfg.index, root=ds.artifacts / "faiss",
+                                   progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, array in (("ids", table.ids.numpy()), ("sims", table.sims.numpy()),
+                        ("different_identity", table.different_identity.numpy())):
+        _save_npy(out / f"{name}.npy", array)
+    stats["table"] = str(out)
+    write_json(out / "stats.json", stats)  # last: the table is complete
+    return stats
+
+
+def neighbour_table(cfg: Config, ds: Dataset, progress: bool = True) -> NeighbourTable:
+    out = neighbours_dir(cfg, ds)
+    if not (out / "stats.json").is_file():
+        build_neighbours(cfg, ds, progress)
+    return NeighbourTable(torch.from_numpy(_load(out / "ids.npy")), torch.from_numpy(_load(out / "sims.npy")),
+                          torch.from_numpy(_load(out / "different_identity.npy")))
+
+
+# ------------------------------------------------------------------------------ density (Eq. 10-11)
+
+def density_dir(cfg: Config, ds: Dataset) -> Path:
+    dc = asdict(cfg.density)
+    dc.pop("temperature"), dc.pop("log_clip")  # applied when psi_inv is read, not when the VAE is fitted
+    return ds.artifacts / f"density-{fingerprint(dc, 12)}"
+
+
+def text_density(cfg: Config, ds: Dataset, progress: bool = True) -> tuple[TextDensity, np.ndarray]:
+    """(the fitted text VAE with this config's temperature and clip, -ELBO of every row (N,))."""
+    out = density_dir(cfg, ds)
+    if not (out / "nll.npy").is_file():
+        density = fit_text_density(torch.from_numpy(np.array(ds.index.pooled)), cfg.density, progress=progress)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".density.{os.getpid()}.tmp"
+        density.save(tmp)
+        os.replace(tmp, out / "density.safetensors")
+        _save_npy(out / "nll.npy", density.nll(torch.from_numpy(np.asarray(ds.index.pooled))).numpy())
+    density = TextDensity.load(out / "density.safetensors")
+    density.temperature = float(cfg.density.temperature) if cfg.density.temperature is not None else density.temperature
+    density.log_clip = cfg.density.log_clip
+    return density, _load(out / "nll.npy")
+
+
+# ----------------------------------------------------------------------------------------- psi (Eq. 12)
+
+def psi_path(cfg: Config, ds: Dataset) -> Path:
+    m, dc = cfg.method, cfg.density
+    key = dict(k=m.k, a1=m.a1, a2=m.a2, a3=m.a3, psi_img=m.psi_img, psi_inv=m.psi_inv, temperature=dc.temperature,
+               log_clip=dc.log_clip, density=density_dir(cfg, ds).name if m.psi_inv else None,
+               minority_images=cfg.data.minority_images)
+    return ds.artifacts / f"psi-{fingerprint(key, 12)}.npy"
+
+
+def psi_table_for(cfg: Config, ds: Dataset, progress: bool = True) -> tuple[np.ndarray, dict]:
+    """psi per (row, neighbour) (N, k), memory-mapped, and its head/tail summary (built on first use)."""
+    path = psi_path(cfg, ds)
+    stats_path = path.with_suffix(".json")
+    if not stats_path.is_file():
+        m = cfg.method
+        table = neighbour_table(cfg, ds, progress)
+        log_inv = None
+        if m.psi_inv:
+            density, nll = text_density(cfg, ds, progress)
+            log_inv = density.log_psi_inv_from_nll(torch.from_numpy(np.asarray(nll)), m.a3)
+        psi = psi_table(table, log_inv, m.a1, m.a2, use_psi_img=m.psi_img)
+        ds.artifacts.mkdir(parents=True, exist_ok=True)
+        _save_npy(path, psi.numpy())
+        stats = summarize_psi(psi, ds.index.is_minority(cfg.data.minority_images))
+        write_json(stats_path, stats)
+        ratio = stats.get("tail_over_head")
+        if ratio is not None and ratio < 1:
+            log.warning("E[psi | tail] / E[psi | head] = %.3f < 1: psi weights minority samples below majority "
+                        "ones with these settings (method.a1/a2/a3, density.temperature)", ratio)
+    return _load(path), json.loads(stats_path.read_text())
+
+
+def prepare_artifacts(cfg: Config, ds: Dataset, progress: bool = True) -> dict:
+    """What the configured method reads in a training step, built once by the driver (returns psi stats)."""
+    from pogdiff.config import Method
+
+    name = cfg.method.name
+    if name == Method.pogdiff:
+        return psi_table_for(cfg, ds, progress)[1]
+    if name == Method.t2h:
+        text_density(cfg, ds, progress)
+    return {}
+
+
+def clear_artifacts(ds: Dataset) -> None:
+    shutil.rmtree(ds.artifacts, ignore_errors=True)

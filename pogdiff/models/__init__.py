@@ -1,0 +1,1 @@
+"""Stable Diffusion components: loading, the tiny configs, export."""

@@ -1,0 +1,350 @@
+"""The per-worker training loop, shared by the one-machine run and the DeepSpeed workers.
+
+    inputs = training_inputs(cfg, dataset, device)         # UNet, objective (text encoder, psi, density)
+    engine = LocalEngine(inputs.unet, cfg.train)            # or pogdiff.dist.worker.DeepSpeedEngine
+    batches = stream_batches(make_loader(cfg, dataset, rank, world), start_step * grad_accum, device, dtype)
+    fit(cfg, engine, inputs.objective, batches, start_step, ...)
+
+An engine has a DeepSpeed engine's contract: ``engine(x_t, t, cond)`` is the UNet's eps,
+``backward(loss)`` + ``step()`` run once per micro-batch and the optimizer steps on every
+``grad_accum``-th (with gradient clipping and the LR schedule). It also hands out full fp32
+weights, its rank's optimizer state and the EMA shards, so one checkpoint format serves both.
+
+Every rank streams the prepared shards (pogdiff.data.stream, resampled, the same number of
+batches per epoch on every rank). Randomness is a pure function of (seed, rank, micro-batch) and
+the stream of (seed, epoch, rank, world, DataLoader workers): a run resumed from step k skips the
+stream to micro-batch k * grad_accum and draws what an uninterrupted run draws after step k.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from pogdiff.config import Config, Method, ModelConfig, TrainConfig
+from pogdiff.data.dataset import Dataset
+from pogdiff.method.objectives import Batch, Objective, TextConditioner
+from pogdiff.models.components import resolve_device
+from pogdiff.runs import derive_seed
+from pogdiff.train.ema import ShardedEMA, flat_shard
+from pogdiff.train.metrics import MetricsLog, term_stats
+
+log = logging.getLogger("pogdiff.train")
+
+
+def step_generator(seed: int, rank: int, micro: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(seed, rank, micro))
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def make_loader(cfg: Config, ds: Dataset, rank: int, world: int):
+    """This rank's reader of the dataset's shards (resampled; equal batch counts on every rank)."""
+    from pogdiff.data.stream import make_train_loader
+
+    return make_train_loader(ds.root, cfg.train.batch_size, rank, world, num_workers=cfg.data.dataloader_num_workers,
+                             seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+
+
+def stream_batches(loader, start_micro: int, device: torch.device, dtype: torch.dtype) -> Iterator[Batch]:
+    """Endless ``Batch``es from ``loader`` starting at micro-batch ``start_micro`` of the stream
+    (the data position of a checkpoint): the epoch is set, then the batches before it are skipped."""
+    epoch, skip = divmod(start_micro, len(loader))
+    loader.set_epoch(epoch)
+    while True:
+        for b in loader:
+            if skip:
+                skip -= 1
+                continue
+            yield Batch(index=b["index"], latents=b["latents"].to(device, dtype), tokens=b["tokens"], keys=b["key"])
+
+
+def data_position(cfg: Config, loader, step: int) -> dict:
+    """What a checkpoint records of the stream (resume checks it against the resumed job's)."""
+    return {"micro_batches": step * cfg.train.grad_accum, "epoch_len": len(loader), "seed": cfg.train.seed,
+            "world_size": loader.stream.world_size, "dataloader_num_workers": loader.num_workers}
+
+
+def check_data_position(saved: Optional[dict], now: dict) -> None:
+    if saved and any(saved.get(k) != now[k] for k in ("epoch_len", "seed", "world_size", "dataloader_num_workers")):
+        log.warning("the checkpoint's data stream was %s, this job's is %s: training continues at micro-batch %d of "
+                    "a different stream, not the samples an uninterrupted run would see", saved, now,
+                    now["micro_batches"])
+
+
+# --------------------------------------------------------------------------- model and objective setup
+
+def text_conditioner(model_dir: str, ds: Dataset, device: torch.device) -> TextConditioner:
+    """The frozen text encoder over the dataset's memory-mapped token table."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder").to(device).eval().requires_grad_(False)
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+    null = tokenizer([""], padding="max_length", max_length=ds.index.tokens.shape[1], truncation=True,
+                     return_tensors="pt").input_ids[0]
+    return TextConditioner(lambda ids: encoder(ids.to(device)).last_hidden_state, ds.index.tokens, null)
+
+
+def build_objective(cfg: Config, ds: Dataset, text: TextConditioner, alphas_cumprod: torch.Tensor) -> Objective:
+    """The method's objective over the dataset's artifacts (memory-mapped: rows are read per batch)."""
+    from pogdiff.data.dataset import neighbour_table, psi_table_for, text_density
+    from pogdiff.method.neighbours import NeighbourSampler
+
+    m = cfg.method
+    sampler = log_density = None
+    if m.name == Method.pogdiff:
+        psi, _ = psi_table_for(cfg, ds, progress=False)
+        sampler = NeighbourSampler(neighbour_table(cfg, ds, progress=False), torch.from_numpy(psi))
+    if m.name == Method.t2h:
+        _, nll = text_density(cfg, ds, progress=False)
+        log_density = -torch.from_numpy(nll)
+    tc = cfg.train
+    return Objective(m, alphas_cumprod, text=text, sampler=sampler, log_density=log_density,
+                     caption_dropout=tc.caption_dropout, backend=tc.loss_backend, snr_gamma=tc.snr_gamma,
+                     noise_offset=tc.noise_offset)
+
+
+@dataclass
+class TrainingInputs:
+    unet: torch.nn.Module  # the dataset model's UNet, the starting point
+    objective: Objective
+    is_minority: torch.Tensor  # (N,) bool per dataset row: the psi head/tail split of the logs
+
+
+def training_inputs(cfg: Config, ds: Dataset, device: torch.device) -> TrainingInputs:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(ds.model_dir, subfolder="unet")
+    alphas = DDPMScheduler.from_pretrained(ds.model_dir, subfolder="scheduler").alphas_cumprod
+    objective = build_objective(cfg, ds, text_conditioner(ds.model_dir, ds, device), alphas)
+    return TrainingInputs(unet, objective, torch.from_numpy(ds.index.is_minority(cfg.data.minority_images)))
+
+
+def configure_unet(unet: torch.nn.Module, cfg: ModelConfig, device: torch.device) -> None:
+    """Gradient checkpointing and the attention kernel (SDPA is diffusers' default processor)."""
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    want_xformers = cfg.attention == "xformers" or (cfg.attention == "auto" and device.type == "cuda")
+    if want_xformers:
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            if cfg.attention == "xformers":
+                raise RuntimeError("model.attention=xformers but xformers is not installed "
+                                   "(pip install 'pogdiff[gpu]'), or use model.attention=sdpa") from None
+            return
+        unet.enable_xformers_memory_efficient_attention()
+
+
+def build_optimizer(tc: TrainConfig, params) -> torch.optim.Optimizer:
+    kw = dict(lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.adam_beta1, tc.adam_beta2))
+    if tc.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kw)
+    return torch.optim.AdamW(params, **kw)
+
+
+def build_lr_scheduler(tc: TrainConfig, optimizer: torch.optim.Optimizer):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.lr_warmup_steps, num_training_steps=tc.steps)
+
+
+class LocalEngine:
+    """One process, one device: the engine contract over a plain torch optimizer."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, unet: torch.nn.Module, tc: TrainConfig):
+        self.module, self.tc = unet, tc
+        self.optimizer = build_optimizer(tc, unet.parameters())
+        self.scheduler = build_lr_scheduler(tc, self.optimizer)
+        self.micro_steps, self.grad_norm = 0, None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.module(x, t, encoder_hidden_states=cond).sample
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.tc.grad_accum).backward()
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.tc.grad_accum:
+            return
+        if self.tc.grad_clip > 0:
+            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.tc.grad_clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+
+    def param_shards(self) -> list[torch.Tensor]:
+        return [flat_shard(p.detach(), self.rank, self.world_size) for _, p in self.named_parameters()]
+
+    def all_gather(self, shard: torch.Tensor) -> list[torch.Tensor]:
+        return [shard]
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().float().cpu().clone() for n, p in self.named_parameters()}
+
+    def load_full_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(weights, strict=False)
+
+    def optimizer_state(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+def make_ema(cfg: TrainConfig, engine) -> Optional[ShardedEMA]:
+    if not cfg.ema:
+        return None
+    named = engine.named_parameters()
+    device = torch.device("cpu") if cfg.ema_offload else None
+    # A ZeRO-3 parameter is an empty placeholder; ds_shape is its real shape.
+    return ShardedEMA([n for n, _ in named], [getattr(p, "ds_shape", p.shape) for _, p in named],
+                      engine.param_shards(), cfg.ema_decay, device)
+
+
+# ------------------------------------------------------------------------------------------------ loop
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)  # every logged step's mean loss
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def train_step(engine, objective: Objective, batches: Iterator[Batch], seed: int, step: int, grad_accum: int,
+               with_terms: bool) -> tuple[torch.Tensor, list[tuple[Batch, LossOutput]]]:
+    """One optimizer step over ``grad_accum`` micro-batches: (mean loss, per-micro-batch outputs)."""
+    losses, outs = [], []
+    for micro in range(grad_accum):
+        batch = next(batches)
+        out = objective(engine, batch, step_generator(seed, engine.rank, step * grad_accum + micro), with_terms)
+        engine.backward(out.loss)
+        engine.step()
+        losses.append(out.loss.detach().float())
+        if with_terms:
+            outs.append((batch, out))
+    return torch.stack(losses).mean(), outs
+
+
+def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], start_step: int, out_dir: Path,
+        is_minority: torch.Tensor, ema: Optional[ShardedEMA] = None,
+        save: Optional[Callable[[int], None]] = None, validate: Optional[Callable[[int, MetricsLog], None]] = None,
+        after_step: Optional[Callable[[int], None]] = None, progress: bool = True) -> TrainResult:
+    """Steps ``start_step`` .. ``train.steps`` on every rank; rank 0 logs. ``save(step)`` runs every
+    ``train.checkpoint_every`` steps and ``validate(step)`` every ``train.validate_every`` (both on
+    every rank: they gather)."""
+    from tqdm import tqdm
+
+    tc, rank0 = cfg.train, engine.rank == 0
+    pair_tag = "psi" if cfg.method.name.value == "pogdiff" else "pair_weight"
+    metrics = MetricsLog(out_dir, tc.tensorboard, enabled=rank0, fresh=start_step == 0)
+    result = TrainResult(steps=start_step)
+    window: list[torch.Tensor] = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(start_step, tc.steps), desc=f"train {cfg.method.name.value}", unit="step",
+               disable=not (progress and rank0), initial=start_step, total=tc.steps,
+               mininterval=0.1 if sys.stderr.isatty() else 10.0)  # Ray forwards every redraw as a log line
+    for step in bar:
+        done = step + 1
+        log_now = done % tc.log_every == 0 or done == tc.steps
+        loss, outs = train_step(engine, objective, batches, tc.seed, step, tc.grad_accum, log_now)
+        if ema is not None:
+            ema.update(engine.param_shards())
+        window.append(loss)
+        if log_now:
+            sums = engine.all_reduce_sum(torch.cat([torch.stack([torch.stack(window).sum().double(),
+                                                                 torch.tensor(len(window), dtype=torch.float64)]),
+                                                    term_stats(outs, is_minority)]))
+            window.clear()
+            n, head, tail = sums[2], sums[6], sums[8]
+            entry = {"loss": float(sums[0] / sums[1]), "target_mse": float(sums[3] / n), "lr": engine.lr,
+                     "grad_norm": None if engine.grad_norm is None else float(engine.grad_norm)}
+            if objective.cfg.name.value in ("pogdiff", "cbdm"):
+                entry["pair_mse"] = float(sums[4] / n)
+                entry[f"{pair_tag}/head"] = float(sums[5] / head) if head else None
+                entry[f"{pair_tag}/tail"] = float(sums[7] / tail) if tail else None
+            metrics.scalars(done, entry)
+            result.losses.append(entry["loss"])
+            result.history.append({"step": done, **entry})
+            bar.set_postfix(loss=f"{entry['loss']:.4f}")
+        if validate and tc.validate_every and done % tc.validate_every == 0:
+            validate(done, metrics)
+        if save and (done == tc.steps or (tc.checkpoint_every and done % tc.checkpoint_every == 0)):
+            save(done)
+        result.steps = done
+        if after_step:
+            after_step(done)
+    metrics.close()
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def train(cfg: Config, ds: Dataset, out_dir: Path, progress: bool = True) -> tuple[TrainResult, dict[str, torch.Tensor]]:
+    """One machine: train the dataset model's UNet on ``ds``, resuming from ``out_dir/checkpoints``.
+    Returns the result and the weights to export (the EMA when ``train.ema``)."""
+    from pogdiff.train.checkpoint import Checkpointer, load_unet_weights, restore_checkpoint
+    from pogdiff.train.validate import Validator, default_prompts
+
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    inputs = training_inputs(cfg, ds, device)
+    unet = inputs.unet
+    ckpt = Checkpointer(out_dir / "checkpoints", keep=tc.checkpoint_keep)
+    latest = ckpt.latest() if tc.checkpoint_every else None
+    if latest is not None:
+        unet.load_state_dict(load_unet_weights(latest))
+    configure_unet(unet, cfg.model, device)
+    unet.to(device).train()
+    engine = LocalEngine(unet, tc)
+    ema = make_ema(tc, engine)
+    loader = make_loader(cfg, ds, 0, 1)
+    start = 0
+    if latest is not None:
+        start, saved = restore_checkpoint(latest, engine, ema)
+        check_data_position(saved.get("data"), data_position(cfg, loader, start))
+        log.info("resumed from %s (step %d)", latest, start)
+    batches = stream_batches(loader, start * tc.grad_accum, device, torch.float32)
+    validate = Validator(cfg, engine, ema, ds.model_dir, out_dir, default_prompts(cfg, ds.index)) if tc.validate_every else None
+    save = (lambda step: ckpt.save(step, engine, ema, {"data": data_position(cfg, loader, step)})) if tc.checkpoint_every else None
+    result = fit(cfg, engine, inputs.objective, batches, start, out_dir, inputs.is_minority,
+                 ema=ema, save=save, validate=validate, progress=progress)
+    return result, (ema.gather(engine.all_gather) if ema is not None else engine.full_weights())
+
+
+def run_train(cfg: Config, progress: bool = True) -> TrainResult:
+    """``pogdiff train``: one machine, one process (``pogdiff.dist.ray_driver`` is the cluster job).
+    Resolves (prepares) the dataset, builds the method's artifacts, trains, exports the pipeline."""
+    from pogdiff.data.dataset import prepare_artifacts, resolve_dataset
+    from pogdiff.models.export import export_pipeline
+    from pogdiff.runs import RunFiles
+    from pogdiff.train.metrics import write_history
+
+    ds = resolve_dataset(cfg, progress)
+    psi_stats = prepare_artifacts(cfg, ds, progress)
+    files = RunFiles(cfg)
+    torch.manual_seed(cfg.train.seed)
+    result, weights = train(cfg, ds, files.method, progress=progress)
+    export_pipeline(ds.model_dir, weights, files.method)
+    write_history(cfg, psi_stats, result)
+    return result
