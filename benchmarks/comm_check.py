@@ -60,7 +60,7 @@ def run_case(case: dict, steps: int, warmup: int) -> dict:
 
     from pogdiff.config import MethodConfig
     from pogdiff.models.components import tiny_unet_config
-    from pogdiff.method.objectives import Batch, Objective
+    from pogdiff.method.objectives import Batch, Objective, TextConditioner
     from train_step import neighbour_sampler
 
     torch.manual_seed(0)
@@ -76,7 +76,7 @@ def run_case(case: dict, steps: int, warmup: int) -> dict:
     latents = torch.randn((n, 4, unet.config.sample_size, unet.config.sample_size), generator=g)
     text = torch.randn((n, 8, unet.config.cross_attention_dim), generator=g)
     alphas = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod
-    objective = Objective(MethodConfig(**METHODS[case["method"]]), alphas, text_table=text,
+    objective = Objective(MethodConfig(**METHODS[case["method"]]), alphas, text=TextConditioner.from_table(text),
                           sampler=neighbour_sampler(n, 4, 0), backend="torch")
 
     def unet_fn(x, t, cond):
@@ -87,7 +87,7 @@ def run_case(case: dict, steps: int, warmup: int) -> dict:
         comms_logger.reset_data()
         for micro in range(accum):
             index = torch.arange(MICRO_BATCH) + (step * accum + micro) * MICRO_BATCH % (n - MICRO_BATCH)
-            loss = objective(unet_fn, Batch(index, latents[index], text[index]), g).loss
+            loss = objective(unet_fn, Batch(index, latents[index], index[:, None]), g).loss
             engine.backward(loss)
             engine.step()
         logged: dict[str, int] = {}

@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pogdiff.config import GradMode, Method, MethodConfig, ModelConfig
 from pogdiff.method.neighbours import NeighbourSampler, NeighbourTable
-from pogdiff.method.objectives import Batch, Objective, to_device
+from pogdiff.method.objectives import Batch, Objective, TextConditioner, to_device
 
 # Stable Diffusion v1.5 (runwayml/stable-diffusion-v1-5) unet/config.json, the values that differ
 # from diffusers' defaults written out; random init, nothing downloaded.
@@ -199,17 +199,15 @@ class HostStore:
         g = torch.Generator().manual_seed(args.seed)
         n = args.dataset_size
         if encoders is None:
-            self.fields = {"latents": torch.randn((n, *latent), generator=g).half(),
-                           "text": torch.randn((n, *text), generator=g).half()}
+            self.fields = {"latents": torch.randn((n, *latent), generator=g).half()}
+            self.text = torch.randn((n, *text), generator=g).half()  # y and y' states, looked up by row
         else:
             down = 2 ** (len(encoders[0].config.block_out_channels) - 1)
             vocab = encoders[1].config.vocab_size
             self.fields = {"images": torch.randint(0, 256, (n, 3, latent[1] * down, latent[2] * down), generator=g,
                                                    dtype=torch.uint8),
                            "tokens": torch.randint(0, vocab, (n, text[0]), generator=g)}
-        from pogdiff.train.loop import epoch_batches
-
-        self.indices = epoch_batches(n, args.batch_size, args.seed)
+        self.indices = shuffled_batches(n, args.batch_size, args.seed)
         self.device, self.overlap = args.device, args.overlap_data
         self.pending = self._fetch() if self.overlap else None
 
@@ -223,6 +221,15 @@ class HostStore:
             return self._fetch()
         current, self.pending = self.pending, self._fetch()  # the copy of the next batch is in flight now
         return current
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int):
+    """Endless batches of row indices, a fresh seeded permutation per epoch."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=g)
+        for i in range(n // batch_size):
+            yield perm[i * batch_size:(i + 1) * batch_size]
 
 
 def neighbour_sampler(n: int, k: int, seed: int) -> NeighbourSampler:
@@ -242,13 +249,19 @@ class Bench:
         self.store = HostStore(args, latent, text, self.encoders)
         n = args.dataset_size
         g = torch.Generator().manual_seed(args.seed + 1)
-        text_table = torch.randn((n, *text), generator=g).half()  # y' conditioning, precomputed in every mode
         alphas = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                                beta_end=0.012).alphas_cumprod
         sampler = neighbour_sampler(n, 10, args.seed)
+        if self.encoders is None:  # precomputed y and y' states (N, L, D)
+            conditioner = TextConditioner.from_table(self.store.text, torch.zeros(text, dtype=torch.float16))
+        else:  # what training does: caption tokens (y from the batch, y' from the table) through the text encoder
+            text_encoder = self.encoders[1]
+            tokens = self.store.fields["tokens"]
+            conditioner = TextConditioner(lambda ids: text_encoder(ids.to(args.device)).last_hidden_state, tokens,
+                                          torch.zeros(tokens.shape[1], dtype=torch.long))
         self.objectives = {
-            m: Objective(MethodConfig(**METHODS[m]), alphas, text_table=text_table, sampler=sampler,
-                         null_text=torch.zeros(text, dtype=torch.float16), caption_dropout=0.1, backend=args.loss_backend)
+            m: Objective(MethodConfig(**METHODS[m]), alphas, text=conditioner, sampler=sampler, caption_dropout=0.1,
+                         backend=args.loss_backend)
             for m in args.methods
         }
         self.params = [p for p in self.unet.parameters() if p.requires_grad]
@@ -270,16 +283,16 @@ class Bench:
     def batch(self) -> Batch:
         index, f = self.store.next()
         if self.encoders is None:
-            latents, text = f["latents"].float(), f["text"].float()
+            latents, tokens = f["latents"].float(), index[:, None]
         else:
-            vae, text_encoder, scale = self.encoders
+            vae, _, scale = self.encoders
             with torch.no_grad(), self.autocast:
                 images = f["images"].to(vae.dtype) / 127.5 - 1.0
                 latents = vae.encode(images).latent_dist.sample().float() * scale
-                text = text_encoder(f["tokens"]).last_hidden_state.float()
+            tokens = f["tokens"]
         if self.args.channels_last:
             latents = latents.contiguous(memory_format=torch.channels_last)
-        return Batch(index=index, latents=latents, text=text)
+        return Batch(index=index, latents=latents, tokens=tokens)
 
     def unet_fn(self, x, t, cond):
         return self.model(x, t, encoder_hidden_states=cond, return_dict=False)[0]

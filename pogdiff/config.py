@@ -402,6 +402,14 @@ def _check_values(cfg: Config) -> None:
         problems.append(f"prepare.backend must be process|ray|serial, got '{cfg.prepare.backend}'")
     if cfg.prepare.samples_per_shard < 1 or cfg.prepare.max_shard_bytes < 1 or cfg.prepare.workers < 1:
         problems.append("prepare.samples_per_shard, prepare.max_shard_bytes and prepare.workers must be >= 1")
+    if cfg.eval.encoder in ("tiny", cfg.data.image_encoder):
+        problems.append(f"eval.encoder='{cfg.eval.encoder}' is the neighbours' image encoder (data.image_encoder); the "
+                        "metrics need independent features: use 'recognizer' or another local HF vision model")
+    from diffusers.optimization import SchedulerType
+
+    if t.lr_scheduler not in {s.value for s in SchedulerType}:
+        problems.append(f"train.lr_scheduler='{t.lr_scheduler}' is not one of diffusers' schedules: "
+                        + ", ".join(s.value for s in SchedulerType))
     if cfg.data.dataloader_num_workers < 0 or cfg.data.shuffle_buffer < 1:
         problems.append("data.dataloader_num_workers must be >= 0 and data.shuffle_buffer >= 1")
     if cfg.data.heldout_images < 0 or cfg.data.minority_images < 1:
@@ -412,6 +420,18 @@ def _check_values(cfg: Config) -> None:
                   ("recall_sample", 0), ("flat_max", 0)) if getattr(ic, name) < low]
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def variant_config(cfg: Config, variant: str, seed: int) -> Config:
+    """``cfg`` with the experiment variant's method settings and training seed ``seed``."""
+    import dataclasses
+
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown experiment variant '{variant}'; choose from {list(VARIANTS)}")
+    overrides = {"psi_img": True, "psi_inv": True, **VARIANTS[variant]}
+    overrides["name"] = Method(overrides["name"])
+    method = dataclasses.replace(cfg.method, **overrides)
+    return dataclasses.replace(cfg, method=method, train=dataclasses.replace(cfg.train, seed=seed))
 
 
 def to_yaml(cfg: Config) -> str:

@@ -20,16 +20,19 @@ import torch
 torch.set_num_threads(1)
 
 from pogdiff.config import ConfigError, GradMode, Method, MethodConfig, load_config
+from pogdiff.data.dataset import Dataset, prepare_artifacts, resolve_dataset
+from pogdiff.dist.cluster import connect, ray_run_name, run_storage
 from pogdiff.dist.deepspeed_config import deepspeed_config
-from pogdiff.dist.ray_driver import connect, ray_run_name, read_history, run, storage_path
+from pogdiff.dist.ray_driver import read_history, run
+from pogdiff.method.objectives import Batch, Objective, TextConditioner
+from pogdiff.runs import RunFiles, load_run_config
+from pogdiff.train.checkpoint import checkpoint_state, load_state_dict, newest_complete, save_state_dict
 from pogdiff.train.ema import ShardedEMA, flat_shard
-from pogdiff.method.objectives import Batch, Objective
-from pogdiff.pipeline import RunFiles, stage_density, stage_features, stage_neighbours, training_inputs
-from pogdiff.train.loop import epoch_batches, load_state_dict, save_state_dict, train
+from pogdiff.train.loop import make_loader, stream_batches, train, training_inputs
 
 
 BASE = ["run_name=dist", "data.profile=custom", "data.majority_ids=2", "data.minority_ids=3", "data.majority_images=12",
-        "density.epochs=30", "train.batch_size=4", "train.lr=1e-3", "train.log_every=1"]
+        "density.epochs=30", "train.batch_size=4", "train.lr=1e-3", "train.log_every=1", "prepare.samples_per_shard=10"]
 
 
 def _overrides(root, *extra):
@@ -37,7 +40,7 @@ def _overrides(root, *extra):
 
 
 def _cfg(root, *extra):
-    return load_config("configs/demo.yaml", _overrides(root, *extra))
+    return load_run_config("configs/demo.yaml", _overrides(root, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -46,30 +49,32 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def data(root):
+def data(root) -> Dataset:
     cfg = _cfg(root)
-    feats = stage_features(cfg)
-    stage_neighbours(cfg, feats)
-    stage_density(cfg, feats)
-    return feats
+    ds = resolve_dataset(cfg, progress=False)
+    prepare_artifacts(cfg, ds, progress=False)
+    return ds
 
 
 # ------------------------------------------------------------------------------------- without Ray
 
-def test_epoch_batches_split_ranks_evenly():
-    n, bs, world = 30, 4, 2
-    streams = [epoch_batches(n, bs, seed=3, rank=r, world=world) for r in range(world)]
-    per_epoch = n // world // bs  # 3 batches per rank per epoch
-    epoch = [torch.cat([next(s) for _ in range(per_epoch)]) for s in streams]
-    assert all(len(e) == per_epoch * bs for e in epoch)
-    assert not set(epoch[0].tolist()) & set(epoch[1].tolist())  # disjoint shares within an epoch
-    # resuming at micro-batch k yields what the uninterrupted stream yields from k on
-    full = epoch_batches(n, bs, seed=3, rank=1, world=world)
-    seq = [next(full) for _ in range(7)]
-    resumed = epoch_batches(n, bs, seed=3, start=4, rank=1, world=world)
-    assert all(torch.equal(next(resumed), seq[k]) for k in range(4, 7))
-    with pytest.raises(ValueError, match="share of the dataset"):
-        next(epoch_batches(6, 4, seed=0, rank=0, world=2))
+def test_stream_splits_ranks_evenly_and_resumes_at_its_position(root, data):
+    """Every rank gets the same number of batches per epoch (resampled shards), and a stream started
+    at micro-batch k yields exactly what the uninterrupted stream yields from k on."""
+    cfg = _cfg(root, "train.batch_size=3")
+    loaders = [make_loader(cfg, data, r, 2) for r in range(2)]
+    n = len(data)
+    assert [len(x) for x in loaders] == [-(-n // 6)] * 2
+    epochs = [[b["index"] for b in x] for x in loaders]
+    assert [len(e) for e in epochs] == [len(loaders[0])] * 2 and all(len(b) == 3 for e in epochs for b in e)
+    assert not torch.equal(torch.cat(epochs[0]), torch.cat(epochs[1]))  # ranks draw their own samples
+    full = stream_batches(make_loader(cfg, data, 1, 2), 0, torch.device("cpu"), torch.float32)
+    seq = [next(full) for _ in range(2 * len(loaders[0]) + 3)]  # across an epoch boundary
+    k = len(loaders[0]) + 1
+    resumed = stream_batches(make_loader(cfg, data, 1, 2), k, torch.device("cpu"), torch.float32)
+    for want in seq[k:]:
+        got = next(resumed)
+        assert torch.equal(got.index, want.index) and torch.equal(got.latents, want.latents) and got.keys == want.keys
 
 
 def test_deepspeed_config(tmp_path):
@@ -99,7 +104,7 @@ def _objective(method=Method.pogdiff, **kw):
                            sims=torch.full((n, 2), 0.5), different_identity=torch.zeros(n, 2, dtype=torch.bool))
     sampler = NeighbourSampler(table, torch.full((n, 2), 0.7))
     obj = Objective(MethodConfig(name=method, grad_mode=GradMode.full), sched.alphas_cumprod,
-                    text_table=torch.randn(n, 5, 8), sampler=sampler, **kw)
+                    text=TextConditioner.from_table(torch.randn(n, 5, 8)), sampler=sampler, **kw)
     return obj, sched
 
 
@@ -109,14 +114,14 @@ def test_min_snr_weights_the_whole_per_sample_loss():
     gamma = 5.0
     plain, sched = _objective()
     weighted, _ = _objective(snr_gamma=gamma)
-    weighted.text_table = plain.text_table
+    weighted.text = plain.text
     w = torch.randn(4, 4)
 
     def unet(x, t, y):  # depends on y, so the pair term is not zero
         return x + y.mean((1, 2)).view(-1, 1, 1, 1) * w
 
     for seed in range(4):  # one sample per call: the per-sample weight is the loss ratio
-        batch = Batch(index=torch.tensor([seed]), latents=torch.randn(1, 4, 4, 4), text=torch.randn(1, 5, 8))
+        batch = Batch(index=torch.tensor([seed]), latents=torch.randn(1, 4, 4, 4), tokens=torch.tensor([[seed]]))
         a = plain(unet, batch, torch.Generator().manual_seed(seed), with_terms=True)
         b = weighted(unet, batch, torch.Generator().manual_seed(seed))
         assert a.pair_mse.item() > 0
@@ -127,7 +132,7 @@ def test_min_snr_weights_the_whole_per_sample_loss():
 def test_noise_offset_adds_per_channel_noise():
     obj, _ = _objective(Method.vanilla, noise_offset=1.0)
     zero = lambda x, t, y: torch.zeros_like(x)  # noqa: E731 - the loss is then mean(eps^2)
-    batch = Batch(index=torch.arange(6), latents=torch.zeros(6, 4, 16, 16), text=torch.zeros(6, 5, 8))
+    batch = Batch(index=torch.arange(6), latents=torch.zeros(6, 4, 16, 16), tokens=torch.arange(6)[:, None])
     losses = [obj(zero, batch, torch.Generator().manual_seed(s)).loss.item() for s in range(20)]
     # E[eps^2] = 1 + offset^2 = 2 (vs 1 without the offset)
     assert sum(losses) / len(losses) == pytest.approx(2.0, rel=0.15)
@@ -196,17 +201,16 @@ def test_optimizer_state_roundtrip_without_pickle(tmp_path, kind):
 
 
 def test_one_machine_resume_is_exact(root, data):
-    """6 steps straight == 3 steps, a checkpoint, a fresh process state, 3 more (EMA, LR warmup, RNG, data).
-    (The schedule must not depend on train.steps, which differs between the two legs here.)"""
+    """6 steps straight == 3 steps, a checkpoint, a fresh process state, 3 more (EMA, LR warmup, RNG, data
+    position). (The schedule must not depend on train.steps, which differs between the two legs here.)"""
     extra = ["method.name=pogdiff", "train.ema=true", "train.lr_scheduler=constant_with_warmup", "train.lr_warmup_steps=4",
              "train.grad_accum=2", "train.snr_gamma=5", "train.noise_offset=0.05", "train.tensorboard=false"]
     weights = {}
     for name, stops in (("straight", [6]), ("resumed", [3, 6])):
         for steps in stops:
             cfg = _cfg(root, *extra, "train.steps=%d" % steps, "train.checkpoint_every=3")
-            feats, unet, objective, _ = training_inputs(cfg)
             out = Path(root) / f"local-{name}"
-            result, weights[name] = train(cfg, unet, objective, feats, out, progress=False)
+            result, weights[name] = train(cfg, data, out, progress=False)
         assert result.steps == 6
         assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000006"]
     for k in weights["straight"]:
@@ -219,42 +223,80 @@ def test_one_machine_resume_is_exact(root, data):
 def cluster(root):
     import ray
 
-    started = connect(_cfg(root))
+    started = connect(num_cpus=4)
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()
 
 
-def _eval_loss(cfg, weights=None) -> float:
-    """Vanilla denoising loss on the whole training set, fixed noise and timesteps."""
-    feats, unet, _, _ = training_inputs(cfg)
+def _eval_loss(cfg, ds, weights=None) -> float:
+    """Vanilla denoising loss on the whole training set (one exact pass), fixed noise and timesteps."""
+    from pogdiff.data.stream import make_train_loader
+
+    inputs = training_inputs(cfg, ds, torch.device("cpu"))
+    unet = inputs.unet
     if weights is not None:
         unet.load_state_dict(weights)
-    from diffusers import DDPMScheduler
-
-    obj = Objective(MethodConfig(name=Method.vanilla), DDPMScheduler.from_pretrained(RunFiles(cfg).model / "scheduler").alphas_cumprod)
-    batch = Batch(index=torch.arange(len(feats)), latents=feats.latents.float(), text=feats.text.float())
+    batches = list(make_train_loader(ds.root, len(ds), 0, 1, num_workers=0, resampled=False, shuffle_buffer=1))
+    batch = Batch(index=torch.cat([b["index"] for b in batches]), latents=torch.cat([b["latents"] for b in batches]).float(),
+                  tokens=torch.cat([b["tokens"] for b in batches]))
+    obj = Objective(MethodConfig(name=Method.vanilla), inputs.objective.alphas_cumprod, text=inputs.objective.text)
     fn = lambda x, t, y: unet(x, t, encoder_hidden_states=y).sample  # noqa: E731
     with torch.no_grad():
         return sum(obj(fn, batch, torch.Generator().manual_seed(s)).loss.item() for s in range(4)) / 4
 
 
+def _checkpoints(cfg) -> list[Path]:
+    return sorted(run_storage(cfg).glob("step_*"))
+
+
 def _final_checkpoint(cfg) -> Path:
-    snap = json.loads((storage_path(cfg) / ray_run_name(cfg) / "checkpoint_manager_snapshot.json").read_text())
-    return storage_path(cfg) / ray_run_name(cfg) / snap["latest_checkpoint_result"]["checkpoint_dir_name"]
+    return newest_complete(_checkpoints(cfg))
 
 
-ZERO2 = ["dist.zero_stage=2", "train.seed=0", "train.steps=6", "train.checkpoint_every=2", "dist.fail_at_step=3",
-         "dist.max_failures=1", "train.ema=true"]
+def _kill_a_worker_after_first_checkpoint(cfg, seen: dict) -> None:
+    """A real failure, from outside: SIGKILL one Ray Train worker process once the run has a
+    complete checkpoint on storage; records the newest complete step at that moment."""
+    import psutil
+
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        done = newest_complete(_checkpoints(cfg), verify=False) if run_storage(cfg).is_dir() else None
+        if done is not None:
+            workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            if workers:
+                seen["step_at_kill"] = checkpoint_state(done)["step"]
+                workers[-1].kill()
+                seen["killed"] = workers[-1].pid
+                return
+        time.sleep(0.05)
+
+
+KILLED = ["dist.zero_stage=2", "train.seed=0", "train.steps=24", "train.checkpoint_every=4", "dist.max_failures=1",
+          "train.ema=true"]
 ZERO3 = ["dist.zero_stage=3", "train.seed=1", "train.steps=9", "train.checkpoint_every=3", "train.ema=true",
          "model.gradient_checkpointing=true", "train.validate_every=9", "train.validation_ddim_steps=3"]
 
 
 @pytest.fixture(scope="module")
 def zero2_run(root, data, cluster):
-    """ZeRO-2, rank 1 dies (os._exit) after step 3 once; Ray restarts the group from step 2's checkpoint."""
-    cfg = _cfg(root, *ZERO2)
-    return cfg, run(cfg)
+    """ZeRO-2; one worker process is SIGKILLed after the first checkpoint; Ray restarts the group."""
+    import threading
+
+    cfg = _cfg(root, *KILLED)
+    seen: dict = {}
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(cfg, seen), daemon=True)
+    killer.start()
+    result = run(cfg, progress=False)
+    killer.join(5)
+    return cfg, result, seen
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(root, data, cluster):
+    """The same job as zero2_run, never interrupted, under another run name."""
+    cfg = _cfg(root, *KILLED, "run_name=dist-straight")
+    return cfg, run(cfg, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -264,11 +306,10 @@ def zero3_run(root, data, cluster):
     cfg = _cfg(root, *ZERO3)
     cmd = [sys.executable, "-m", "pogdiff.dist.ray_driver", "configs/demo.yaml", *_overrides(root, *ZERO3)]
     env = {**os.environ, "RAY_ADDRESS": cluster}
-    snapshot = storage_path(cfg) / ray_run_name(cfg) / "checkpoint_manager_snapshot.json"
     with open(Path(root) / "driver1.log", "w") as log:
         first = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 300
-        while not (snapshot.is_file() and "step_00000003" in snapshot.read_text()):
+        while not (run_storage(cfg).is_dir() and newest_complete(_checkpoints(cfg), verify=False)):
             assert first.poll() is None, (Path(root) / "driver1.log").read_text()[-3000:]
             assert time.time() < deadline, "no checkpoint within 300 s"
             time.sleep(0.2)
@@ -285,30 +326,34 @@ def _ranks(cfg):
 
 
 @pytest.mark.parametrize("job", ["zero2_run", "zero3_run"])
-def test_loss_falls_and_ranks_agree(job, request):
-    cfg, _ = request.getfixturevalue(job)
+def test_loss_falls_and_ranks_agree(job, request, data):
+    cfg = request.getfixturevalue(job)[0]
     ranks = _ranks(cfg)
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["module_sha256"] == ranks[1]["module_sha256"]
     from safetensors.torch import load_file
 
     final = load_file(str(_final_checkpoint(cfg) / "unet.safetensors"))
-    before, after = _eval_loss(cfg), _eval_loss(cfg, final)
+    before, after = _eval_loss(cfg, data), _eval_loss(cfg, data, final)
     assert after < 0.8 * before, (before, after)
 
 
-def test_worker_failure_resumes_from_checkpoint(zero2_run):
-    cfg, result = zero2_run
-    files = RunFiles(cfg)
-    assert (files.method / ".failed_at_step_3").exists()  # rank 1 did die
-    assert result.steps == 6 and [h["step"] for h in result.history] == list(range(1, 7))
-    assert all(r["start_step"] == 2 and r["steps"] == 6 for r in _ranks(cfg))  # restarted from step 2
-    assert json.loads((_final_checkpoint(cfg) / "trainer.json").read_text())["step"] == 6
-    # step 3 ran before the failure and again after it: the same data, noise and weights
-    logged = [json.loads(line) for line in (files.method / "metrics.jsonl").read_text().splitlines()]
-    first, again = [e for e in logged if e["step"] == 3]
-    assert again["loss"] == pytest.approx(first["loss"], rel=1e-6) and again["psi/tail"] == pytest.approx(first["psi/tail"], rel=1e-6)
-    assert len(list(storage_path(cfg).joinpath(ray_run_name(cfg)).glob("step_*"))) == cfg.train.checkpoint_keep
+def test_worker_killed_resumes_from_newest_checkpoint_at_its_data_position(zero2_run, uninterrupted_run):
+    """A worker SIGKILLed mid-run: the group restarts from the newest complete checkpoint on storage
+    (never an older one, registered by Ray or not) and, from there, sees the same samples, noise
+    and weights as a run that was never interrupted: every step's logged loss is the same."""
+    cfg, result, seen = zero2_run
+    assert "killed" in seen, "no worker was killed: the run ended before its first checkpoint"
+    assert result.steps == 24 and [h["step"] for h in result.history] == list(range(1, 25))
+    starts = {r["start_step"] for r in _ranks(cfg)}
+    assert len(starts) == 1 and starts.pop() >= seen["step_at_kill"] > 0, (_ranks(cfg), seen)
+    assert checkpoint_state(_final_checkpoint(cfg))["step"] == 24
+    straight_cfg, straight = uninterrupted_run
+    assert [h["step"] for h in straight.history] == list(range(1, 25))
+    for a, b in zip(result.history, straight.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["psi/tail"] == pytest.approx(b["psi/tail"], rel=1e-5)
+    assert _ranks(cfg)[0]["module_sha256"] == _ranks(straight_cfg)[0]["module_sha256"]
+    assert len(_checkpoints(cfg)) == cfg.train.checkpoint_keep
 
 
 def test_restart_with_same_name_continues(zero3_run):

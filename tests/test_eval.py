@@ -104,7 +104,7 @@ def test_compute_metrics_splits_all_and_few():
 def tiny_pipe(tmp_path_factory):
     from pogdiff.models.export import make_pipeline
     from pogdiff.models.components import build_tiny
-    from pogdiff.pipeline import save_components
+    from pogdiff.models.components import save_components
 
     model = tmp_path_factory.mktemp("model")
     components = build_tiny(0)
@@ -192,12 +192,13 @@ def test_report_tables_are_mean_and_std_over_seeds(tmp_path):
     import csv
     import json
 
-    from pogdiff.config import load_config
+    from pogdiff.config import variant_config
     from pogdiff.eval import metrics_path
-    from pogdiff.experiment.experiment import variant_config
     from pogdiff.experiment.report import write_report
+    from pogdiff.runs import load_run_config
 
-    cfg = load_config("configs/experiment.yaml", [f"output_dir={tmp_path}", "data.profile=agedb-s"])
+    cfg = load_run_config("configs/experiment.yaml", [f"output_dir={tmp_path}", "data.profile=agedb-s",
+                                                      "model.tiny_vae_steps=0", "prepare.backend=serial"])
     fid = {("vanilla", 0): 10.0, ("vanilla", 1): 12.0, ("pogdiff", 0): 7.0, ("pogdiff", 1): 8.0}
     for (variant, seed), value in fid.items():
         summary = {f"{m}_{s}": value if m == "fid" else 0.5 for m in ("fid", "dino", "grecall") for s in ("all", "few")}

@@ -25,10 +25,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pogdiff.config import load_config
-from pogdiff.dist.ray_driver import ray_run_name, storage_path
-from pogdiff.pipeline import RunFiles
-from pogdiff.train.loop import checkpoint_state
+from pogdiff.dist.cluster import run_storage
+from pogdiff.runs import RunFiles, load_run_config
+from pogdiff.train.checkpoint import checkpoint_state
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -162,7 +161,7 @@ def test_slurm_invalid_config_fails_before_ray_starts(slurm, tmp_path):
 def ray_checkpoints(cfg) -> list[Path]:
     """The driver's complete checkpoints (every rank's optimizer shard present), oldest first."""
     done = []
-    for path in sorted((storage_path(cfg) / ray_run_name(cfg)).glob("step_*")):
+    for path in sorted(run_storage(cfg).glob("step_*")):
         try:
             checkpoint_state(path)
             done.append(path)
@@ -188,7 +187,7 @@ def test_slurm_two_nodes_train_and_survive_worker_node_loss(slurm, tmp_path, ray
     Ray Train restarts the worker group from the latest checkpoint, and the job completes."""
     steps = 30
     overrides = [f"output_dir={tmp_path / 'runs'}", f"train.steps={steps}", "dist.cpus_per_worker=2", *TINY]
-    cfg = load_config(ROOT / "configs/demo.yaml", overrides)
+    cfg = load_run_config(ROOT / "configs/demo.yaml", overrides)
     job = slurm.sbatch(tmp_path, "configs/demo.yaml", overrides,
                        POGDIFF_RAY_TMPDIR=str(ray_tmp), **ray_ports_env(free_port_block(300)))
     info = slurm.wait(job, 420, until=lambda info: info.get("JobState") == "RUNNING" and ray_checkpoints(cfg))
@@ -271,7 +270,7 @@ def test_ray_job_submit(ray_head, tmp_path):
     status = run(["ray", "job", "status", "--address", address, "pogdiff-launcher-test"], env)
     assert submit.returncode == 0 and "Job 'pogdiff-launcher-test' succeeded" in status.stdout, \
         f"{submit.stdout}\n{submit.stderr}\n{status.stdout}\n{status.stderr}"
-    cfg = load_config(ROOT / "configs/demo.yaml", overrides)
+    cfg = load_run_config(ROOT / "configs/demo.yaml", overrides)
     assert checkpoint_state(ray_checkpoints(cfg)[-1])["step"] == 4
     rank0 = json.loads((RunFiles(cfg).method / "ranks" / "rank0.json").read_text())
     assert rank0["world_size"] == 1 and rank0["steps"] == 4 and RunFiles(cfg).unet.is_dir()

@@ -3,7 +3,7 @@ import torch
 
 from pogdiff.config import ModelConfig
 from pogdiff.models.components import ModelLoadError, build_tiny, encode_text, load_components
-from pogdiff.pipeline import save_components
+from pogdiff.models.components import save_components
 
 
 def test_tiny_components_are_real_sd_classes_and_tokenize_names():
@@ -47,7 +47,7 @@ def test_tiny_tokenizer_ids_identical_across_processes():
     import subprocess
     import sys
 
-    code = ("from pogdiff.models import build_tiny_tokenizer; from pogdiff.synthetic import vocabulary; "
+    code = ("from pogdiff.models.components import build_tiny_tokenizer; from pogdiff.data.synthetic import vocabulary; "
             "t = build_tiny_tokenizer(vocabulary()); print(t('An image of hanna zeller, blonde spiky hair.').input_ids, len(t))")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}

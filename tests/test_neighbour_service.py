@@ -1,4 +1,6 @@
 """FAISS neighbour service and kNN graph (pogdiff.dist): exactness, sharding, restarts, bad input, recall."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -64,29 +66,33 @@ def test_flat_graph_equals_numpy_brute_force_and_exact_knn(tmp_path):
     assert not small.different_identity.any()
 
 
-def test_pipeline_and_cli_use_the_builder(tmp_path):
+def test_dataset_artifact_and_cli_use_the_builder(tmp_path):
+    """The neighbour table of a prepared dataset (memory-mapped beside its index) is FAISS's exact
+    graph, built by the `index` verb or on first use."""
     from pogdiff.cli import main
-    from pogdiff.data.encode import FeatureSet
-    from pogdiff.pipeline import RunFiles, stage_neighbours
+    from pogdiff.data.dataset import Dataset, neighbour_table, neighbours_dir
+    from pogdiff.data.shards import FORMAT
 
     n = 90
     emb = torch.randn(n, 24)
     ident = torch.arange(n) // 9
-    feats = FeatureSet(keys=[f"k{i}" for i in range(n)], identities=ident, names=[f"p{i}" for i in ident.tolist()],
-                       captions=["c"] * n, latents=torch.zeros(n, 4, 2, 2).half(), text=torch.zeros(n, 3, 8).half(),
-                       pooled=torch.zeros(n, 8), image_emb=emb, null_text=torch.zeros(3, 8).half())
-    cfg = load_config(None, [f"output_dir={tmp_path}", "run_name=r", "method.k=4"])
-    files = RunFiles(cfg)
-    files.root.mkdir(parents=True)
-    feats.save(files.features)
+    root = tmp_path / "ds"
+    root.mkdir()
+    np.save(root / "image_emb.npy", emb.numpy())
+    np.save(root / "identities.npy", ident.numpy())
+    (root / "dataset.json").write_text(json.dumps({"format": FORMAT, "num_samples": n, "shards": []}))
+    cfg = load_config(None, [f"output_dir={tmp_path}", "method.k=4"])
+    ds = Dataset(root)
     ref = exact_knn(emb, 4, ident)
-    table = stage_neighbours(cfg, feats)
+    table = neighbour_table(cfg, ds, progress=False)
     assert torch.equal(table.ids, ref.ids) and torch.equal(table.different_identity, ref.different_identity)
-    files.neighbours.unlink()
+    assert isinstance(np.load(neighbours_dir(cfg, ds) / "ids.npy", mmap_mode="r"), np.memmap)
+    (neighbours_dir(cfg, ds) / "stats.json").unlink()
+    (neighbours_dir(cfg, ds) / "ids.npy").unlink()
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("run_name: r\nmethod:\n  k: 4\n")
-    assert main(["index", str(cfg_file), f"output_dir={tmp_path}"]) == 0
-    written = NeighbourTable.load(files.neighbours)
+    cfg_file.write_text("method:\n  k: 4\n")
+    assert main(["index", str(cfg_file), f"data.source={root}"]) == 0
+    written = neighbour_table(cfg, ds, progress=False)
     assert torch.equal(written.ids, ref.ids)
     torch.testing.assert_close(written.sims, ref.sims)
 

@@ -4,7 +4,7 @@ import torch
 
 from pogdiff.config import GradMode, Method, MethodConfig
 from pogdiff.method.neighbours import NeighbourSampler, NeighbourTable
-from pogdiff.method.objectives import Batch, Objective
+from pogdiff.method.objectives import Batch, Objective, TextConditioner
 
 N, C, H = 6, 2, 3
 ABAR = torch.linspace(0.99, 0.05, 10)
@@ -33,7 +33,7 @@ def _objective(method, **kw):
                            torch.full((N, 2), 0.5), torch.zeros(N, 2, dtype=torch.bool))
     psi = torch.arange(N * 2, dtype=torch.float32).view(N, 2) / 10
     cfg = MethodConfig(name=method, **kw)
-    obj = Objective(cfg, ABAR, text_table=text, sampler=NeighbourSampler(table, psi),
+    obj = Objective(cfg, ABAR, text=TextConditioner.from_table(text), sampler=NeighbourSampler(table, psi),
                     log_density=torch.arange(N, dtype=torch.float32), backend="torch")
     return obj, lat, text, psi
 
@@ -50,7 +50,7 @@ def test_vanilla_is_plain_mse():
     obj, lat, text, _ = _objective(Method.vanilla)
     unet = LinearUNet()
     idx = torch.tensor([0, 3, 5])
-    out = obj(unet, Batch(idx, lat[idx], text[idx]), torch.Generator().manual_seed(7))
+    out = obj(unet, Batch(idx, lat[idx], idx[:, None]), torch.Generator().manual_seed(7))
     _, noise, t = _replay(7, 3)
     abar = ABAR[t].view(-1, 1, 1, 1)
     x_t = abar.sqrt() * lat[idx] + (1 - abar).sqrt() * noise
@@ -63,7 +63,7 @@ def test_pogdiff_loss_and_gradients(grad_mode, split):
     obj, lat, text, psi_tab = _objective(Method.pogdiff, grad_mode=grad_mode, stop_split_forward=split)
     idx = torch.tensor([1, 2, 4])
     unet = LinearUNet()
-    out = obj(unet, Batch(idx, lat[idx], text[idx]), torch.Generator().manual_seed(3))
+    out = obj(unet, Batch(idx, lat[idx], idx[:, None]), torch.Generator().manual_seed(3))
     grads = torch.autograd.grad(out.loss, list(unet.parameters()))
     # replay: noise, t, then the neighbour slot draw
     g, noise, t = _replay(3, 3)
@@ -88,7 +88,7 @@ def test_cbdm_draws_uniformly_and_weights_by_t():
     obj, lat, text, _ = _objective(Method.cbdm, cbdm_tau=2.0)
     idx = torch.arange(4)
     unet = LinearUNet()
-    out = obj(unet, Batch(idx, lat[idx], text[idx]), torch.Generator().manual_seed(11))
+    out = obj(unet, Batch(idx, lat[idx], idx[:, None]), torch.Generator().manual_seed(11))
     g, noise, t = _replay(11, 4)
     nid = torch.randint(0, N, (4,), generator=g)
     c = 2.0 * t.float() / len(ABAR)

@@ -281,7 +281,7 @@ def test_cli_verb(tmp_path, capsys):
                    "data.majority_ids=1", "data.minority_ids=1"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["samples"] == 8 and out["skipped"] == {} and out["output"].endswith("demo/prepared")
+    assert out["samples"] == 8 and out["skipped"] == {} and "/datasets/synthetic-custom-" in out["output"]
     assert cli_main(["prepare", "configs/demo.yaml", f"output_dir={tmp_path}", "data.source=/nope.jsonl"]) == 2
 
 

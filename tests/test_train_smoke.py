@@ -1,11 +1,10 @@
-"""The one-machine vertical slice: synthetic data -> features -> neighbours -> density -> training."""
+"""The one-machine path: synthetic data -> prepare -> neighbours -> density -> streamed training."""
 import json
 
 import pytest
-import torch
 
-from pogdiff.config import load_config
-from pogdiff.pipeline import RunFiles, stage_train
+from pogdiff.runs import RunFiles, load_run_config
+from pogdiff.train.loop import run_train
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +13,7 @@ def run_root(tmp_path_factory):
 
 
 def _cfg(root, *extra):
-    return load_config("configs/demo.yaml", [
+    return load_run_config("configs/demo.yaml", [
         f"output_dir={root}", "run_name=smoke", "data.profile=custom", "data.majority_ids=2", "data.minority_ids=3",
         "data.majority_images=12", "train.steps=60", "train.log_every=10", "train.batch_size=8",
         "train.lr=1e-3", "density.epochs=30", "model.tiny_vae_steps=5", *extra,
@@ -23,7 +22,7 @@ def _cfg(root, *extra):
 
 def test_pogdiff_loss_falls(run_root):
     cfg = _cfg(run_root)
-    result = stage_train(cfg, progress=False)
+    result = run_train(cfg, progress=False)
     assert result.steps == 60
     first, last = result.losses[0], result.losses[-1]
     assert last < 0.7 * first, result.losses
@@ -35,11 +34,13 @@ def test_pogdiff_loss_falls(run_root):
 
 def test_resume_continues_from_checkpoint(run_root):
     cfg = _cfg(run_root, "method.name=vanilla", "train.steps=20", "train.checkpoint_every=10", "run_name=resume")
-    full = stage_train(cfg, progress=False)
+    full = run_train(cfg, progress=False)
     files = RunFiles(cfg)
     assert sorted(p.name for p in files.checkpoints.glob("step_*")) == ["step_00000010", "step_00000020"]
+    trainer = json.loads((files.checkpoints / "step_00000020" / "trainer.json").read_text())
+    assert trainer["data"]["micro_batches"] == 20  # the stream position travels with the checkpoint
     # a second run with more steps starts at 20, not 0
     cfg2 = _cfg(run_root, "method.name=vanilla", "train.steps=30", "train.checkpoint_every=10", "run_name=resume")
-    more = stage_train(cfg2, progress=False)
+    more = run_train(cfg2, progress=False)
     assert more.steps == 30 and len(more.history) == 1 and more.history[0]["step"] == 30
     assert full.steps == 20

@@ -150,7 +150,7 @@ def text_density(cfg: Config, ds: Dataset, progress: bool = True) -> tuple[TextD
         tmp = out / f".density.{os.getpid()}.tmp"
         density.save(tmp)
         os.replace(tmp, out / "density.safetensors")
-        _save_npy(out / "nll.npy", density.nll(torch.from_numpy(np.asarray(ds.index.pooled))).numpy())
+        _save_npy(out / "nll.npy", density.nll(torch.from_numpy(np.array(ds.index.pooled))).numpy())
     density = TextDensity.load(out / "density.safetensors")
     density.temperature = float(cfg.density.temperature) if cfg.density.temperature is not None else density.temperature
     density.log_clip = cfg.density.log_clip

@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pogdiff.config import Config, ConfigError
+from pogdiff.config import Config
 from pogdiff.data.encode import ImageEncoder, images_to_tensor, load_image_encoder
 from pogdiff.data.synthetic import make_identity
 from pogdiff.models.tiny_vae import disjoint_records
@@ -168,10 +168,7 @@ def load_or_train_recognizer(cfg: Config, ds, progress: bool = True) -> tuple[Re
 
 def eval_encoder(cfg: Config, ds, progress: bool = True) -> tuple[ImageEncoder, dict]:
     """(images -> (B, d) embeddings, a description) for the metrics."""
-    name = cfg.eval.encoder
-    if name == "tiny" or name == cfg.data.image_encoder:
-        raise ConfigError(f"eval.encoder='{name}' is the neighbours' image encoder (data.image_encoder); the "
-                          "metrics need independent features: use 'recognizer' or another local HF vision model")
+    name = cfg.eval.encoder  # never the neighbours' encoder (config validation)
     if name != "recognizer":
         return load_image_encoder(name), {"encoder": name}
     model, stats = load_or_train_recognizer(cfg, ds, progress)

@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from pogdiff.config import METHODS, Config
+from pogdiff.config import METHODS, Config, variant_config
 from pogdiff.runs import write_json
 
 
@@ -22,7 +22,7 @@ def run_demo(cfg: Config) -> int:
     from pogdiff.data.dataset import build_neighbours, neighbours_dir, prepare_artifacts, resolve_dataset, text_density
     from pogdiff.dist.cluster import connect_for
     from pogdiff.dist.ray_driver import run
-    from pogdiff.experiment.experiment import evaluate_runs, variant_config
+    from pogdiff.experiment.experiment import evaluate_runs
 
     t0 = time.perf_counter()
     ds = resolve_dataset(cfg)

@@ -13,19 +13,9 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pogdiff.config import VARIANTS, Config, Method
+from pogdiff.config import Config, variant_config
 
 log = logging.getLogger("pogdiff.experiment")
-
-
-def variant_config(cfg: Config, variant: str, seed: int) -> Config:
-    """``cfg`` with the variant's method settings and training seed ``seed``."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown experiment variant '{variant}'; choose from {list(VARIANTS)}")
-    overrides = {"psi_img": True, "psi_inv": True, **VARIANTS[variant]}
-    overrides["name"] = Method(overrides["name"])
-    method = dataclasses.replace(cfg.method, **overrides)
-    return dataclasses.replace(cfg, method=method, train=dataclasses.replace(cfg.train, seed=seed))
 
 
 def is_trained(cfg: Config) -> bool:

@@ -13,9 +13,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from pogdiff.config import ABLATION, METHODS, Config
+from pogdiff.config import ABLATION, METHODS, Config, variant_config
 from pogdiff.eval import METRICS, metrics_path
-from pogdiff.experiment.experiment import variant_config
 from pogdiff.runs import RunFiles
 
 LABELS = {"vanilla": "Vanilla", "cbdm": "CBDM", "t2h": "T2H", "pogdiff": "PoGDiff (ours)",
