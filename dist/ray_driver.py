@@ -38,6 +38,26 @@ def preflight(cfg: Config) -> None:
     deepspeed_config(cfg, cfg.dist.num_workers, cfg.dist.use_gpu)
 
 
+def check_cluster(cfg: Config) -> None:
+    """What the job asks for against what the cluster has: Ray would otherwise wait for the worker
+    group forever ("worker group startup timed out", again and again)."""
+    import ray
+
+    dc = cfg.dist
+    have = ray.cluster_resources()
+    need_cpu = dc.num_workers * dc.cpus_per_worker
+    problems = []
+    if have.get("CPU", 0) < need_cpu:
+        problems.append(f"dist.num_workers={dc.num_workers} x dist.cpus_per_worker={dc.cpus_per_worker} = {need_cpu} CPUs, "
+                        f"but the Ray cluster has {have.get('CPU', 0):g}")
+    if dc.use_gpu and have.get("GPU", 0) < dc.num_workers:
+        problems.append(f"dist.use_gpu=true with dist.num_workers={dc.num_workers} needs {dc.num_workers} GPUs, "
+                        f"but the Ray cluster has {have.get('GPU', 0):g}")
+    if problems:
+        raise ConfigError("the job does not fit the cluster: " + "; ".join(problems) + ". Lower dist.num_workers / "
+                          "dist.cpus_per_worker, or add nodes")
+
+
 def read_history(metrics_jsonl: Path) -> list[dict]:
     """The logged steps, the last record of each step (steps re-run after a restart log twice)."""
     by_step = {}
@@ -46,6 +66,22 @@ def read_history(metrics_jsonl: Path) -> list[dict]:
             entry = json.loads(line)
             by_step[entry["step"]] = entry
     return [by_step[s] for s in sorted(by_step)]
+
+
+def prune_checkpoints(cfg: Config) -> None:
+    """Keep the newest ``train.checkpoint_keep`` checkpoints on (local) storage. Ray deletes the
+    ones it registered; one written just before a failure, which Ray never registered but a restart
+    resumed from, it does not know about."""
+    import shutil
+
+    from pogdiff.dist.cluster import run_storage
+
+    folder = run_storage(cfg)
+    if folder is None or not folder.is_dir():
+        return
+    steps = sorted(folder.glob("step_*"))
+    for old in steps[:-cfg.train.checkpoint_keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def run(cfg: Config, progress: bool = True) -> TrainResult:
@@ -61,11 +97,21 @@ def run(cfg: Config, progress: bool = True) -> TrainResult:
 
     from pogdiff.dist.worker import train_worker
 
+    import shutil
+
+    from pogdiff.dist.cluster import run_storage
+    from pogdiff.runs import check_resume
+
     preflight(cfg)
     files = RunFiles(cfg)
+    storage = run_storage(cfg)
+    if not check_resume(cfg, sorted(storage.glob("step_*")) if storage is not None and storage.is_dir() else []) \
+            and storage is not None:
+        shutil.rmtree(storage, ignore_errors=True)  # train.resume=never (or nothing to resume): a fresh Ray run
     ds = resolve_dataset(cfg, progress)
     psi_stats = prepare_artifacts(cfg, ds, progress)
     connect_for(cfg)
+    check_cluster(cfg)
     dc = cfg.dist
     env = {"TOKENIZERS_PARALLELISM": "false"} | ({} if dc.use_gpu else {"DS_ACCELERATOR": "cpu"})
     trainer = TorchTrainer(
@@ -90,6 +136,7 @@ def run(cfg: Config, progress: bool = True) -> TrainResult:
         ckpt = Path(ckpt)
         weights = load_file(str(ckpt / ("ema.safetensors" if cfg.train.ema else "unet.safetensors")))
         steps = json.loads((ckpt / "trainer.json").read_text())["step"]
+    prune_checkpoints(cfg)
     export_pipeline(ds.model_dir, weights, files.method)
     history = read_history(files.method / "metrics.jsonl")
     out = TrainResult(steps=steps, losses=[h["loss"] for h in history], history=history, seconds=seconds)
@@ -116,6 +163,9 @@ def train_dist(cfg: Config) -> int:
         return 1
     try:
         result = run(cfg)
+    except ConfigError as e:
+        print(f"pogdiff train-dist: {e}", file=sys.stderr)
+        return 2
     except TrainingFailedError as e:
         print(f"pogdiff train-dist: training '{ray_run_name(cfg)}' failed after dist.max_failures="
               f"{cfg.dist.max_failures} restarts; checkpoints stay in {storage_path(cfg)} and a rerun with "

@@ -216,8 +216,11 @@ def train_worker(loop_config: dict) -> None:
     batches = stream_batches(loader, start * cfg.train.grad_accum, device, engine.dtype)
     result = fit(cfg, engine, inputs.objective, batches, start, files.method, inputs.is_minority, ema=ema, save=save,
                  validate=validate)
+    import resource
+
     summary = {"rank": engine.rank, "world_size": engine.world_size, "start_step": start, "steps": result.steps,
-               "module_sha256": engine.module_digest(), "dataset": str(ds.root)}
+               "module_sha256": engine.module_digest(), "dataset": str(ds.root),
+               "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds": result.seconds}
     out = files.method / "ranks" / f"rank{engine.rank}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))

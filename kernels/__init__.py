@@ -96,5 +96,5 @@ def pog_loss(
         )
     if psi.shape != (batch,):
         raise ValueError(f"psi must have shape ({batch},), got {tuple(psi.shape)}")
-    weights = TwoTermWeights.pogdiff(psi.float(), grad_mode)
+    weights = TwoTermWeights.pogdiff(psi.to(torch.promote_types(psi.dtype, torch.float32)), grad_mode)
     return two_term_loss_concat(eps_pred, noise, weights, backend=backend).mean()

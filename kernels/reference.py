@@ -54,20 +54,22 @@ class TwoTermWeights:
         return self.pair is not None
 
 
-def _per_sample_mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (x.float() - y.float()).pow(2).flatten(1).mean(1)
+def _per_sample_mse(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (x.to(dtype) - y.to(dtype)).pow(2).flatten(1).mean(1)
 
 
 def two_term_loss_reference(
     a: torch.Tensor, b: Optional[torch.Tensor], target: torch.Tensor, w: TwoTermWeights
 ) -> torch.Tensor:
-    """Per-sample losses (B,) in fp32, with the gradient scaling above expressed via stop-gradients."""
-    loss = w.target.float() * _per_sample_mse(a, target)
+    """Per-sample losses (B,), with the gradient scaling above expressed via stop-gradients. Computed
+    in fp32, or in the inputs' dtype where that is wider (fp64 stays fp64)."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    loss = w.target.to(dtype) * _per_sample_mse(a, target, dtype)
     if b is None or not w.has_pair:
         return loss
-    pair, ga, gb = w.pair.float(), w.grad_a.float(), w.grad_b.float()
+    pair, ga, gb = w.pair.to(dtype), w.grad_a.to(dtype), w.grad_b.to(dtype)
     ad, bd = a.detach(), b.detach()
-    value = _per_sample_mse(ad, bd)
+    value = _per_sample_mse(ad, bd, dtype)
     # Each piece carries one gradient path; the detached remainder makes the value w_pair * mse.
-    loss = loss + ga * _per_sample_mse(a, bd) + gb * _per_sample_mse(ad, b) + (pair - ga - gb) * value
+    loss = loss + ga * _per_sample_mse(a, bd, dtype) + gb * _per_sample_mse(ad, b, dtype) + (pair - ga - gb) * value
     return loss

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -141,6 +142,9 @@ class TrainConfig:
     validation_prompts: list[str] = field(default_factory=list)  # empty: one head and one tail identity
     validation_images: int = 2  # per prompt
     validation_ddim_steps: int = 20
+    # A run records its training config; rerunning its run_name with checkpoints of another config:
+    # "auto" refuses (naming the changed keys), "never" starts over (deleting them), "force" resumes.
+    resume: str = "auto"
 
 
 @dataclass
@@ -361,9 +365,63 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), s
     return cfg
 
 
+# key -> (low, high, what the bounds mean): every number a run reads is checked at load, so a bad
+# value exits 2 naming the key before anything starts. "(" / ")" mark an open bound.
+RANGES: dict[str, tuple[str, float, float, str]] = {
+    "train.steps": ("[", 1, math.inf, ")"), "train.batch_size": ("[", 1, math.inf, ")"),
+    "train.lr": ("(", 0, math.inf, ")"), "train.weight_decay": ("[", 0, math.inf, ")"),
+    "train.adam_beta1": ("[", 0, 1, ")"), "train.adam_beta2": ("[", 0, 1, ")"), "train.grad_clip": ("[", 0, math.inf, ")"),
+    "train.log_every": ("[", 1, math.inf, ")"), "train.checkpoint_every": ("[", 0, math.inf, ")"),
+    "train.validate_every": ("[", 0, math.inf, ")"), "train.validation_images": ("[", 1, math.inf, ")"),
+    "train.validation_ddim_steps": ("[", 1, math.inf, ")"), "train.caption_dropout": ("[", 0, 1, "]"),
+    "method.a1": ("[", 0, math.inf, ")"), "method.a2": ("[", 0, math.inf, ")"), "method.a3": ("(", 0, math.inf, ")"),
+    "method.cbdm_tau": ("[", 0, math.inf, ")"),
+    "density.epochs": ("[", 1, math.inf, ")"), "density.lr": ("(", 0, math.inf, ")"),
+    "density.batch_size": ("[", 1, math.inf, ")"), "density.latent_dim": ("[", 1, math.inf, ")"),
+    "density.hidden_dim": ("[", 1, math.inf, ")"), "density.elbo_samples": ("[", 1, math.inf, ")"),
+    "density.log_clip": ("(", 0, math.inf, ")"),
+    "data.image_size": ("[", 8, math.inf, ")"), "data.majority_ids": ("[", 0, math.inf, ")"),
+    "data.minority_ids": ("[", 0, math.inf, ")"), "data.majority_images": ("[", 1, math.inf, ")"),
+    "sample.guidance_scale": ("[", 0, math.inf, ")"), "sample.ray_workers": ("[", 0, math.inf, ")"),
+    "eval.min_encoder_accuracy": ("[", 0, 1, "]"), "eval.fid_eps": ("[", 0, math.inf, ")"),
+    "eval.batch_size": ("[", 1, math.inf, ")"), "eval.recognizer_ids": ("[", 2, math.inf, ")"),
+    "eval.recognizer_images_per_id": ("[", 2, math.inf, ")"), "eval.recognizer_steps": ("[", 1, math.inf, ")"),
+    "eval.recognizer_dim": ("[", 1, math.inf, ")"), "eval.recognizer_lr": ("(", 0, math.inf, ")"),
+    "dist.cpus_per_worker": ("[", 1, math.inf, ")"), "dist.max_failures": ("[", 0, math.inf, ")"),
+    "model.tiny_vae_steps": ("[", 0, math.inf, ")"), "prepare.batch_size": ("[", 1, math.inf, ")"),
+}
+
+
+def _value(cfg: Config, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _range_problems(cfg: Config) -> list[str]:
+    problems = []
+    for key, (lo_b, lo, hi, hi_b) in RANGES.items():
+        v = _value(cfg, key)
+        ok = math.isfinite(v) and (v > lo if lo_b == "(" else v >= lo) and (v < hi if hi_b == ")" else v <= hi)
+        if not ok:
+            hi_txt = "inf" if hi == math.inf else f"{hi:g}"
+            problems.append(f"{key}={v} is outside {lo_b}{lo:g}, {hi_txt}{hi_b}" + ("" if math.isfinite(v) else " (not finite)"))
+    return problems
+
+
 def _check_values(cfg: Config) -> None:
     """Constraints a type cannot express."""
-    problems = []
+    problems = _range_problems(cfg)
+    if cfg.model.name == "tiny" and cfg.data.image_size % 4:  # VAE /2, then the tiny UNet's one downsampling /2
+        problems.append(f"data.image_size={cfg.data.image_size} must be a multiple of 4 for model.name=tiny "
+                        "(the VAE halves it and the UNet halves the latent once more)")
+    elif cfg.model.name != "tiny" and cfg.data.image_size % 8:
+        problems.append(f"data.image_size={cfg.data.image_size} must be a multiple of 8 (the Stable Diffusion VAE's factor)")
+    if cfg.train.resume not in ("auto", "never", "force"):
+        problems.append(f"train.resume must be auto|never|force, got '{cfg.train.resume}'")
+    if cfg.density.temperature is not None and not math.isfinite(cfg.density.temperature):
+        problems.append("density.temperature must be finite (or null)")
     if cfg.method.k < 1:
         problems.append("method.k must be >= 1")
     if cfg.train.batch_size < 1:

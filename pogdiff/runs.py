@@ -97,3 +97,46 @@ class RunFiles:
         self.checkpoints = self.method / "checkpoints"
         self.metrics = self.method / "metrics.json"
         self.samples = self.method / "generated"
+
+
+# What may change between a run and its resumption: how long it trains and how often it logs,
+# saves and validates, and where Ray keeps its files. Everything else in these sections decides
+# what the checkpoints are checkpoints of.
+TRAINING_SECTIONS = ("model", "data", "prepare", "method", "density", "train", "dist")
+RESUMABLE_CHANGES = {"train.steps", "train.checkpoint_every", "train.checkpoint_keep", "train.log_every",
+                     "train.validate_every", "train.validation_prompts", "train.validation_images",
+                     "train.validation_ddim_steps", "train.tensorboard", "train.resume", "dist.max_failures",
+                     "dist.ray_address", "dist.storage_path", "prepare.backend", "prepare.workers", "prepare.device"}
+
+
+def training_settings(cfg: Config) -> dict:
+    """The run's training config as flat ``section.key -> value`` (JSON-able)."""
+    out = {}
+    for section in TRAINING_SECTIONS:
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+            name = f"{section}.{key}"
+            if name not in RESUMABLE_CHANGES:
+                out[name] = value.value if hasattr(value, "value") else value
+    return out
+
+
+def check_resume(cfg: Config, checkpoints: list[Path]) -> bool:
+    """Whether the run resumes from ``checkpoints`` (its existing ones), by ``train.resume``; records
+    the run's training config. Raises ConfigError when they belong to another config under "auto"."""
+    from pogdiff.config import ConfigError
+
+    files = RunFiles(cfg)
+    record = files.method / "run_config.json"
+    now = json.loads(json.dumps(training_settings(cfg), default=str))
+    resume = bool(checkpoints) and cfg.train.resume != "never"
+    if resume and cfg.train.resume == "auto" and record.is_file():
+        saved = json.loads(record.read_text())
+        changed = {k: [saved.get(k), now.get(k)] for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+        if changed:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise ConfigError(f"run '{cfg.run_name}' ({files.method.name}) has checkpoints of another training config "
+                              f"({listed}). Use another run_name, train.resume=never to start over (deleting them), "
+                              "or train.resume=force to resume anyway")
+    files.method.mkdir(parents=True, exist_ok=True)
+    write_json(record, now)
+    return resume

@@ -59,3 +59,16 @@ def test_missing_file_and_bad_override_form(tmp_path):
 def test_value_constraints():
     with pytest.raises(ConfigError, match="loss_backend"):
         load_config(None, ["train.loss_backend=cuda"])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.steps=-5", "train.steps"), ("method.a1=-1", "method.a1"), ("train.caption_dropout=2", "train.caption_dropout"),
+    ("train.lr=nan", "train.lr"), ("train.log_every=0", "train.log_every"), ("data.image_size=7", "data.image_size"),
+    ("method.a2=inf", "method.a2"), ("density.epochs=0", "density.epochs"), ("train.adam_beta2=1.5", "train.adam_beta2"),
+])
+def test_every_value_is_constrained_at_load(override, key, capsys):
+    from pogdiff.cli import main
+
+    assert main(["config", "configs/demo.yaml", override]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "outside" in err or "multiple of" in err, err

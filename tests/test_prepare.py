@@ -1,6 +1,7 @@
 """``pogdiff prepare``: shards against the encoders, parallel backends, bad input, resume, name
 masking and the imbalance protocol."""
 import json
+from pathlib import Path
 import logging
 import re
 
@@ -10,7 +11,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pogdiff import prepare as prep
+from pogdiff.data import prepare as prep
 from pogdiff.cli import main as cli_main
 from pogdiff.config import ModelConfig, load_config
 from pogdiff.data.encode import encode_batch, tiny_image_embedding
@@ -170,13 +171,14 @@ def test_resume_redoes_only_unfinished_shards(tmp_path, monkeypatch):
     assert ran == [0, 1] and not (tmp_path / "ds" / "dataset.json").exists()
 
     def record(task):
-        ran.append(task.index)
+        ran.append((Path(task.folder).parent.name, task.index))
         return real_run_task(task)
 
     ran.clear()
     monkeypatch.setattr(prep, "run_task", record)
     resumed = prepare(cfg, progress=False)
-    assert ran == [2, 3], "finished shards must not be redone"
+    # finished shards are not redone; then the held-out split (4 identities x 4 images, 5 per shard)
+    assert ran == [("ds", 2), ("ds", 3)] + [("heldout", t) for t in range(4)], ran
     assert not list((tmp_path / "ds" / "shards").glob(".*"))
     fresh = prepare(cfg_for(tmp_path, *SMALL, f"model.name={tmp_path / 'ds' / 'model'}", name="fresh"), progress=False)
     assert resumed["shards"] == fresh["shards"]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pogdiff import synthetic as s
+from pogdiff.data import synthetic as s
 
 
 def test_deterministic_and_streaming():

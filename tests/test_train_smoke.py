@@ -44,3 +44,18 @@ def test_resume_continues_from_checkpoint(run_root):
     more = run_train(cfg2, progress=False)
     assert more.steps == 30 and len(more.history) == 1 and more.history[0]["step"] == 30
     assert full.steps == 20
+
+
+def test_rerun_with_another_training_config_is_refused_unless_asked(run_root):
+    from pogdiff.config import ConfigError
+
+    base = ["method.name=vanilla", "train.steps=4", "train.checkpoint_every=2", "run_name=rerun", "train.log_every=1"]
+    run_train(_cfg(run_root, *base), progress=False)
+    with pytest.raises(ConfigError, match=r"train.lr: 0.001 -> 0.002.*train.resume=never"):
+        run_train(_cfg(run_root, *base, "train.lr=2e-3", "train.steps=6"), progress=False)
+    forced = run_train(_cfg(run_root, *base, "train.lr=2e-3", "train.steps=6", "train.resume=force"), progress=False)
+    assert [h["step"] for h in forced.history] == [5, 6]  # resumed at 4
+    fresh = run_train(_cfg(run_root, *base, "train.lr=3e-3", "train.resume=never"), progress=False)
+    assert [h["step"] for h in fresh.history] == [1, 2, 3, 4]  # from step 0
+    longer = run_train(_cfg(run_root, *base, "train.lr=3e-3", "train.steps=8"), progress=False)  # only steps changed
+    assert [h["step"] for h in longer.history] == [5, 6, 7, 8]

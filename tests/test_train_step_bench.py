@@ -53,5 +53,6 @@ def test_levers_off_the_default_path_run(bench):
                          "--warmup", "0", "--dataset-size", "16", "--methods", "vanilla,pogdiff_stop_concat",
                          "--no-precomputed", "--no-overlap-data", "--host-sync", "--channels-last"])
     assert result["levers"]["precomputed"] is False and result["levers"]["channels_last"] is True
-    # stop through one concatenated call pays the full 2x
-    assert result["methods"]["pogdiff_stop_concat"]["flops_ratio_to_vanilla"] == pytest.approx(2.0, abs=1e-6)
+    # stop through one concatenated call pays the full 2x (the frozen text encoder runs on y and y' inside the
+    # step, as in training; its forward is a small share of the UNet's)
+    assert result["methods"]["pogdiff_stop_concat"]["flops_ratio_to_vanilla"] == pytest.approx(2.0, rel=0.01)

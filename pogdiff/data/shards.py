@@ -271,28 +271,47 @@ def write_index(root: Path, num_tasks: int, num_records: int, meta: dict) -> dic
 
 @dataclass
 class DatasetIndex:
-    """A prepared dataset's index. Arrays are memory-mapped: rows are read on demand."""
+    """A prepared dataset's index. Arrays are memory-mapped and the per-row text of index.jsonl
+    (keys, captions, names) is read only when asked for: opening the index costs O(1) memory,
+    which is what a training rank does."""
 
     root: Path
     meta: dict  # dataset.json
-    keys: list[str]
-    shards: list[str]  # per row: the shard file holding it
-    captions: list[str]
-    names: list[str]
-    identities: np.ndarray  # (N,) int64
+    identities: np.ndarray  # (N,) int64, memory-mapped
     tokens: np.ndarray  # (N, L) int32, memory-mapped
     image_emb: np.ndarray  # (N, d) fp32, memory-mapped
     pooled: np.ndarray  # (N, D) fp32, memory-mapped
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return int(self.meta["num_samples"])
+
+    @functools.cached_property
+    def _rows(self) -> list[dict]:
+        return [json.loads(line) for line in (self.root / "index.jsonl").read_text().splitlines()]
+
+    @property
+    def keys(self) -> list[str]:
+        return [r["key"] for r in self._rows]
+
+    @property
+    def captions(self) -> list[str]:
+        return [r["caption"] for r in self._rows]
+
+    @property
+    def names(self) -> list[str]:
+        return [r["name"] for r in self._rows]
+
+    @property
+    def shards(self) -> list[str]:
+        """Per row: the shard file holding it."""
+        return [r["shard"] for r in self._rows]
 
     @property
     def shard_urls(self) -> list[str]:
         return [str(self.root / p["url"]) for p in self.meta["shards"]]
 
     def identity_counts(self) -> dict[int, int]:
-        ids, counts = np.unique(self.identities, return_counts=True)
+        ids, counts = np.unique(np.asarray(self.identities), return_counts=True)
         return dict(zip(ids.tolist(), counts.tolist()))
 
     def is_minority(self, few_max_images: int) -> np.ndarray:
@@ -326,11 +345,8 @@ class DatasetIndex:
         if not (root / "dataset.json").is_file():
             raise FileNotFoundError(f"'{root}' is not a prepared dataset (no dataset.json): run `pogdiff prepare` first")
         meta = json.loads((root / "dataset.json").read_text())
-        rows = [json.loads(line) for line in (root / "index.jsonl").read_text().splitlines()]
         mm = lambda name: np.load(root / f"{name}.npy", mmap_mode="r")  # noqa: E731
-        return cls(root, meta, [r["key"] for r in rows], [r["shard"] for r in rows], [r["caption"] for r in rows],
-                   [r["name"] for r in rows], np.load(root / "identities.npy"), mm("tokens"), mm("image_emb"),
-                   mm("pooled"))
+        return cls(root, meta, mm("identities"), mm("tokens"), mm("image_emb"), mm("pooled"))
 
 
 class EmbeddingSource:

@@ -233,24 +233,27 @@ class TrainResult:
 
 
 def train_step(engine, objective: Objective, batches: Iterator[Batch], seed: int, step: int, grad_accum: int,
-               with_terms: bool) -> tuple[torch.Tensor, list[tuple[Batch, LossOutput]]]:
-    """One optimizer step over ``grad_accum`` micro-batches: (mean loss, per-micro-batch outputs)."""
-    losses, outs = [], []
+               with_terms: bool) -> tuple[torch.Tensor, list[tuple[Batch, LossOutput]], float]:
+    """One optimizer step over ``grad_accum`` micro-batches: (mean loss, per-micro-batch outputs,
+    seconds spent waiting for data)."""
+    losses, outs, waited = [], [], 0.0
     for micro in range(grad_accum):
+        t = time.perf_counter()
         batch = next(batches)
+        waited += time.perf_counter() - t
         out = objective(engine, batch, step_generator(seed, engine.rank, step * grad_accum + micro), with_terms)
         engine.backward(out.loss)
         engine.step()
         losses.append(out.loss.detach().float())
         if with_terms:
             outs.append((batch, out))
-    return torch.stack(losses).mean(), outs
+    return torch.stack(losses).mean(), outs, waited
 
 
 def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], start_step: int, out_dir: Path,
         is_minority: torch.Tensor, ema: Optional[ShardedEMA] = None,
         save: Optional[Callable[[int], None]] = None, validate: Optional[Callable[[int, MetricsLog], None]] = None,
-        after_step: Optional[Callable[[int], None]] = None, progress: bool = True) -> TrainResult:
+        progress: bool = True) -> TrainResult:
     """Steps ``start_step`` .. ``train.steps`` on every rank; rank 0 logs. ``save(step)`` runs every
     ``train.checkpoint_every`` steps and ``validate(step)`` every ``train.validate_every`` (both on
     every rank: they gather)."""
@@ -261,14 +264,16 @@ def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], sta
     metrics = MetricsLog(out_dir, tc.tensorboard, enabled=rank0, fresh=start_step == 0)
     result = TrainResult(steps=start_step)
     window: list[torch.Tensor] = []
-    t0 = time.perf_counter()
+    t0 = window_start = time.perf_counter()
+    waited = 0.0
     bar = tqdm(range(start_step, tc.steps), desc=f"train {cfg.method.name.value}", unit="step",
                disable=not (progress and rank0), initial=start_step, total=tc.steps,
                mininterval=0.1 if sys.stderr.isatty() else 10.0)  # Ray forwards every redraw as a log line
     for step in bar:
         done = step + 1
         log_now = done % tc.log_every == 0 or done == tc.steps
-        loss, outs = train_step(engine, objective, batches, tc.seed, step, tc.grad_accum, log_now)
+        loss, outs, data_s = train_step(engine, objective, batches, tc.seed, step, tc.grad_accum, log_now)
+        waited += data_s
         if ema is not None:
             ema.update(engine.param_shards())
         window.append(loss)
@@ -278,8 +283,11 @@ def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], sta
                                                     term_stats(outs, is_minority)]))
             window.clear()
             n, head, tail = sums[2], sums[6], sums[8]
+            now = time.perf_counter()
             entry = {"loss": float(sums[0] / sums[1]), "target_mse": float(sums[3] / n), "lr": engine.lr,
-                     "grad_norm": None if engine.grad_norm is None else float(engine.grad_norm)}
+                     "grad_norm": None if engine.grad_norm is None else float(engine.grad_norm),
+                     "data_wait": waited / max(now - window_start, 1e-9)}  # rank 0's share of time spent waiting on data
+            window_start, waited = now, 0.0
             if objective.cfg.name.value in ("pogdiff", "cbdm"):
                 entry["pair_mse"] = float(sums[4] / n)
                 entry[f"{pair_tag}/head"] = float(sums[5] / head) if head else None
@@ -293,8 +301,6 @@ def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], sta
         if save and (done == tc.steps or (tc.checkpoint_every and done % tc.checkpoint_every == 0)):
             save(done)
         result.steps = done
-        if after_step:
-            after_step(done)
     metrics.close()
     result.seconds = time.perf_counter() - t0
     return result
@@ -340,9 +346,15 @@ def run_train(cfg: Config, progress: bool = True) -> TrainResult:
     from pogdiff.runs import RunFiles
     from pogdiff.train.metrics import write_history
 
+    import shutil
+
+    from pogdiff.runs import check_resume
+
+    files = RunFiles(cfg)
+    if not check_resume(cfg, sorted(files.checkpoints.glob("step_*"))):
+        shutil.rmtree(files.checkpoints, ignore_errors=True)
     ds = resolve_dataset(cfg, progress)
     psi_stats = prepare_artifacts(cfg, ds, progress)
-    files = RunFiles(cfg)
     torch.manual_seed(cfg.train.seed)
     result, weights = train(cfg, ds, files.method, progress=progress)
     export_pipeline(ds.model_dir, weights, files.method)

@@ -1,0 +1,72 @@
+"""Paths before anything reaches Ray: absolute against the user's directory, URIs untouched, and the
+source checkout kept off Ray workers' import path."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from pogdiff.config import ConfigError
+from pogdiff.dist.cluster import drop_source_checkout_from_sys_path, storage_path
+from pogdiff.runs import RunFiles, load_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_relative_paths_become_absolute_against_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "m.jsonl").write_text("")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_run_config(ROOT / "configs/demo.yaml", ["data.source=data/m.jsonl", "prepare.output=prep",
+                                                      "dist.storage_path=shared/ray"])
+    assert cfg.output_dir == str(tmp_path / "runs") and RunFiles(cfg).method.is_relative_to(tmp_path / "runs")
+    assert cfg.data.source == str(tmp_path / "data" / "m.jsonl") and cfg.prepare.output == str(tmp_path / "prep")
+    assert storage_path(cfg) == str(tmp_path / "shared" / "ray")
+    # keywords and hub ids stay as they are
+    plain = load_run_config(ROOT / "configs/demo.yaml", [])
+    assert plain.data.source == "synthetic" and plain.model.name == "tiny" and plain.eval.encoder == "recognizer"
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/pogdiff/ray", "gs://bucket/x"])
+def test_storage_uris_reach_ray_unchanged(uri):
+    cfg = load_run_config(ROOT / "configs/demo.yaml", [f"dist.storage_path={uri}"])
+    assert cfg.dist.storage_path == uri and storage_path(cfg) == uri
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="data.dataloader_num_workers"):
+        load_run_config(None, ["data.dataloader_num_workers=-1"])
+    with pytest.raises(ConfigError, match="train.lr_scheduler='nope'"):
+        load_run_config(None, ["train.lr_scheduler=nope"])
+    with pytest.raises(ConfigError, match="eval.encoder='tiny'"):
+        load_run_config(None, ["eval.encoder=tiny"])
+    with pytest.raises(ConfigError, match="unknown config key 'dist.fail_at_step'"):  # test hooks are not config
+        load_run_config(None, ["dist.fail_at_step=3"])
+
+
+def test_ray_workers_do_not_import_the_checkout_as_top_level_packages(tmp_path, monkeypatch):
+    """Ray puts the driver's cwd on every worker's sys.path: from the repository root that made its
+    kernels/ importable as PyPI's `kernels`. Workers drop it first."""
+    import ray
+
+    from pogdiff.dist.cluster import connect
+
+    monkeypatch.chdir(ROOT)
+    started = connect(num_cpus=1)
+    try:
+        @ray.remote(num_cpus=1)
+        def probe(clean: bool) -> list[str]:
+            if clean:
+                drop_source_checkout_from_sys_path()
+            import importlib.util
+
+            spec = importlib.util.find_spec("kernels")
+            return [p for p in sys.path if Path(p or ".").resolve() == ROOT] + ([spec.origin] if spec else [])
+
+        dirty, clean = ray.get([probe.remote(False), probe.remote(True)])
+        assert any(str(ROOT) in p for p in dirty), "Ray did not put the checkout on the path: this test shows nothing"
+        assert not any(str(ROOT) in p for p in clean), clean
+    finally:
+        if started:
+            ray.shutdown()
