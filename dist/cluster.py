@@ -42,6 +42,9 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log_t
     finally:
         for k in env:
             os.environ.pop(k, None)
+    from pogdiff.dist import reaper
+
+    reaper.start(os.getpid(), ray._private.worker._global_node.get_session_dir_path())
     return True
 
 

@@ -67,9 +67,12 @@ def _prepare(cfg: Config) -> int:
     except PrepareError as e:
         print(f"pogdiff prepare: {e}", file=sys.stderr)
         return 2
+    summary = dataset["summary"]
+    print(f"pogdiff prepare: {summary['rows_in']} rows in = {summary['samples']} samples + {summary['heldout']} held out + "
+          f"{summary['skipped_total']} skipped + {summary['not_selected']} not selected", file=sys.stderr)
     print(json.dumps({"output": str(output_dir(cfg)), "samples": dataset["num_samples"], "records": dataset["num_records"],
-                      "heldout": (dataset.get("heldout") or {}).get("samples", 0), "shards": len(dataset["shards"]),
-                      "skipped": dataset["summary"]["skipped"]}))
+                      "heldout": summary["heldout"], "rows_in": summary["rows_in"], "shards": len(dataset["shards"]),
+                      "skipped": summary["skipped"]}))
     return 0
 
 

@@ -145,6 +145,10 @@ class TrainConfig:
     # A run records its training config; rerunning its run_name with checkpoints of another config:
     # "auto" refuses (naming the changed keys), "never" starts over (deleting them), "force" resumes.
     resume: str = "auto"
+    # A step whose loss is not finite on any rank is skipped on every rank (no backward, no optimizer
+    # step, no EMA update) and its samples' keys logged; a sample in two such steps is dropped from
+    # the stream. This many bad steps in a row stop the run with an error.
+    max_bad_steps: int = 5
 
 
 @dataclass
@@ -242,6 +246,7 @@ class PrepareConfig:
     # Shards also carry the image (PNG, at data.image_size) and the caption text, so standard tools can
     # read them; evaluation needs them (the real image sets come from the dataset).
     keep_images: bool = True
+    allow_outside_root: bool = False  # manifest paths may leave image_root (.., absolute paths)
     seed: int = 0  # name masking and the imbalance subset
 
 
@@ -388,7 +393,7 @@ RANGES: dict[str, tuple[str, float, float, str]] = {
     "eval.recognizer_images_per_id": ("[", 2, math.inf, ")"), "eval.recognizer_steps": ("[", 1, math.inf, ")"),
     "eval.recognizer_dim": ("[", 1, math.inf, ")"), "eval.recognizer_lr": ("(", 0, math.inf, ")"),
     "dist.cpus_per_worker": ("[", 1, math.inf, ")"), "dist.max_failures": ("[", 0, math.inf, ")"),
-    "model.tiny_vae_steps": ("[", 0, math.inf, ")"), "prepare.batch_size": ("[", 1, math.inf, ")"),
+    "model.tiny_vae_steps": ("[", 0, math.inf, ")"), "train.max_bad_steps": ("[", 1, math.inf, ")"), "prepare.batch_size": ("[", 1, math.inf, ")"),
 }
 
 

@@ -23,6 +23,8 @@ import logging
 import os
 import re
 import shutil
+import sys
+import stat
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +37,7 @@ from PIL import Image, ImageOps
 from pogdiff.config import Config, ModelConfig, PrepareConfig
 from pogdiff.data.encode import encode_batch, images_to_tensor, load_image_encoder
 from pogdiff.models.components import Components, load_components
-from pogdiff.data.shards import Sample, read_task_record, write_index, write_task
+from pogdiff.data.shards import Sample, damaged_parts, read_task_record, write_index, write_task
 from pogdiff.runs import atomic_write
 from pogdiff.data.synthetic import Record, identity_name, iter_records, profile_counts
 from pogdiff.models.components import resolve_device
@@ -51,6 +53,7 @@ REASONS = {
     "duplicate_key": "the key was already used by an earlier record",
     "nan_embedding": "a latent or embedding came out NaN/inf",
     "single_image_identity": "the imbalance protocol needs >= 2 images per identity",
+    "outside_image_root": "the image path leaves prepare.image_root (.. or absolute; prepare.allow_outside_root)",
 }
 CALIBRATION_IMAGES = 64  # images the tiny VAE's latent scale is measured on
 
@@ -86,26 +89,58 @@ def log_skipped(skipped: Sequence[dict]) -> None:
 
 # ---------------------------------------------------------------- the plan (driver side)
 
+def _lines(path: Path) -> Iterator[tuple[int, Optional[str], str]]:
+    """(line number, text or None, why not) of a manifest, decoded line by line: a line that is not
+    UTF-8 is reported with its number instead of aborting the whole file. A UTF-8 BOM is dropped."""
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield line_no, raw.decode("utf-8"), ""
+            except UnicodeDecodeError as e:
+                yield line_no, None, f"not UTF-8 text ({e.reason} at byte {e.start})"
+
+
 def read_manifest(path: Path) -> Iterator[tuple[str, Optional[dict], str]]:
-    """(where, row or None, why the row is unusable). A UTF-8 BOM is tolerated."""
+    """(where, row or None, why the row is unusable), one per data line of the manifest."""
     if path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8-sig", errors="strict") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield f"{path}:{line_no}", None, f"not valid JSON ({e})"
-                    continue
-                yield f"{path}:{line_no}", row if isinstance(row, dict) else None, "not a JSON object"
+        for line_no, line, problem in _lines(path):
+            where = f"{path}:{line_no}"
+            if line is None:
+                yield where, None, problem
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, None, f"not valid JSON ({e})"
+                continue
+            yield where, row if isinstance(row, dict) else None, "not a JSON object"
     elif path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None:
-                raise PrepareError(f"{path}: a CSV manifest needs a header line naming its columns")
-            for row in reader:
-                yield f"{path}:{reader.line_num}", row, ""
+        lines = list(_lines(path))
+        header = next(((n, text) for n, text, _ in lines if text is not None and text.strip()), None)
+        if header is None:
+            raise PrepareError(f"{path}: a CSV manifest needs a header line naming its columns")
+        for n, text, problem in lines:
+            if text is None:
+                yield f"{path}:{n}", None, problem
+        fed = [header] + [(n, text) for n, text, _ in lines if text is not None and n > header[0]]
+        orig = [n for n, _ in fed]  # orig[i - 1]: the file's line number of the parser's line i
+        reader = csv.DictReader(io.StringIO("".join(text for _, text in fed)))
+        prev = 1
+        for row in reader:
+            start, end = prev + 1, reader.line_num
+            prev = end
+            values = [v for v in row.values() if isinstance(v, str)]
+            if end > start and any("\n" in v for v in values):
+                # a stray quote merged lines into one record: every line it swallowed is reported
+                for line_no in orig[start - 1:end]:
+                    yield (f"{path}:{line_no}", None, f"an unbalanced quote (\") merges lines {orig[start - 1]}-"
+                           f"{orig[end - 1]} into one record; fix the quoting")
+                continue
+            yield f"{path}:{orig[end - 1]}", row, ""
     else:
         raise PrepareError(f"data.source '{path}': a manifest is a .jsonl or .csv file, an image folder with "
                            "metadata.jsonl, a prepared dataset directory, or 'synthetic'")
@@ -141,11 +176,15 @@ MAX_KEY = 80  # a USTAR member name holds 100 characters: the key plus ".latent.
 
 
 def sanitize_key(key: str) -> str:
-    """WebDataset splits a member name at its first dot, so a key holds no dots (or slashes); a
-    long key keeps its start and gets a hash of the whole as its end."""
+    """WebDataset splits a member name at its first dot, so a key holds no dots (or slashes). A key
+    that had to change gets a hash of the original at its end, so two different originals never
+    collide (``a b`` and ``a_b``); a long key keeps its start and gets a hash of the whole."""
     clean = re.sub(r"[^A-Za-z0-9_-]", "_", key)
+    digest = hashlib.sha1(key.encode()).hexdigest()
+    if clean != key:
+        clean = f"{clean[:MAX_KEY - 9]}_{digest[:8]}"
     if len(clean) > MAX_KEY:
-        clean = f"{clean[:MAX_KEY - 17]}_{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+        clean = f"{clean[:MAX_KEY - 17]}_{digest[:16]}"
     return clean
 
 
@@ -219,6 +258,7 @@ class Plan:
     selection: dict  # what the imbalance protocol did
     heldout_items: Optional[list[Item]] = None  # the held-out split of a manifest
     heldout_synthetic: Optional[tuple] = None  # (images per identity, seed, image size, first image index)
+    rows_in: Optional[int] = None  # manifest data lines read
 
     def fingerprint(self, cfg: Config) -> str:
         pc = cfg.prepare
@@ -241,7 +281,9 @@ def plan_manifest(cfg: Config, path: Path) -> Plan:
     rows: list[dict] = []
     seen: dict[str, str] = {}
     image_col = caption_col = None
+    rows_in = 0
     for where, row, problem in read_manifest(path):
+        rows_in += 1
         if row is not None and image_col is None:
             image_col, caption_col = columns(cfg, row)
         if row is None or not str(row.get(image_col) or "").strip():
@@ -251,6 +293,11 @@ def plan_manifest(cfg: Config, path: Path) -> Plan:
         image = str(row[image_col]).strip()
         key = sanitize_key(str(row.get("key") or Path(image).with_suffix("").as_posix()))
         where = f"{where} (key={key}, image={image})"
+        full = (root / image).resolve()
+        if not pc.allow_outside_root and not full.is_relative_to(root.resolve()):
+            skip_record(skipped, pc.strict, where, "outside_image_root",
+                        f"'{image}' resolves to '{full}', outside '{root}' (set prepare.allow_outside_root=true to allow)")
+            continue
         if key in seen:
             skip_record(skipped, pc.strict, where, "duplicate_key", f"key '{key}' was already used by {seen[key]}")
             continue
@@ -297,7 +344,7 @@ def plan_manifest(cfg: Config, path: Path) -> Plan:
             caption, name = mask_caption(caption, name, name_map[r["label"]]), name_map[r["label"]]
         split = heldout if r_pos in heldout_pos else items
         split.append(Item(len(split), r["key"], r["image"], caption, identity_of.get(r["label"], -1), name, r["where"]))
-    return Plan(len(items), items, None, skipped, name_map, selection, heldout_items=heldout)
+    return Plan(len(items), items, None, skipped, name_map, selection, heldout_items=heldout, rows_in=rows_in)
 
 
 def heldout_positions(labels: Sequence[str], per_id: int, minority_images: int, seed: int) -> set[int]:
@@ -357,15 +404,36 @@ def load_image(path: str, size: int) -> Image.Image:
     """Decode fully (a truncated file fails here, not later), then resize the shorter side to
     ``size`` and centre-crop to ``size`` x ``size``."""
     try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):  # a FIFO would block forever, a device read forever
+            raise BadRecord("unreadable_file", f"'{path}' is not a regular file")
         data = Path(path).read_bytes()
     except OSError as e:
         raise BadRecord("unreadable_file", f"cannot read '{path}': {e.strerror or e}") from None
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            return ImageOps.fit(im.convert("RGB"), (size, size), Image.BICUBIC)
+            return ImageOps.fit(to_rgb(im), (size, size), Image.BICUBIC)
     except Exception as e:  # PIL raises many types for bad data
         raise BadRecord("corrupt_image", f"'{path}' is not a decodable image: {e}") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB with the image's full range kept: 16-bit and 32-bit integer images are scaled down
+    (PIL's own conversion clips them to white), float images from [0, 1] or [0, 255], palette and
+    grey-with-alpha images composited on white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            a = a * 255.0 if a.max(initial=0) <= 1.0 else a
+        elif im.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = a / (65535.0 if a.max(initial=0) <= 65535 else float(a.max())) * 255.0
+        return Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("P", "PA", "LA", "RGBA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
 
 
 def synthetic_slice(counts: Sequence[int], seed: int, size: int, bases: Sequence[int], start: int,
@@ -450,6 +518,20 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def _process_init(threads: int) -> None:
     torch.set_num_threads(threads)
+    die_with_parent()
+
+
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when the process that started it dies, however it dies
+    (a pool worker would otherwise go on encoding, and writing, as an orphan)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the parent died before the call
+            os._exit(1)
 
 
 def run_tasks(tasks: list[Task], pc: PrepareConfig, progress: bool, total: int) -> None:
@@ -642,7 +724,13 @@ def run_split(shards: Path, items: Optional[list[Item]], synthetic: Optional[tup
     tasks = []
     for t in range(num_tasks):
         a, b = t * per, min((t + 1) * per, num_records)
-        if read_task_record(shards, t) is not None:
+        record = read_task_record(shards, t)
+        if record is not None and (bad := damaged_parts(shards, record)):
+            log.warning("%s: shard parts %s are damaged (size or sha256 differs from when they were written): "
+                        "remaking task %d", shards, bad, t)
+            (shards / f"shard-{t:06d}.json").unlink()
+            record = None
+        if record is not None:
             continue
         if items is not None:
             tasks.append(Task(t, folder=str(shards), items=items[a:b], **common))
@@ -694,11 +782,20 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
         if plan.selection["short_identities"]:
             log.warning("imbalance protocol: identities below their count after skipping bad records "
                         "(identity: [have, want]): %s", plan.selection["short_identities"])
-    summary = {"skipped": dict(Counter(s["reason"] for s in skipped)), "skipped_records": skipped,
-               "imbalance": plan.selection}
     heldout_samples = 0
     if (out / "heldout" / "dataset.json").is_file():
         heldout_samples = json.loads((out / "heldout" / "dataset.json").read_text())["num_samples"]
+    samples = sum(len(r["samples"]) for r in records)
+    rows_in = plan.rows_in if plan.rows_in is not None else plan.num_records + heldout_n
+    not_selected = (plan.selection["records_before"] - plan.selection["records_selected"]) if plan.selection else 0
+    # every row is accounted for: rows in = samples + held out + skipped (+ left out by the imbalance protocol)
+    accounted = samples + heldout_samples + len(skipped) + not_selected
+    summary = {"rows_in": rows_in, "samples": samples, "heldout": heldout_samples, "skipped_total": len(skipped),
+               "not_selected": not_selected, "skipped": dict(Counter(s["reason"] for s in skipped)),
+               "skipped_records": skipped, "imbalance": plan.selection}
+    if accounted != rows_in:
+        log.warning("rows in (%d) != samples (%d) + held out (%d) + skipped (%d) + not selected (%d)", rows_in, samples,
+                    heldout_samples, len(skipped), not_selected)
     meta = {"model": os.path.relpath(model, out) if Path(model).is_relative_to(out) else model,
             "image_encoder": d.image_encoder, "image_size": d.image_size,
             "source": d.source, "source_fingerprint": source_fingerprint(cfg), "name_masking": pc.mask_names,

@@ -137,6 +137,27 @@ def tar_bytes(files: dict[str, bytes]) -> int:
     return sum(TAR_BLOCK + -(-len(v) // TAR_BLOCK) * TAR_BLOCK for v in files.values())
 
 
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def damaged_parts(folder: Path, record: dict) -> list[str]:
+    """The parts of a finished task whose size or sha256 is not what its sidecar recorded."""
+    bad = []
+    for part in record["parts"]:
+        path = folder / part["url"]
+        if not path.is_file() or path.stat().st_size != part["bytes"] or \
+                ("sha256" in part and file_sha256(path) != part["sha256"]):
+            bad.append(part["url"])
+    return bad
+
+
 def task_name(task: int) -> str:
     return f"shard-{task:06d}"
 
@@ -177,9 +198,9 @@ class ShardWriter:
     def _close_part(self) -> None:
         self._tar.close()
         tmp = self.folder / f".{self.part_url}.tmp"
-        size = tmp.stat().st_size
+        size, digest = tmp.stat().st_size, file_sha256(tmp)
         os.replace(tmp, self.folder / self.part_url)
-        self.parts.append({"url": self.part_url, "samples": self._samples, "bytes": size})
+        self.parts.append({"url": self.part_url, "samples": self._samples, "bytes": size, "sha256": digest})
         self._tar, self._samples, self._bytes = None, 0, 0
 
     def close(self) -> list[dict]:

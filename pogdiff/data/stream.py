@@ -88,33 +88,51 @@ stream_seed = derive_seed
 
 
 class SkipAndLog:
-    """WebDataset handler: log the error and go on, unless errors are all that is left."""
+    """WebDataset handler: log the error, count the samples it costs, and go on, unless errors are
+    all that is left."""
 
     def __init__(self, max_consecutive: int):
         self.max_consecutive, self.in_a_row = max_consecutive, 0
+        self.skipped = 0  # samples lost since the last ``take()``
 
-    def __call__(self, exn: Exception) -> bool:
+    def __call__(self, exn: Exception, samples: int = 1) -> bool:
         self.in_a_row += 1
-        log.warning("skipping unreadable shard data: %s", exn)
+        self.skipped += samples
+        log.warning("skipping unreadable shard data (%d more sample%s lost): %s", samples, "" if samples == 1 else "s", exn)
         if self.in_a_row > self.max_consecutive:
             raise RuntimeError(f"{self.in_a_row} shard read errors in a row and no sample: are the shards readable?") from exn
         return True
 
+    def take(self) -> int:
+        n, self.skipped = self.skipped, 0
+        return n
 
-def tar_samples(urls: Iterator[str], handler: SkipAndLog) -> Iterator[dict]:
-    """WebDataset's url_opener and group_by_keys around the fast tar reader (shards.read_tar)."""
+
+def tar_samples(urls: Iterator[str], handler: SkipAndLog, expected: Optional[dict[str, int]] = None) -> Iterator[dict]:
+    """WebDataset's url_opener and group_by_keys around the fast tar reader (shards.read_tar). A shard
+    that cannot be opened, or breaks off, costs the samples the dataset index says it holds and
+    that were not read (``expected``: url -> samples), all counted by ``handler``."""
+    expected = expected or {}
 
     def members() -> Iterator[dict]:
-        for source in wds.tariterators.url_opener(({"url": url} for url in urls), handler=handler):
+        for url in urls:
+            seen: set[str] = set()
             try:
-                for member in read_tar(source["stream"], source["url"]):
-                    member["__url__"] = source["url"]
+                stream = wds.gopen(url)
+            except Exception as exn:  # missing or unreadable file
+                handler(exn, expected.get(url, 1))
+                continue
+            try:
+                for member in read_tar(stream, url):
+                    member["__url__"] = url
+                    seen.add(member["fname"].split(".", 1)[0])
                     yield member
             except Exception as exn:
-                if not handler(exn):
+                # the samples never started are lost here; a partly read one is counted when it fails to decode
+                if not handler(exn, max(0, expected[url] - len(seen)) if url in expected else 1):
                     return
             finally:
-                source["stream"].close()
+                stream.close()
             yield {}  # end of shard: samples never merge across shards
 
     return wds.tariterators.group_by_keys(members(), handler=handler)
@@ -141,6 +159,7 @@ class ShardStream(IterableDataset):
         self.row_of_ordinal_path, self.max_consecutive_errors = row_of_ordinal, max_consecutive_errors
         self.epoch = 0
         self._rows: Optional[np.ndarray] = None
+        self.expected: dict[str, int] = {}  # shard url -> samples it holds (from dataset.json)
 
     def shard_urls(self, worker: int, num_workers: int) -> Iterator[str]:
         if self.resampled:
@@ -165,14 +184,18 @@ class ShardStream(IterableDataset):
                                  "(shards and index from different prepare runs?)")
         else:
             row = meta["ordinal"]
-        return {"index": row, "key": meta["key"], "latents": npy_load(sample[LATENT]),
-                "tokens": npy_load(sample[TOKENS]), "identity": meta["identity"]}
+        latents = npy_load(sample[LATENT])
+        if not np.isfinite(latents).all():
+            raise ValueError(f"sample '{meta['key']}' in {sample['__url__']} has a non-finite latent: skipped "
+                             "(run `pogdiff prepare` again to verify and remake damaged shards)")
+        return {"index": row, "key": meta["key"], "latents": latents, "tokens": npy_load(sample[TOKENS]),
+                "identity": meta["identity"]}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         handler = SkipAndLog(self.max_consecutive_errors)
-        samples = tar_samples(self.shard_urls(worker, num_workers), handler)
+        samples = tar_samples(self.shard_urls(worker, num_workers), handler, self.expected)
         if self.shuffle_buffer > 1:
             rng = random.Random(stream_seed(self.seed, self.epoch, self.rank, worker, 1))
             samples = wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(samples)
@@ -183,7 +206,17 @@ class ShardStream(IterableDataset):
                 handler.in_a_row = 0
                 yield sample
 
-        yield from wds.filters.batched(self.batch_size, collation_fn=collate, partial=not self.resampled)(healthy(decoded))
+        # Each batch carries the samples this reader skipped since its previous batch; one batch is
+        # held back so that skips after the last sample of a pass are counted too.
+        held = None
+        for batch in wds.filters.batched(self.batch_size, collation_fn=collate, partial=not self.resampled)(healthy(decoded)):
+            batch["skipped"] = handler.take()
+            if held is not None:
+                yield held
+            held = batch
+        if held is not None:
+            held["skipped"] += handler.take()
+            yield held
 
 
 class TrainLoader:
@@ -247,5 +280,7 @@ def make_train_loader(shards: str | Path | Sequence[str], batch_size: int, rank:
         epoch_len = max(1, -(-meta["num_samples"] // (batch_size * world_size)))
     stream = ShardStream(urls, batch_size, rank, world_size, seed, resampled, shuffle_buffer,
                          str(index_dir / "row_of_ordinal.npy") if index_dir is not None else None)
+    if meta is not None:
+        stream.expected = {str(index_dir / p["url"]): p["samples"] for p in meta["shards"]}
     return TrainLoader(stream, num_workers, epoch_len, index_dir / "tokens.npy" if index_dir is not None else None,
                        pin_memory)

@@ -39,6 +39,7 @@ class Batch:
     latents: torch.Tensor  # x0 (B, C, H, W), already scaled by the VAE scaling factor
     tokens: torch.Tensor  # (B, L) int64 caption token ids of y
     keys: Optional[list[str]] = None  # dataset keys, for messages about bad samples
+    skipped: int = 0  # samples the reader skipped (unreadable, corrupt, non-finite) since the previous batch
 
 
 class TextConditioner:
@@ -82,6 +83,7 @@ class LossOutput:
     pair_mse: Optional[torch.Tensor]  # (B,) detached, None without a pair term
     weights: TwoTermWeights
     timesteps: torch.Tensor
+    per_sample: Optional[torch.Tensor] = None  # (B,) detached: which samples made a loss non-finite
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -185,7 +187,7 @@ class Objective:
             with torch.no_grad():
                 target_mse = (a.float() - target.float()).pow(2).flatten(1).mean(1)
                 pair_mse = None if b is None else (a.float() - b.float()).pow(2).flatten(1).mean(1)
-        return LossOutput(per_sample.mean(), target_mse, pair_mse, weights, t)
+        return LossOutput(per_sample.mean(), target_mse, pair_mse, weights, t, per_sample.detach())
 
     @torch.no_grad()
     def t2h_target(self, x0, x_t, noise, abar, index, generator) -> torch.Tensor:

@@ -40,6 +40,9 @@ def make_pipeline(model_dir: str | Path, unet: UNet2DConditionModel) -> StableDi
 
 def export_pipeline(model_dir: str | Path, weights: dict[str, torch.Tensor], out: str | Path) -> Path:
     """Write ``out/unet`` and ``out/pipeline`` (each via a temp dir + rename); returns ``out``."""
+    from pogdiff.train.checkpoint import require_finite
+
+    require_finite(weights, "the UNet to export")
     out = Path(out)
     unet = build_unet(model_dir, weights)
     for name, save in (("unet", unet.save_pretrained), ("pipeline", make_pipeline(model_dir, unet).save_pretrained)):

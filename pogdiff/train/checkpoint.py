@@ -66,6 +66,14 @@ def load_state_dict(path: Path) -> dict:
     return join(structure)
 
 
+def require_finite(weights: dict[str, torch.Tensor], what: str) -> None:
+    """NaN never reaches a checkpoint or an export: refuse weights with a non-finite value."""
+    bad = [name for name, w in weights.items() if not torch.isfinite(w).all()]
+    if bad:
+        raise FloatingPointError(f"{what} has non-finite values in {len(bad)} tensors ({', '.join(bad[:3])}...): "
+                                 "not written. Resume from the last checkpoint with a lower train.lr or cleaner data")
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -86,6 +94,9 @@ def write_checkpoint(path: Path, engine, ema: Optional[ShardedEMA], step: int, m
     rank's manifest comes last."""
     weights = engine.full_weights()
     ema_weights = ema.gather(engine.all_gather) if ema is not None else None
+    require_finite(weights, f"the UNet at step {step}")
+    if ema_weights is not None:
+        require_finite(ema_weights, f"the EMA at step {step}")
     path.mkdir(parents=True, exist_ok=True)
     files = [f"optimizer_rank{engine.rank}.safetensors"]
     save_state_dict(engine.optimizer_state(), path / files[0])

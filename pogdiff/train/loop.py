@@ -57,11 +57,17 @@ def stream_batches(loader, start_micro: int, device: torch.device, dtype: torch.
     epoch, skip = divmod(start_micro, len(loader))
     loader.set_epoch(epoch)
     while True:
+        skipped = 0
         for b in loader:
+            skipped += b.get("skipped", 0)
             if skip:
                 skip -= 1
                 continue
-            yield Batch(index=b["index"], latents=b["latents"].to(device, dtype), tokens=b["tokens"], keys=b["key"])
+            yield Batch(index=b["index"], latents=b["latents"].to(device, dtype), tokens=b["tokens"], keys=b["key"],
+                        skipped=b.get("skipped", 0))
+        if skipped:
+            log.warning("epoch %d: the reader skipped %d samples (unreadable shards, corrupt or non-finite samples; "
+                        "see the warnings above)", loader.epoch - 1, skipped)
 
 
 def data_position(cfg: Config, loader, step: int) -> dict:
@@ -177,8 +183,12 @@ class LocalEngine:
         self.micro_steps += 1
         if self.micro_steps % self.tc.grad_accum:
             return
-        if self.tc.grad_clip > 0:
-            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.tc.grad_clip))
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.tc.grad_clip if self.tc.grad_clip > 0 else float("inf"))
+        self.grad_norm = float(norm)
+        if not torch.isfinite(norm):  # as DeepSpeed does on overflow: no update from a non-finite gradient
+            log.warning("non-finite gradient norm: skipping this optimizer step")
+            self.optimizer.zero_grad(set_to_none=True)
+            return
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -232,22 +242,84 @@ class TrainResult:
     seconds: float = 0.0
 
 
+class NonFiniteGuard:
+    """Keeps non-finite losses out of the weights. A micro-batch whose loss is not finite on any rank
+    (the flag is all-reduced, so every rank decides alike) gets no backward and no optimizer step;
+    the keys of its non-finite samples are logged and counted, a sample seen in two bad micro-batches
+    is quarantined (``stream_batches`` drops it), and ``max_bad_steps`` bad steps in a row raise."""
+
+    def __init__(self, max_bad_steps: int):
+        self.max_bad_steps = max_bad_steps
+        self.strikes: dict[int, int] = {}  # dataset row -> bad micro-batches it was in
+        self.quarantined: set[int] = set()
+        self.bad_steps = self.in_a_row = 0
+        self.data_skipped = 0  # samples the reader skipped, as the batches report them
+
+    def is_bad(self, engine, batch: Batch, out) -> bool:
+        bad_here = ~torch.isfinite(out.per_sample if out.per_sample is not None else out.loss.reshape(1)).cpu()
+        flag = engine.all_reduce_sum(torch.tensor([float(bad_here.any())], dtype=torch.float64))
+        if not flag.item():
+            return False
+        rows = batch.index[bad_here].tolist() if bad_here.shape == batch.index.shape else []
+        keys = [batch.keys[i] for i in bad_here.nonzero().flatten().tolist()] if batch.keys and rows else []
+        for row in rows:
+            self.strikes[row] = self.strikes.get(row, 0) + 1
+            if self.strikes[row] >= 2:
+                self.quarantined.add(row)
+        log.warning("rank %d: non-finite loss; skipping this micro-batch on every rank (non-finite samples here: %s)",
+                    engine.rank, keys or "none on this rank")
+        return True
+
+    def step_done(self, step: int, bad: bool) -> None:
+        if not bad:
+            self.in_a_row = 0
+            return
+        self.bad_steps += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.max_bad_steps:
+            raise FloatingPointError(
+                f"{self.in_a_row} training steps in a row up to step {step} had a non-finite loss "
+                f"(train.max_bad_steps={self.max_bad_steps}); the weights and checkpoints are untouched by them. "
+                "Check the data (see the sample keys logged above), lower train.lr, or resume from the last checkpoint")
+
+
 def train_step(engine, objective: Objective, batches: Iterator[Batch], seed: int, step: int, grad_accum: int,
-               with_terms: bool) -> tuple[torch.Tensor, list[tuple[Batch, LossOutput]], float]:
-    """One optimizer step over ``grad_accum`` micro-batches: (mean loss, per-micro-batch outputs,
-    seconds spent waiting for data)."""
-    losses, outs, waited = [], [], 0.0
+               with_terms: bool, guard: Optional[NonFiniteGuard] = None
+               ) -> tuple[torch.Tensor, list[tuple[Batch, LossOutput]], float, bool]:
+    """One optimizer step over ``grad_accum`` micro-batches: (mean loss of the good micro-batches,
+    per-micro-batch outputs, seconds spent waiting for data, whether any micro-batch was skipped)."""
+    losses, outs, waited, skipped = [], [], 0.0, False
     for micro in range(grad_accum):
         t = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - t
+        if guard is not None:
+            guard.data_skipped += batch.skipped
         out = objective(engine, batch, step_generator(seed, engine.rank, step * grad_accum + micro), with_terms)
+        if guard is not None and guard.is_bad(engine, batch, out):
+            skipped = True
+            continue
         engine.backward(out.loss)
         engine.step()
         losses.append(out.loss.detach().float())
         if with_terms:
             outs.append((batch, out))
-    return torch.stack(losses).mean(), outs, waited
+    loss = torch.stack(losses).mean() if losses else torch.tensor(float("nan"))
+    return loss, outs, waited, skipped
+
+
+def _without(batches: Iterator[Batch], quarantined: set[int]) -> Iterator[Batch]:
+    """The batches without quarantined rows (a batch left empty is replaced by the next one)."""
+    for batch in batches:
+        if quarantined:
+            keep = torch.tensor([i not in quarantined for i in batch.index.tolist()])
+            if not keep.all():
+                if not keep.any():
+                    continue
+                batch = Batch(batch.index[keep], batch.latents[keep.to(batch.latents.device)], batch.tokens[keep],
+                              [k for k, ok in zip(batch.keys, keep.tolist()) if ok] if batch.keys else None,
+                              batch.skipped)
+        yield batch
 
 
 def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], start_step: int, out_dir: Path,
@@ -266,18 +338,22 @@ def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], sta
     window: list[torch.Tensor] = []
     t0 = window_start = time.perf_counter()
     waited = 0.0
+    guard = NonFiniteGuard(tc.max_bad_steps)
+    batches = _without(batches, guard.quarantined)
     bar = tqdm(range(start_step, tc.steps), desc=f"train {cfg.method.name.value}", unit="step",
                disable=not (progress and rank0), initial=start_step, total=tc.steps,
                mininterval=0.1 if sys.stderr.isatty() else 10.0)  # Ray forwards every redraw as a log line
     for step in bar:
         done = step + 1
         log_now = done % tc.log_every == 0 or done == tc.steps
-        loss, outs, data_s = train_step(engine, objective, batches, tc.seed, step, tc.grad_accum, log_now)
+        loss, outs, data_s, skipped = train_step(engine, objective, batches, tc.seed, step, tc.grad_accum, log_now, guard)
         waited += data_s
-        if ema is not None:
+        guard.step_done(done, skipped)
+        if ema is not None and not skipped:
             ema.update(engine.param_shards())
-        window.append(loss)
-        if log_now:
+        if torch.isfinite(loss):
+            window.append(loss)
+        if log_now and window:
             sums = engine.all_reduce_sum(torch.cat([torch.stack([torch.stack(window).sum().double(),
                                                                  torch.tensor(len(window), dtype=torch.float64)]),
                                                     term_stats(outs, is_minority)]))
@@ -286,7 +362,9 @@ def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], sta
             now = time.perf_counter()
             entry = {"loss": float(sums[0] / sums[1]), "target_mse": float(sums[3] / n), "lr": engine.lr,
                      "grad_norm": None if engine.grad_norm is None else float(engine.grad_norm),
-                     "data_wait": waited / max(now - window_start, 1e-9)}  # rank 0's share of time spent waiting on data
+                     "data_wait": waited / max(now - window_start, 1e-9),  # rank 0's share of time spent waiting on data
+                     "bad_steps": guard.bad_steps, "quarantined": len(guard.quarantined),
+                     "data/skipped": guard.data_skipped}
             window_start, waited = now, 0.0
             if objective.cfg.name.value in ("pogdiff", "cbdm"):
                 entry["pair_mse"] = float(sums[4] / n)
