@@ -72,7 +72,8 @@ def test_jsonl_with_every_fault(tmp_path, capsys):
     assert 100 < deep.mean() < 155 and deep.std() > 30  # the 16-bit gradient, not all white
     assert abs(stored_image(dataset, "la").mean() - 120) < 3 and stored_image(dataset, "pal").std() < 1
 
-    rc, result, _ = prepare(capsys, tmp_path, data / "m.jsonl", "prepare.allow_outside_root=true", "prepare.output=o2")
+    rc, result, _ = prepare(capsys, tmp_path, data / "m.jsonl", "prepare.allow_outside_root=true",
+                             f"prepare.output={tmp_path / 'o2'}")
     assert rc == 0 and result["samples"] == 10 and "outside_image_root" not in result["skipped"]
 
 

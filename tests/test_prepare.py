@@ -189,7 +189,10 @@ def test_resume_redoes_only_unfinished_shards(tmp_path, monkeypatch):
 
 
 def test_keys_fit_webdataset_and_ustar():
-    assert prep.sanitize_key("people/Ann.Lee/img 01") == "people_Ann_Lee_img_01"
+    clean = prep.sanitize_key("people/Ann.Lee/img 01")
+    assert clean.startswith("people_Ann_Lee_img_01_") and "." not in clean and "/" not in clean
+    assert prep.sanitize_key("people_Ann_Lee_img_01") == "people_Ann_Lee_img_01"  # a clean key stays as it is
+    assert prep.sanitize_key("a b") != prep.sanitize_key("a_b")  # never two records on one key
     long_a, long_b = "x/" * 100 + "a", "x/" * 100 + "b"
     assert len(prep.sanitize_key(long_a)) == prep.MAX_KEY
     assert prep.sanitize_key(long_a) != prep.sanitize_key(long_b)
