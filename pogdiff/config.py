@@ -101,11 +101,12 @@ class DensityConfig:
     batch_size: int = 256
     lr: float = 1e-3
     elbo_samples: int = 16  # Monte-Carlo samples per ELBO evaluation
-    # log psi_inv = (nll - median_nll) / temperature - log a3, with nll = -ELBO. None means the
-    # embedding dimension (a per-dimension density ratio); 1.0 is Eq. 11 exactly, up to the
-    # constant exp(median_nll) folded into a3.
+    # log psi_inv = clip((nll - median_nll) / temperature, +-log_clip) - log a3, with nll = -ELBO.
+    # None: the standard deviation of the training NLL, so psi_inv = exp(z-score of the caption's
+    # NLL) (on the demo data E[psi|tail]/E[psi|head] = 5.2; T = D gave 0.81, inverted). 1.0 is
+    # Eq. 11 verbatim, up to the constant exp(median_nll) folded into a3.
     temperature: Optional[float] = None
-    log_clip: float = 10.0  # |log psi_inv + log a3| is clipped here so psi_inv is always finite
+    log_clip: float = 3.0  # |log psi_inv + log a3| is clipped here (3 sd): psi_inv in [e^-3, e^3], always finite
     seed: int = 0
 
 

@@ -214,3 +214,16 @@ def test_report_tables_are_mean_and_std_over_seeds(tmp_path):
     assert "| PoGDiff (ours) | **7.500 ± 0.707** |" in md
     assert "cbdm seed 0, cbdm seed 1" in md  # missing runs are listed, not invented
     assert "PoGDiff 7.500 ± 0.707 is better than the best baseline, Vanilla 11.000 ± 1.414, by more than" in md
+
+
+def test_a_weak_encoder_marks_the_metrics_invalid(tmp_path):
+    """gRecall from a recogniser that cannot tell identities apart is meaningless: eval says so."""
+    from pogdiff.config import load_config
+    from pogdiff.eval import validity
+
+    cfg = load_config(None, ["eval.min_encoder_accuracy=0.8"])
+    weak = validity(cfg, {"encoder": "recognizer", "heldback_accuracy": 0.10})
+    assert weak[0] is False and "0.10" in weak[1] and "eval.min_encoder_accuracy=0.8" in weak[1]
+    assert validity(cfg, {"encoder": "recognizer", "heldback_accuracy": 0.93}) == (True, None)
+    assert validity(cfg, {"encoder": "recognizer", "heldback_accuracy": None})[0] is False
+    assert validity(cfg, {"encoder": "/models/dinov2"}) == (True, None)

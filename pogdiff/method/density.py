@@ -6,8 +6,9 @@ exp overflows. We compute, with nll = -ELBO,
     log psi_inv(y) = clip((nll(y) - median_train(nll)) / temperature, -log_clip, log_clip) - log a3
 
 * subtracting the training median is a constant factor, i.e. a rescaled a3: Eq. 11 unchanged;
-* temperature defaults to the embedding dimension D: psi_inv becomes the per-dimension
-  (geometric-mean) density ratio p_median / p(y), O(1) for any D; temperature=1 is Eq. 11 exactly;
+* temperature defaults to the standard deviation of the training NLL: psi_inv = exp(z-score of the
+  caption's NLL), O(1) for any D and large enough to lift minority captions above psi_img's
+  penalty (DESIGN §1); temperature=1 is Eq. 11 exactly;
 * the clip keeps exp() finite for any input, and is monotone, so a caption with lower density
   (a minority caption) never gets a smaller psi_inv than a more typical one.
 """
@@ -127,7 +128,10 @@ def fit_text_density(embeddings: torch.Tensor, cfg: DensityConfig, progress: boo
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    temperature = float(cfg.temperature) if cfg.temperature is not None else float(dim)
-    density = TextDensity(vae, mean, std, 0.0, temperature, cfg.log_clip, cfg.elbo_samples, cfg.seed)
-    density.median_nll = float(density.nll(y).median())
+    density = TextDensity(vae, mean, std, 0.0, 1.0, cfg.log_clip, cfg.elbo_samples, cfg.seed)
+    nll = density.nll(y)
+    density.median_nll = float(nll.median())
+    # the spread of the training NLL: the NLL gap between rare and common captions grows with the
+    # embedding dimension, and dividing by D (a per-dimension ratio) shrank it below psi_img's
+    density.temperature = float(cfg.temperature) if cfg.temperature is not None else max(float(nll.std()), 1e-6)
     return density

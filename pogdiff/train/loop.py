@@ -340,6 +340,12 @@ def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], sta
     waited = 0.0
     guard = NonFiniteGuard(tc.max_bad_steps)
     batches = _without(batches, guard.quarantined)
+    if rank0 and metrics.writer is not None and getattr(objective, "sampler", None) is not None:
+        from pogdiff.method.neighbours import summarize_psi
+
+        ratio = summarize_psi(objective.sampler.psi, is_minority)["tail_over_head"]  # also in history.json
+        if ratio is not None:
+            metrics.writer.add_scalar("psi/tail_over_head", ratio, start_step)
     bar = tqdm(range(start_step, tc.steps), desc=f"train {cfg.method.name.value}", unit="step",
                disable=not (progress and rank0), initial=start_step, total=tc.steps,
                mininterval=0.1 if sys.stderr.isatty() else 10.0)  # Ray forwards every redraw as a log line
