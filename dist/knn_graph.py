@@ -10,7 +10,6 @@ shard) the shards run in-process; above, as Ray actors, with several batches in 
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections import deque
 from pathlib import Path

@@ -7,12 +7,14 @@ paths, atomic writes, seed derivation and fingerprints.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -56,12 +58,34 @@ def load_run_config(path: str | Path | None, overrides=()) -> Config:
     return absolute_paths(load_config(path, overrides))
 
 
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write a file so that readers see the old content or the new, never a part."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for writers that take a path (safetensors, numpy, matplotlib,
+    save_pretrained): moved onto ``path`` when the block succeeds, removed when it fails, so readers
+    see the old content or the new, never a part. A directory replaces the old one (removed first)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    _remove(tmp)
+    try:
+        yield tmp
+        if tmp.is_dir():
+            _remove(path)
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write a file so that readers see the old content or the new, never a part."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 
 from pogdiff.config import ConfigError, GradMode, Method, MethodConfig, load_config
 from pogdiff.data.dataset import Dataset, prepare_artifacts, resolve_dataset
-from pogdiff.dist.cluster import connect, ray_run_name, run_storage
+from pogdiff.dist.cluster import connect, run_storage
 from pogdiff.dist.deepspeed_config import deepspeed_config
 from pogdiff.dist.ray_driver import read_history, run
 from pogdiff.method.objectives import Batch, Objective, TextConditioner

@@ -2,7 +2,6 @@
 every sample it skips; a non-finite latent is never a training sample."""
 from __future__ import annotations
 
-import json
 import logging
 import tarfile
 

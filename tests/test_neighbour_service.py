@@ -8,7 +8,7 @@ import torch
 from pogdiff.config import IndexConfig, IndexType, load_config
 from pogdiff.dist.knn_graph import ArraySource, build_knn_graph, clustered_embeddings
 from pogdiff.dist.neighbour_service import NeighbourService, choose_index
-from pogdiff.method.neighbours import NeighbourTable, exact_knn
+from pogdiff.method.neighbours import exact_knn
 
 ray = pytest.importorskip("ray")
 

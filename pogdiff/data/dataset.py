@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -37,7 +36,7 @@ from pogdiff.config import Config
 from pogdiff.data.shards import DatasetIndex, EmbeddingSource
 from pogdiff.method.density import TextDensity, fit_text_density
 from pogdiff.method.neighbours import NeighbourTable, psi_table, summarize_psi
-from pogdiff.runs import fingerprint, write_json
+from pogdiff.runs import atomic_path, fingerprint, write_json
 
 log = logging.getLogger("pogdiff.data")
 
@@ -97,9 +96,8 @@ def _load(path: Path) -> np.ndarray:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 # --------------------------------------------------------------------------------- neighbours (Eq. 8)
@@ -147,9 +145,8 @@ def text_density(cfg: Config, ds: Dataset, progress: bool = True) -> tuple[TextD
     if not (out / "nll.npy").is_file():
         density = fit_text_density(torch.from_numpy(np.array(ds.index.pooled)), cfg.density, progress=progress)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".density.{os.getpid()}.tmp"
-        density.save(tmp)
-        os.replace(tmp, out / "density.safetensors")
+        with atomic_path(out / "density.safetensors") as tmp:
+            density.save(tmp)
         _save_npy(out / "nll.npy", density.nll(torch.from_numpy(np.array(ds.index.pooled))).numpy())
     density = TextDensity.load(out / "density.safetensors")
     density.temperature = float(cfg.density.temperature) if cfg.density.temperature is not None else density.temperature

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 import stat
 from collections import Counter
@@ -38,7 +37,7 @@ from pogdiff.config import Config, ModelConfig, PrepareConfig
 from pogdiff.data.encode import encode_batch, images_to_tensor, load_image_encoder
 from pogdiff.models.components import Components, load_components
 from pogdiff.data.shards import Sample, damaged_parts, read_task_record, write_index, write_task
-from pogdiff.runs import atomic_write
+from pogdiff.runs import atomic_path, atomic_write
 from pogdiff.data.synthetic import Record, identity_name, iter_records, profile_counts
 from pogdiff.models.components import resolve_device
 
@@ -683,10 +682,8 @@ def frozen_model(cfg: Config, out: Path, plan: Plan) -> str:
         with torch.no_grad():
             raw = components.vae.encode(images_to_tensor(images)).latent_dist.mean
         components.vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
-    tmp = out / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_components(components, tmp)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        save_components(components, tmp)
     return str(target)
 
 
@@ -706,10 +703,9 @@ def plot_label_distribution(identities: np.ndarray, path: Path, title: str) -> l
     ax.set_title(title)
     ax.set_xlim(-0.5, len(counts) - 0.5)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return counts.tolist()
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from pogdiff.config import Config
-from pogdiff.runs import RunFiles
+from pogdiff.runs import RunFiles, atomic_path
 
 
 def image_seed(seed: int, identity: int, index: int) -> int:
@@ -134,9 +134,8 @@ def save_samples(path: Path, images: dict[int, np.ndarray], metadata: dict[str, 
     index = np.concatenate([np.arange(len(v), dtype=np.int64) for v in images.values()])
     # safetensors writes the raw buffer: the stacked images must be C-ordered
     stacked = np.ascontiguousarray(np.concatenate(list(images.values())))
-    tmp = path.with_suffix(".tmp")
-    save_file({"images": stacked, "identities": ids, "index": index}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({"images": stacked, "identities": ids, "index": index}, str(tmp), metadata=metadata)
 
 
 def read_samples(path: Path) -> tuple[dict[int, np.ndarray], dict[str, str]]:

@@ -7,7 +7,6 @@ time runs short, every variant has the same seeds done, and the report covers wh
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path

@@ -15,7 +15,7 @@ import numpy as np
 
 from pogdiff.config import ABLATION, METHODS, Config, variant_config
 from pogdiff.eval import METRICS, metrics_path
-from pogdiff.runs import RunFiles
+from pogdiff.runs import RunFiles, atomic_write
 
 LABELS = {"vanilla": "Vanilla", "cbdm": "CBDM", "t2h": "T2H", "pogdiff": "PoGDiff (ours)",
           "pogdiff-no_psi_img": "w/o ψ_img", "pogdiff-no_psi_inv": "w/o ψ_inv",
@@ -368,7 +368,5 @@ def write_report(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out
     if notes.is_file():
         md += ["## Discussion", "", notes.read_text().strip(), ""]
     path = out / "report.md"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(md) + "\n")
-    tmp.replace(path)
+    atomic_write(path, "\n".join(md) + "\n")
     return path

@@ -9,7 +9,6 @@ text encoder and tokenizer come from it unchanged, the UNet gets ``weights`` (EM
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +16,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
+from pogdiff.runs import atomic_path
 from pogdiff.config import ModelConfig
 from pogdiff.models.components import load_components
 
@@ -45,12 +45,10 @@ def export_pipeline(model_dir: str | Path, weights: dict[str, torch.Tensor], out
     require_finite(weights, "the UNet to export")
     out = Path(out)
     unet = build_unet(model_dir, weights)
+    out.mkdir(parents=True, exist_ok=True)
     for name, save in (("unet", unet.save_pretrained), ("pipeline", make_pipeline(model_dir, unet).save_pretrained)):
-        tmp, final = out / f".tmp_{name}", out / name
-        shutil.rmtree(tmp, ignore_errors=True)
-        save(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        with atomic_path(out / name) as tmp:
+            save(tmp)
     return out
 
 

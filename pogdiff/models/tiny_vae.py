@@ -22,6 +22,7 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
+from pogdiff.runs import atomic_path
 from pogdiff.data.encode import images_to_tensor
 from pogdiff.data.synthetic import Identity, Record, make_identity, render
 
@@ -111,7 +112,6 @@ def pretrain_tiny_vae(vae: AutoencoderKL, steps: int, seed: int, image_size: int
     log.info("tiny VAE pretrained for %d steps: reconstruction mse %.4f -> %.4f", steps,
              float(np.mean(losses[:10])), float(np.mean(losses[-10:])))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp),
-              metadata={"key": json.dumps(key, default=str), "final_mse": str(np.mean(losses[-10:]))})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp),
+                  metadata={"key": json.dumps(key, default=str), "final_mse": str(np.mean(losses[-10:]))})

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pogdiff.runs import atomic_write
+from pogdiff.runs import atomic_path, atomic_write
 from pogdiff.train.ema import ShardedEMA
 
 log = logging.getLogger("pogdiff.train")
@@ -191,11 +191,10 @@ class Checkpointer:
         return newest_complete(sorted(self.root.glob("step_*")))
 
     def save(self, step: int, engine, ema: Optional[ShardedEMA], meta: Optional[dict] = None) -> Path:
-        final, tmp = self.root / f"step_{step:08d}", self.root / f".tmp_step_{step:08d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_checkpoint(tmp, engine, ema, step, meta)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        final = self.root / f"step_{step:08d}"
+        self.root.mkdir(parents=True, exist_ok=True)
+        with atomic_path(final) as tmp:
+            write_checkpoint(tmp, engine, ema, step, meta)
         for old in self.done()[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final

@@ -28,7 +28,7 @@ import torch
 
 from pogdiff.config import Config, Method, ModelConfig, TrainConfig
 from pogdiff.data.dataset import Dataset
-from pogdiff.method.objectives import Batch, Objective, TextConditioner
+from pogdiff.method.objectives import Batch, LossOutput, Objective, TextConditioner
 from pogdiff.models.components import resolve_device
 from pogdiff.runs import derive_seed
 from pogdiff.train.ema import ShardedEMA, flat_shard
