@@ -33,7 +33,8 @@
 #   POGDIFF_RAY_JOIN_TIMEOUT=300      seconds to wait for every node to join
 #   POGDIFF_RAY_NODE_RESTARTS=3       times a lost worker node's Ray is restarted during the job
 #   POGDIFF_DRIVER="python -m pogdiff.dist.ray_driver"   command run with CONFIG [overrides]
-#   RAY_AUTH_MODE=token, RAY_AUTH_TOKEN   Ray's token authentication (default: a fresh token per job)
+#   RAY_AUTH_MODE=token, RAY_AUTH_TOKEN   Ray's token authentication (default: a fresh token per job);
+#                                         another mode is refused unless POGDIFF_ALLOW_NO_AUTH=1
 set -uo pipefail
 
 die() { echo "pogdiff_multinode: $*" >&2; exit 2; }
@@ -68,6 +69,9 @@ export RAY_ADDRESS=$head_ip:$port RAY_USAGE_STATS_ENABLED=0
 # Token authentication on every node and the driver: a fresh secret per job (passed to the nodes in
 # the srun environment) unless RAY_AUTH_MODE / RAY_AUTH_TOKEN[_PATH] are already set.
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+if [[ $RAY_AUTH_MODE != token && ${POGDIFF_ALLOW_NO_AUTH:-0} != 1 ]]; then
+    die "RAY_AUTH_MODE=$RAY_AUTH_MODE: a multi-node Ray cluster without token authentication lets anyone who can reach its ports run code; unset RAY_AUTH_MODE (a fresh token per job), or set POGDIFF_ALLOW_NO_AUTH=1 to run without it anyway; nothing was started"
+fi
 if [[ $RAY_AUTH_MODE == token && -z ${RAY_AUTH_TOKEN:-}${RAY_AUTH_TOKEN_PATH:-} ]]; then
     RAY_AUTH_TOKEN=$(python -c 'import secrets; print(secrets.token_hex(32))')
     export RAY_AUTH_TOKEN

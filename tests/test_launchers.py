@@ -158,6 +158,14 @@ def test_slurm_invalid_config_fails_before_ray_starts(slurm, tmp_path):
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and "config file 'configs/missing.yaml' does not exist" in slurm.log(job)
 
 
+def test_slurm_refuses_ray_without_token_auth(slurm, tmp_path):
+    job = slurm.sbatch(tmp_path, "configs/demo.yaml", [], RAY_AUTH_MODE="disabled")
+    info = slurm.wait(job, 120)
+    log = slurm.log(job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", log
+    assert "without token authentication" in log and "POGDIFF_ALLOW_NO_AUTH=1" in log and "ray start" not in log
+
+
 def ray_checkpoints(cfg) -> list[Path]:
     """The driver's complete checkpoints (every rank's optimizer shard present), oldest first."""
     done = []

@@ -32,7 +32,7 @@ from typing import BinaryIO, Iterable, Iterator, Optional
 
 import numpy as np
 
-from pogdiff.runs import atomic_write
+from pogdiff.runs import atomic_write, file_sha256
 
 FORMAT = "pogdiff-shards/1"
 LATENT, TOKENS, POOLED, IMAGE_EMB, META = "latent.npy", "tokens.npy", "pooled.npy", "imgemb.npy", "json"
@@ -135,16 +135,6 @@ def encode_sample(s: Sample) -> dict[str, bytes]:
 def tar_bytes(files: dict[str, bytes]) -> int:
     """Bytes these files take in a tar: a 512-byte header each, data padded to 512."""
     return sum(TAR_BLOCK + -(-len(v) // TAR_BLOCK) * TAR_BLOCK for v in files.values())
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def damaged_parts(folder: Path, record: dict) -> list[str]:

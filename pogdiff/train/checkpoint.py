@@ -12,7 +12,6 @@ complete checkpoint on storage (``newest_complete``), whoever registered it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -23,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pogdiff.runs import atomic_path, atomic_write
+from pogdiff.runs import atomic_path, atomic_write, file_sha256
 from pogdiff.train.ema import ShardedEMA
 
 log = logging.getLogger("pogdiff.train")
@@ -74,17 +73,9 @@ def require_finite(weights: dict[str, torch.Tensor], what: str) -> None:
                                  "not written. Resume from the last checkpoint with a lower train.lr or cleaner data")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(path: Path, rank: int, files: Iterable[str]) -> None:
     """This rank's part of the checkpoint is complete: its files, sizes and sha256 (written last)."""
-    entries = {name: {"bytes": (path / name).stat().st_size, "sha256": sha256_file(path / name)} for name in files}
+    entries = {name: {"bytes": (path / name).stat().st_size, "sha256": file_sha256(path / name)} for name in files}
     atomic_write(path / f"manifest_rank{rank}.json", json.dumps({"rank": rank, "files": entries}, indent=1))
 
 
@@ -127,7 +118,7 @@ def checkpoint_state(path: Path, verify: bool = False) -> dict:
             f = path / name
             if not f.is_file() or f.stat().st_size != entry["bytes"]:
                 raise FileNotFoundError(f"checkpoint '{path}' is incomplete or damaged: {name}")
-            if verify and sha256_file(f) != entry["sha256"]:
+            if verify and file_sha256(f) != entry["sha256"]:
                 raise FileNotFoundError(f"checkpoint '{path}' is damaged: {name} fails its sha256")
     return state
 
