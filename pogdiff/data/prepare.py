@@ -556,15 +556,17 @@ def run_tasks(tasks: list[Task], pc: PrepareConfig, progress: bool, total: int) 
             with ProcessPoolExecutor(pc.workers, mp_context=mp.get_context("spawn"), initializer=_process_init,
                                      initargs=(threads,)) as pool:
                 pending = {pool.submit(run_task, t): t for t in tasks}
-                while pending:
-                    finished, _ = wait(pending, return_when=FIRST_EXCEPTION)
-                    for f in finished:
-                        t = pending.pop(f)
-                        if f.exception() is not None:
-                            for other in pending:
-                                other.cancel()
-                            raise f.exception()
-                        done(f.result(), t)
+                try:
+                    while pending:
+                        finished, _ = wait(pending, return_when=FIRST_EXCEPTION)
+                        for f in finished:
+                            t = pending.pop(f)
+                            if f.exception() is not None:
+                                raise f.exception()
+                            done(f.result(), t)
+                except BaseException:  # a failed task, Ctrl-C: queued tasks are dropped, not run to the end
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
         else:
             run_ray(tasks, pc, done)
     finally:
