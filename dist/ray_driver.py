@@ -136,7 +136,7 @@ def run(cfg: Config, progress: bool = True) -> TrainResult:
         weights = load_file(str(ckpt / ("ema.safetensors" if cfg.train.ema else "unet.safetensors")))
         steps = json.loads((ckpt / "trainer.json").read_text())["step"]
     prune_checkpoints(cfg)
-    export_pipeline(ds.model_dir, weights, files.method)
+    export_pipeline(ds.model_dir, weights, files.method, cfg.train.prediction_type)
     history = read_history(files.method / "metrics.jsonl")
     out = TrainResult(steps=steps, losses=[h["loss"] for h in history], history=history, seconds=seconds)
     write_history(cfg, psi_stats, out)

@@ -134,9 +134,14 @@ class TrainConfig:
     ema: bool = False  # exponential moving average of the UNet, exported instead of the raw weights
     ema_decay: float = 0.9999  # max decay; warmed up like diffusers' EMAModel: min(ema_decay, (1 + n) / (10 + n))
     ema_offload: bool = False  # keep the EMA shadow on the CPU
-    # Min-SNR weighting (epsilon prediction): w_i = min(SNR(t_i), gamma) / SNR(t_i) multiplies the whole
-    # per-sample two-term loss, both terms alike. None = off; 5.0 is the paper's choice.
+    # Min-SNR weighting: w_i = min(SNR(t_i), gamma) / SNR(t_i) (epsilon; / (SNR + 1) for v_prediction, / 1
+    # for sample, as diffusers does) multiplies the whole per-sample two-term loss, both terms alike.
+    # None = off; 5.0 is the paper's choice.
     snr_gamma: Optional[float] = None
+    # What the UNet predicts: None = the model's scheduler config (SD 2.x 768: v_prediction);
+    # "epsilon" | "v_prediction" | "sample" override it (diffusers' --prediction_type). The export
+    # carries the type that was trained.
+    prediction_type: Optional[str] = None
     noise_offset: float = 0.0  # eps += noise_offset * N(0, 1) per (sample, channel)
     tensorboard: bool = True
     validate_every: int = 0  # steps between DDIM validation grids; 0 = none
@@ -424,6 +429,9 @@ def _check_values(cfg: Config) -> None:
                         "(the VAE halves it and the UNet halves the latent once more)")
     elif cfg.model.name != "tiny" and cfg.data.image_size % 8:
         problems.append(f"data.image_size={cfg.data.image_size} must be a multiple of 8 (the Stable Diffusion VAE's factor)")
+    if cfg.train.prediction_type not in (None, "epsilon", "v_prediction", "sample"):
+        problems.append(f"train.prediction_type must be epsilon|v_prediction|sample (or null: the model's), "
+                        f"got '{cfg.train.prediction_type}'")
     if cfg.train.resume not in ("auto", "never", "force"):
         problems.append(f"train.resume must be auto|never|force, got '{cfg.train.resume}'")
     if cfg.density.temperature is not None and not math.isfinite(cfg.density.temperature):

@@ -128,3 +128,37 @@ def test_t2h_transfer_probabilities_at_small_noise_pick_nearest():
     target = obj.t2h_target(lat, x_t, noise, abar, torch.arange(N), torch.Generator().manual_seed(0))
     # sigma_t -> 0: the softmax concentrates on j = i itself, so nothing transfers
     torch.testing.assert_close(target, noise)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_target_follows_the_prediction_type(prediction_type):
+    """The regression target is diffusers' own: eps, scheduler.get_velocity(x0, eps, t), or x0."""
+    from diffusers import DDPMScheduler
+
+    obj, lat, text, _ = _objective(Method.vanilla)
+    obj.prediction_type = prediction_type
+    idx = torch.arange(N)
+    zero = lambda x, t, y: torch.zeros_like(x)  # noqa: E731 - then target_mse = mean(target^2)
+    out = obj(zero, Batch(idx, lat[idx], idx[:, None]), torch.Generator().manual_seed(4), with_terms=True)
+    _, noise, t = _replay(4, N)
+    sched = DDPMScheduler(num_train_timesteps=len(ABAR))
+    sched.alphas_cumprod = ABAR
+    want = {"epsilon": noise, "v_prediction": sched.get_velocity(lat[idx], noise, t), "sample": lat[idx]}[prediction_type]
+    torch.testing.assert_close(out.target_mse, want.pow(2).flatten(1).mean(1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("prediction_type,denominator", [("epsilon", lambda s: s), ("v_prediction", lambda s: s + 1),
+                                                         ("sample", lambda s: torch.ones_like(s))])
+def test_min_snr_weighting_per_prediction_type(prediction_type, denominator):
+    gamma = 2.0
+    plain, lat, _, _ = _objective(Method.pogdiff)
+    weighted, _, _, _ = _objective(Method.pogdiff)
+    plain.prediction_type = weighted.prediction_type = prediction_type
+    weighted.snr_gamma = gamma
+    unet = LinearUNet()
+    for seed in range(3):
+        idx = torch.tensor([seed])
+        a = plain(unet, Batch(idx, lat[idx], idx[:, None]), torch.Generator().manual_seed(seed))
+        b = weighted(unet, Batch(idx, lat[idx], idx[:, None]), torch.Generator().manual_seed(seed))
+        snr = ABAR[a.timesteps] / (1 - ABAR[a.timesteps])
+        assert b.loss.item() == pytest.approx(a.loss.item() * (snr.clamp(max=gamma) / denominator(snr)).item(), rel=1e-5)

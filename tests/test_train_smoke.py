@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from pogdiff.runs import RunFiles, load_run_config
 from pogdiff.train.loop import run_train
@@ -59,3 +60,31 @@ def test_rerun_with_another_training_config_is_refused_unless_asked(run_root):
     assert [h["step"] for h in fresh.history] == [1, 2, 3, 4]  # from step 0
     longer = run_train(_cfg(run_root, *base, "train.lr=3e-3", "train.steps=8"), progress=False)  # only steps changed
     assert [h["step"] for h in longer.history] == [5, 6, 7, 8]
+
+
+def test_a_v_prediction_model_trains_on_v_and_exports_as_v(run_root, tmp_path):
+    """An SD 2.x-style model directory whose scheduler says v_prediction: training reads the type from
+    it (the objective's target is the velocity), and the exported pipeline says v_prediction."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from pogdiff.data.dataset import resolve_dataset
+    from pogdiff.models.components import build_tiny, save_components
+    from pogdiff.train.loop import training_inputs
+
+    model = tmp_path / "sd-v"
+    components = build_tiny(0)
+    components.noise_scheduler = DDPMScheduler.from_config(components.noise_scheduler.config, prediction_type="v_prediction")
+    save_components(components, model)
+    base = [f"model.name={model}", "method.name=vanilla", "train.steps=2", "train.log_every=1", "run_name=vpred"]
+    cfg = _cfg(run_root, *base)
+    inputs = training_inputs(cfg, resolve_dataset(cfg, progress=False), torch.device("cpu"))
+    assert inputs.objective.prediction_type == "v_prediction"
+    v = run_train(cfg, progress=False)
+    pipe = StableDiffusionPipeline.from_pretrained(str(RunFiles(cfg).pipeline), safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    eps_cfg = _cfg(run_root, *base, "train.prediction_type=epsilon", "run_name=vpred-as-eps")
+    eps = run_train(eps_cfg, progress=False)
+    assert eps.losses[0] != pytest.approx(v.losses[0], rel=1e-3)  # same data, noise and weights: another target
+    assert json.loads((RunFiles(eps_cfg).pipeline / "scheduler" / "scheduler_config.json").read_text())[
+        "prediction_type"] == "epsilon"

@@ -26,7 +26,9 @@ from pogdiff.kernels import TwoTermWeights, two_term_loss, two_term_loss_concat
 from pogdiff.config import GradMode, Method, MethodConfig
 from pogdiff.method.neighbours import NeighbourSampler
 
-# unet_fn(x_t, t, cond) -> eps prediction
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+# unet_fn(x_t, t, cond) -> the UNet's prediction (eps, v or x0: Objective.prediction_type)
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -112,8 +114,11 @@ class Objective:
         backend: str = "auto",
         snr_gamma: Optional[float] = None,  # Min-SNR: min(SNR, gamma) / SNR scales each whole per-sample loss
         noise_offset: float = 0.0,  # eps += noise_offset * N(0, 1) per (sample, channel)
+        prediction_type: str = "epsilon",  # what the UNet predicts: "epsilon" | "v_prediction" | "sample"
     ):
-        self.cfg, self.backend = cfg, backend
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        self.cfg, self.backend, self.prediction_type = cfg, backend, prediction_type
         self.snr_gamma, self.noise_offset = snr_gamma, noise_offset
         self.alphas_cumprod = alphas_cumprod.float()
         self.num_timesteps = alphas_cumprod.shape[0]
@@ -146,11 +151,11 @@ class Objective:
             y = torch.where(to_device(dropped, device).view(-1, 1, 1), self.text.null(device, y.dtype), y)
 
         method = self.cfg.name
-        target, y_prime = noise, None
+        target, x0_target, y_prime = noise, x0, None
         if method == Method.vanilla:
             weights = TwoTermWeights.single(bsz, x0)
         elif method == Method.t2h:
-            target = self.t2h_target(x0, x_t, noise, abar, batch.index, generator)
+            target, x0_target = self.t2h_transfer(x0, x_t, noise, abar, batch.index, generator)
             weights = TwoTermWeights.single(bsz, x0)
         elif method == Method.pogdiff:
             nid, psi = self.sampler.sample(batch.index, generator)
@@ -165,6 +170,7 @@ class Objective:
         else:  # pragma: no cover - the config enum admits nothing else
             raise ValueError(f"unknown method {method}")
 
+        target = self.in_parameterisation(target, x0_target, abar)
         if y_prime is None:
             a, b = unet(x_t, t_dev, y), None
             per_sample = two_term_loss(a, b, target, weights, backend=self.backend)
@@ -181,7 +187,9 @@ class Objective:
 
         if self.snr_gamma is not None:  # one Min-SNR weight per sample scales its whole two-term loss
             snr = abar / (1 - abar)
-            per_sample = per_sample * (snr.clamp(max=self.snr_gamma) / snr)
+            # diffusers' weighting per parameterisation: the eps loss is the x0 loss / SNR, the v loss / (SNR + 1)
+            denominator = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[self.prediction_type]
+            per_sample = per_sample * (snr.clamp(max=self.snr_gamma) / denominator)
         target_mse = pair_mse = None
         if with_terms:
             with torch.no_grad():
@@ -189,8 +197,23 @@ class Objective:
                 pair_mse = None if b is None else (a.float() - b.float()).pow(2).flatten(1).mean(1)
         return LossOutput(per_sample.mean(), target_mse, pair_mse, weights, t, per_sample.detach())
 
-    @torch.no_grad()
+    def in_parameterisation(self, eps: torch.Tensor, x0: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+        """The regression target for this UNet from the (eps, x0) pair that makes x_t: eps itself,
+        the velocity ``sqrt(abar) eps - sqrt(1 - abar) x0`` (diffusers' ``get_velocity``), or x0.
+        Both PoGDiff terms then compare predictions in the same parameterisation."""
+        if self.prediction_type == "epsilon":
+            return eps
+        if self.prediction_type == "sample":
+            return x0.to(eps.dtype)
+        shape = (eps.shape[0],) + (1,) * (eps.dim() - 1)
+        return (abar.sqrt().view(shape) * eps.float() - (1 - abar).sqrt().view(shape) * x0.float()).to(eps.dtype)
+
     def t2h_target(self, x0, x_t, noise, abar, index, generator) -> torch.Tensor:
+        """T2H's epsilon target (see ``t2h_transfer``)."""
+        return self.t2h_transfer(x0, x_t, noise, abar, index, generator)[0]
+
+    @torch.no_grad()
+    def t2h_transfer(self, x0, x_t, noise, abar, index, generator) -> tuple[torch.Tensor, torch.Tensor]:
         """T2H (official ``do_transfer_x0``), density standing in for class frequency.
 
         j ~ p(j | i) ∝ exp(-||x0_i + sigma_t eps_i - x0_j||^2 / (2 sigma_t^2)), sigma_t^2 = 1/abar_t - 1,
@@ -209,4 +232,5 @@ class Objective:
         keep = (dens[j] >= dens) & (j != torch.arange(bsz, device=x0.device))
         shape = (bsz,) + (1,) * (x0.dim() - 1)
         transferred = (x_t.float() - abar.sqrt().view(shape) * x0[j].float()) / (1 - abar).sqrt().view(shape)
-        return torch.where(keep.view(shape), transferred.to(noise.dtype), noise)
+        # (eps target, the x0 it pairs with): what any parameterisation's target is made of
+        return torch.where(keep.view(shape), transferred.to(noise.dtype), noise), torch.where(keep.view(shape), x0[j], x0)

@@ -10,7 +10,7 @@ text encoder and tokenizer come from it unchanged, the UNet gets ``weights`` (EM
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -28,17 +28,24 @@ def build_unet(model_dir: str | Path, weights: dict[str, torch.Tensor]) -> UNet2
     return unet
 
 
-def make_pipeline(model_dir: str | Path, unet: UNet2DConditionModel) -> StableDiffusionPipeline:
-    """A DDIM Stable Diffusion pipeline: ``model_dir``'s frozen parts around ``unet``."""
+def make_pipeline(model_dir: str | Path, unet: UNet2DConditionModel,
+                  prediction_type: Optional[str] = None) -> StableDiffusionPipeline:
+    """A DDIM Stable Diffusion pipeline: ``model_dir``'s frozen parts around ``unet``; its scheduler
+    says ``prediction_type`` when given (what the UNet was trained to predict), else the model's."""
+    from diffusers import DDIMScheduler
+
     c = load_components(ModelConfig(name=str(model_dir)), with_unet=False)
+    scheduler = c.ddim_scheduler() if prediction_type is None else \
+        DDIMScheduler.from_config(c.noise_scheduler.config, prediction_type=prediction_type)
     return StableDiffusionPipeline(
         vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=unet,
-        scheduler=c.ddim_scheduler(),
+        scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
 
-def export_pipeline(model_dir: str | Path, weights: dict[str, torch.Tensor], out: str | Path) -> Path:
+def export_pipeline(model_dir: str | Path, weights: dict[str, torch.Tensor], out: str | Path,
+                    prediction_type: Optional[str] = None) -> Path:
     """Write ``out/unet`` and ``out/pipeline`` (each via a temp dir + rename); returns ``out``."""
     from pogdiff.train.checkpoint import require_finite
 
@@ -46,7 +53,7 @@ def export_pipeline(model_dir: str | Path, weights: dict[str, torch.Tensor], out
     out = Path(out)
     unet = build_unet(model_dir, weights)
     out.mkdir(parents=True, exist_ok=True)
-    for name, save in (("unet", unet.save_pretrained), ("pipeline", make_pipeline(model_dir, unet).save_pretrained)):
+    for name, save in (("unet", unet.save_pretrained), ("pipeline", make_pipeline(model_dir, unet, prediction_type).save_pretrained)):
         with atomic_path(out / name) as tmp:
             save(tmp)
     return out

@@ -96,7 +96,8 @@ def text_conditioner(model_dir: str, ds: Dataset, device: torch.device) -> TextC
     return TextConditioner(lambda ids: encoder(ids.to(device)).last_hidden_state, ds.index.tokens, null)
 
 
-def build_objective(cfg: Config, ds: Dataset, text: TextConditioner, alphas_cumprod: torch.Tensor) -> Objective:
+def build_objective(cfg: Config, ds: Dataset, text: TextConditioner, alphas_cumprod: torch.Tensor,
+                    prediction_type: str = "epsilon") -> Objective:
     """The method's objective over the dataset's artifacts (memory-mapped: rows are read per batch)."""
     from pogdiff.data.dataset import neighbour_table, psi_table_for, text_density
     from pogdiff.method.neighbours import NeighbourSampler
@@ -112,7 +113,7 @@ def build_objective(cfg: Config, ds: Dataset, text: TextConditioner, alphas_cump
     tc = cfg.train
     return Objective(m, alphas_cumprod, text=text, sampler=sampler, log_density=log_density,
                      caption_dropout=tc.caption_dropout, backend=tc.loss_backend, snr_gamma=tc.snr_gamma,
-                     noise_offset=tc.noise_offset)
+                     noise_offset=tc.noise_offset, prediction_type=prediction_type)
 
 
 @dataclass
@@ -126,8 +127,10 @@ def training_inputs(cfg: Config, ds: Dataset, device: torch.device) -> TrainingI
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(ds.model_dir, subfolder="unet")
-    alphas = DDPMScheduler.from_pretrained(ds.model_dir, subfolder="scheduler").alphas_cumprod
-    objective = build_objective(cfg, ds, text_conditioner(ds.model_dir, ds, device), alphas)
+    scheduler = DDPMScheduler.from_pretrained(ds.model_dir, subfolder="scheduler")
+    prediction_type = cfg.train.prediction_type or scheduler.config.prediction_type  # the model's, unless overridden
+    objective = build_objective(cfg, ds, text_conditioner(ds.model_dir, ds, device), scheduler.alphas_cumprod,
+                                prediction_type)
     return TrainingInputs(unet, objective, torch.from_numpy(ds.index.is_minority(cfg.data.minority_images)))
 
 
@@ -441,6 +444,6 @@ def run_train(cfg: Config, progress: bool = True) -> TrainResult:
     psi_stats = prepare_artifacts(cfg, ds, progress)
     torch.manual_seed(cfg.train.seed)
     result, weights = train(cfg, ds, files.method, progress=progress)
-    export_pipeline(ds.model_dir, weights, files.method)
+    export_pipeline(ds.model_dir, weights, files.method, cfg.train.prediction_type)
     write_history(cfg, psi_stats, result)
     return result

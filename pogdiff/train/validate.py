@@ -27,7 +27,7 @@ class Validator:
             return None
         tc = self.cfg.train
         device = resolve_device(tc.device) if self.engine.world_size == 1 else next(self.engine.module.parameters()).device
-        pipe = make_pipeline(self.model_dir, build_unet(self.model_dir, weights)).to(device)
+        pipe = make_pipeline(self.model_dir, build_unet(self.model_dir, weights), self.cfg.train.prediction_type).to(device)
         pipe.set_progress_bar_config(disable=True)
         images = pipe([p for p in self.prompts for _ in range(tc.validation_images)],
                       num_inference_steps=tc.validation_ddim_steps, guidance_scale=self.cfg.sample.guidance_scale,
