@@ -303,10 +303,6 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.run_name
-
 
 def _valid_keys(node: Any, prefix: str = "") -> list[str]:
     keys = []

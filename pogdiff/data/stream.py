@@ -84,7 +84,6 @@ def dist_info(rank: Optional[int] = None, world_size: Optional[int] = None) -> t
     return rank, world_size
 
 
-stream_seed = derive_seed
 
 
 class SkipAndLog:
@@ -163,11 +162,11 @@ class ShardStream(IterableDataset):
 
     def shard_urls(self, worker: int, num_workers: int) -> Iterator[str]:
         if self.resampled:
-            rng = random.Random(stream_seed(self.seed, self.epoch, self.rank, worker, 0))
+            rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, 0))
             while True:
                 yield rng.choice(self.urls)
         urls = list(self.urls)
-        random.Random(stream_seed(self.seed, self.epoch)).shuffle(urls)  # the same order on every rank
+        random.Random(derive_seed(self.seed, self.epoch)).shuffle(urls)  # the same order on every rank
         yield from urls[self.rank::self.world_size][worker::num_workers]
 
     def decode(self, sample: dict) -> dict:
@@ -197,7 +196,7 @@ class ShardStream(IterableDataset):
         handler = SkipAndLog(self.max_consecutive_errors)
         samples = tar_samples(self.shard_urls(worker, num_workers), handler, self.expected)
         if self.shuffle_buffer > 1:
-            rng = random.Random(stream_seed(self.seed, self.epoch, self.rank, worker, 1))
+            rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, 1))
             samples = wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(samples)
         decoded = wds.filters.map(self.decode, handler=handler)(samples)
 

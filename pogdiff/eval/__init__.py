@@ -161,7 +161,7 @@ def evaluate_reference(cfg: Config, ds, encoder, real: Optional[dict] = None) ->
             result[name] = compute_metrics(real[name], real, few_ids(cfg, ds.index), cfg.eval.grecall_threshold,
                                            cfg.eval.fid_eps)
             result[name].update(encoder=info, images_per_id=cfg.sample.images_per_id)
-    run_dir = Path(cfg.output_dir) / cfg.run_name
+    run_dir = RunFiles(cfg).root
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "reference_metrics.json", result)
     return result

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
-
 from pogdiff.config import METHODS, Config, variant_config
-from pogdiff.runs import write_json
+from pogdiff.runs import RunFiles, write_json
 
 
 def run_demo(cfg: Config) -> int:
@@ -30,7 +28,7 @@ def run_demo(cfg: Config) -> int:
         build_neighbours(cfg, ds)
     text_density(cfg, ds)
     counts = ds.index.identity_counts()
-    run_dir = Path(cfg.output_dir) / cfg.run_name
+    run_dir = RunFiles(cfg).root
     summary = {"run_dir": str(run_dir), "dataset": str(ds.root), "samples": len(ds), "identities": len(counts),
                "workers": cfg.dist.num_workers, "zero_stage": cfg.dist.zero_stage, "methods": {}}
     started = connect_for(cfg)
@@ -47,8 +45,6 @@ def run_demo(cfg: Config) -> int:
             ray.shutdown()
     report = evaluate_runs(cfg, METHODS, [cfg.train.seed], out=run_dir / "report")
     summary["report"] = str(report)
-    from pogdiff.runs import RunFiles
-
     for method in METHODS:
         metrics = RunFiles(variant_config(cfg, method, cfg.train.seed)).metrics
         if metrics.is_file():

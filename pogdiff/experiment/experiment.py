@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pogdiff.config import Config, variant_config
+from pogdiff.runs import RunFiles
 
 log = logging.getLogger("pogdiff.experiment")
 
@@ -20,8 +21,6 @@ log = logging.getLogger("pogdiff.experiment")
 def is_trained(cfg: Config) -> bool:
     """The run finished ``train.steps`` steps and exported its pipeline."""
     import json
-
-    from pogdiff.runs import RunFiles
 
     files = RunFiles(cfg)
     if not files.history.is_file() or not (files.pipeline / "model_index.json").is_file():
@@ -31,7 +30,7 @@ def is_trained(cfg: Config) -> bool:
 
 
 def report_dir(cfg: Config) -> Path:
-    return Path(cfg.experiment.report_dir) if cfg.experiment.report_dir else Path(cfg.output_dir) / cfg.run_name / "report"
+    return Path(cfg.experiment.report_dir) if cfg.experiment.report_dir else RunFiles(cfg).root / "report"
 
 
 def evaluate_runs(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out: Optional[Path] = None,

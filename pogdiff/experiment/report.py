@@ -280,7 +280,7 @@ def write_report(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out
     from pogdiff.data.dataset import resolve_dataset
 
     ds = resolve_dataset(cfg, progress=False)
-    run_dir = Path(cfg.output_dir) / cfg.run_name
+    run_dir = RunFiles(cfg).root
     results = collect(cfg, variants, seeds)
     ref_path = run_dir / "reference_metrics.json"
     reference = json.loads(ref_path.read_text()) if ref_path.is_file() else {}
