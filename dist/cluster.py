@@ -34,12 +34,22 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log_t
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         port = s.getsockname()[1]
-    env = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{LOOPBACK}:{port}"}
+    # Ray turns a loopback ``_node_ip_address`` into the host's routable IP, and its servers then
+    # listen on every interface, unless Ray runs in its single-machine mode (the one it uses on
+    # macOS): that keeps the node IP at 127.0.0.1, and GCS, raylet, workers, agents and metrics
+    # bind there. The flag is read at import (raylet and workers inherit the variable) and, in this
+    # process, at call time.
+    from ray._private import ray_constants
+
+    env = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{LOOPBACK}:{port}",
+           ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}
     os.environ.update(env)
+    cluster_mode, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
     try:
         ray.init(address="local", _node_ip_address=LOOPBACK, num_cpus=num_cpus, include_dashboard=False,
                  log_to_driver=log_to_driver)
     finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
         for k in env:
             os.environ.pop(k, None)
     from pogdiff.dist import reaper
@@ -84,3 +94,54 @@ def run_storage(cfg: Config) -> Optional[Path]:
     """The run's checkpoint folder when storage is a local (or mounted) path; None for URIs."""
     path = storage_path(cfg)
     return None if is_uri(path) else Path(path) / ray_run_name(cfg)
+
+
+_rendezvous_store = None  # rank 0's loopback TCPStore server, alive as long as its worker
+
+
+def _serve_rendezvous_on_loopback() -> Optional[int]:
+    """On rank 0 of an embedded cluster: start torch's TCPStore server on a socket bound to
+    127.0.0.1 and return its port (None on a real cluster). TCPStore binds to every interface when
+    it opens its own socket; handed a bound one, it listens where that is."""
+    global _rendezvous_store
+    import ray
+    from torch.distributed import TCPStore
+
+    if ray.util.get_node_ip_address() != LOOPBACK:
+        return None
+    sock = socket.socket()
+    sock.bind((LOOPBACK, 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    # multi_tenant: init_process_group's own TCPStore(is_master=True) on this port reuses this server.
+    _rendezvous_store = TCPStore(LOOPBACK, port, is_master=True, master_listen_fd=sock.detach(), multi_tenant=True,
+                                 wait_for_workers=False)
+    return port
+
+
+def torch_config(use_gpu: bool):
+    """Ray Train's TorchConfig (nccl on GPUs, else gloo) whose rendezvous stays on loopback on an
+    embedded cluster."""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch import config as ray_torch_config
+
+    class LoopbackTorchBackend(ray_torch_config._TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            port = worker_group.execute_single(0, _serve_rendezvous_on_loopback)
+            if port is None or not hasattr(ray_torch_config, "get_address_and_port"):
+                return super().on_start(worker_group, backend_config)
+            # Ray picks rank 0's address and a fresh port through this module-level function; on
+            # an embedded cluster it must name the server started above. Restored right after.
+            pick = ray_torch_config.get_address_and_port
+            ray_torch_config.get_address_and_port = lambda: (LOOPBACK, port)
+            try:
+                return super().on_start(worker_group, backend_config)
+            finally:
+                ray_torch_config.get_address_and_port = pick
+
+    class LoopbackTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return LoopbackTorchBackend
+
+    return LoopbackTorchConfig(backend="nccl" if use_gpu else "gloo")

@@ -87,7 +87,7 @@ def run(cfg: Config, progress: bool = True) -> TrainResult:
     """Prepare (once) and train on Ray, export, write history.json; raises
     ray.train.TrainingFailedError on failure. ``cfg``'s paths must be absolute (cli makes them so)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
     from safetensors.torch import load_file
 
     from pogdiff.data.dataset import prepare_artifacts, resolve_dataset
@@ -98,7 +98,7 @@ def run(cfg: Config, progress: bool = True) -> TrainResult:
 
     import shutil
 
-    from pogdiff.dist.cluster import run_storage
+    from pogdiff.dist.cluster import run_storage, torch_config
     from pogdiff.runs import check_resume
 
     preflight(cfg)
@@ -118,7 +118,7 @@ def run(cfg: Config, progress: bool = True) -> TrainResult:
         train_loop_config={"cfg": cfg, "dataset": str(ds.root)},
         scaling_config=ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu,
                                      resources_per_worker={"CPU": dc.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if dc.use_gpu else "gloo"),
+        torch_config=torch_config(dc.use_gpu),
         run_config=RunConfig(
             name=ray_run_name(cfg), storage_path=storage_path(cfg),
             failure_config=FailureConfig(max_failures=dc.max_failures),

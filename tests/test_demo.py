@@ -1,5 +1,7 @@
 """`make demo`, scaled down by overrides, run exactly as a user runs it: the console script from a
-temporary working directory, with the default relative ``output_dir: runs``."""
+temporary working directory, with the default relative ``output_dir: runs``. While it runs, every
+socket that any of its processes (the embedded Ray cluster and the training workers included)
+listens on is listed: all of them must be on loopback."""
 from __future__ import annotations
 
 import json
@@ -7,7 +9,11 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from ipaddress import ip_address
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.profile=agedb-s", "model.tiny_vae_steps=0", "density.epochs=5", "train.steps=4", "train.log_every=2",
@@ -15,13 +21,46 @@ SMALL = ["data.profile=agedb-s", "model.tiny_vae_steps=0", "density.epochs=5", "
          "eval.recognizer_images_per_id=3", "eval.recognizer_steps=10"]
 
 
+def listening(root: psutil.Process) -> set[tuple[str, str, int]]:
+    """(process name, address, port) of every listening TCP socket of ``root`` and its descendants."""
+    found = set()
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            found |= {(proc.name(), c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:  # ended between the listing and the query
+            pass
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    ip = ip_address(address)
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
+
+
 def test_demo_from_a_temporary_working_directory(tmp_path):
     shutil.copy(ROOT / "configs" / "demo.yaml", tmp_path / "demo.yaml")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    out = subprocess.run([str(Path(sys.executable).parent / "pogdiff"), "demo", "demo.yaml", *SMALL], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    log = tmp_path / "console.log"
+    with open(log, "w") as console:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "pogdiff"), "demo", "demo.yaml", *SMALL],
+                                cwd=tmp_path, env=env, stdout=console, stderr=subprocess.STDOUT, text=True)
+        sockets: set[tuple[str, str, int]] = set()
+        deadline = time.monotonic() + 900
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                sockets |= listening(psutil.Process(proc.pid))
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.5)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.wait() == 0, log.read_text()[-8000:]
+    names = {name for name, _, _ in sockets}
+    assert "gcs_server" in names and "raylet" in names, sockets  # the listing saw the cluster
+    exposed = sorted(s for s in sockets if not is_loopback(s[1]))
+    assert not exposed, f"listening beyond loopback: {exposed}"
     run_dir = tmp_path / "runs" / "demo"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert list(summary["methods"]) == ["vanilla", "cbdm", "t2h", "pogdiff"]
