@@ -23,11 +23,15 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log_t
     the caller shuts it down)."""
     import ray
 
+    from pogdiff import console
+
     if ray.is_initialized():
         return False
+    console.route_ray_logs()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
+        console.route_ray_worker_output()
         return False
     # The embedded cluster's processes inherit RAY_ADDRESS, so that Ray's own helpers (Train's
     # placement-group cleaner) query this cluster even where other clusters run on the machine.
@@ -52,6 +56,7 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log_t
         ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
         for k in env:
             os.environ.pop(k, None)
+    console.route_ray_worker_output()
     from pogdiff.dist import reaper
 
     reaper.start(os.getpid(), ray._private.worker._global_node.get_session_dir_path())

@@ -17,11 +17,14 @@ local cluster. Exit status: 0 done, 1 training failed (the message says why), 2 
 from __future__ import annotations
 
 import json
+import contextlib
 import logging
 import sys
+import threading
 import time
 from pathlib import Path
 
+from pogdiff import console
 from pogdiff.config import Config, ConfigError
 from pogdiff.dist.cluster import connect_for, ray_run_name, storage_path
 from pogdiff.runs import RunFiles
@@ -31,10 +34,13 @@ log = logging.getLogger("pogdiff.dist")
 
 
 def preflight(cfg: Config) -> None:
-    """What the config alone cannot say (the DeepSpeed JSON it names), before any worker starts."""
+    """What the config alone cannot say (the DeepSpeed JSON and the checkpoint it names), before any
+    worker starts: a ConfigError in a worker would only be retried."""
     from pogdiff.dist.deepspeed_config import deepspeed_config
+    from pogdiff.train.checkpoint import given_checkpoint
 
     deepspeed_config(cfg, cfg.dist.num_workers, cfg.dist.use_gpu)
+    given_checkpoint(cfg.train)
 
 
 def check_cluster(cfg: Config) -> None:
@@ -55,6 +61,38 @@ def check_cluster(cfg: Config) -> None:
     if problems:
         raise ConfigError("the job does not fit the cluster: " + "; ".join(problems) + ". Lower dist.num_workers / "
                           "dist.cpus_per_worker, or add nodes")
+
+
+@contextlib.contextmanager
+def progress_from_metrics(cfg: Config, metrics_jsonl: Path, enabled: bool):
+    """The driver's progress bar of a training job, from the steps rank 0 logs (its own bar goes to
+    the log file with the rest of the workers' output)."""
+    if not enabled:
+        yield
+        return
+    from tqdm import tqdm
+
+    stop = threading.Event()
+    bar = tqdm(total=cfg.train.steps, desc=f"train-dist {ray_run_name(cfg)}", unit="step")
+
+    def follow() -> None:
+        while not stop.wait(1.0):
+            try:
+                history = read_history(metrics_jsonl)
+            except ValueError:  # a line being written
+                continue
+            if history and history[-1]["step"] != bar.n:
+                bar.n = history[-1]["step"]
+                bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
 
 
 def read_history(metrics_jsonl: Path) -> list[dict]:
@@ -92,6 +130,7 @@ def run(cfg: Config, progress: bool = True) -> TrainResult:
 
     from pogdiff.data.dataset import prepare_artifacts, resolve_dataset
     from pogdiff.models.export import export_pipeline
+    from pogdiff.train.loop import resolve_schedule
     from pogdiff.train.metrics import write_history
 
     from pogdiff.dist.worker import train_worker
@@ -109,6 +148,7 @@ def run(cfg: Config, progress: bool = True) -> TrainResult:
         shutil.rmtree(storage, ignore_errors=True)  # train.resume=never (or nothing to resume): a fresh Ray run
     ds = resolve_dataset(cfg, progress)
     psi_stats = prepare_artifacts(cfg, ds, progress)
+    cfg = resolve_schedule(cfg, len(ds), cfg.dist.num_workers)
     connect_for(cfg)
     check_cluster(cfg)
     dc = cfg.dist
@@ -127,7 +167,8 @@ def run(cfg: Config, progress: bool = True) -> TrainResult:
         ),
     )
     t0 = time.perf_counter()
-    result = trainer.fit()
+    with progress_from_metrics(cfg, files.method / "metrics.jsonl", enabled=progress and console.quiet()):
+        result = trainer.fit()
     seconds = time.perf_counter() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"training of '{ray_run_name(cfg)}' ended without a checkpoint in {storage_path(cfg)}")

@@ -148,7 +148,7 @@ def resume_checkpoint(cfg: Config):
     storage is a URI)."""
     import ray.train
 
-    from pogdiff.train.checkpoint import newest_complete
+    from pogdiff.train.checkpoint import given_checkpoint, newest_complete
 
     from pogdiff.dist.cluster import run_storage
 
@@ -160,7 +160,7 @@ def resume_checkpoint(cfg: Config):
     registered = ray.train.get_checkpoint()
     if registered is not None:
         candidates.append(Path(stack.enter_context(registered.as_directory())))
-    return newest_complete(candidates), stack
+    return newest_complete(candidates) or given_checkpoint(cfg.train), stack
 
 
 def train_worker(loop_config: dict) -> None:
@@ -178,8 +178,8 @@ def train_worker(loop_config: dict) -> None:
     from pogdiff.data.dataset import Dataset
     from pogdiff.runs import RunFiles
     from pogdiff.train.checkpoint import load_unet_weights, restore_checkpoint, write_checkpoint
-    from pogdiff.train.loop import (check_data_position, configure_unet, data_position, fit, make_ema, make_loader,
-                                    stream_batches, training_inputs)
+    from pogdiff.train.loop import (check_data_position, configure_backends, configure_unet, data_position, fit,
+                                    make_ema, make_loader, stream_batches, training_inputs)
     from pogdiff.train.validate import Validator, default_prompts
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -194,6 +194,7 @@ def train_worker(loop_config: dict) -> None:
         if path is not None:  # every rank loads the same full weights before DeepSpeed partitions them
             unet.load_state_dict(load_unet_weights(path))
         configure_unet(unet, cfg.model, device)
+        configure_backends(cfg.train, device)
         unet.to(device).train()
         engine = DeepSpeedEngine(unet, cfg, device)
         ema = make_ema(cfg.train, engine)

@@ -17,6 +17,9 @@ from pogdiff.runs import load_run_config
 
 
 def _config(cfg: Config) -> int:
+    from pogdiff.dist.deepspeed_config import deepspeed_config
+
+    deepspeed_config(cfg, cfg.dist.num_workers, cfg.dist.use_gpu)  # the DeepSpeed JSON, checked as preflight does
     print(to_yaml(cfg), end="")
     return 0
 
@@ -147,12 +150,19 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("config", help="YAML file in configs/")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_run_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"pogdiff: {e}", file=sys.stderr)
         return 2
+    if args.verb != "config":
+        from pogdiff import console
+        from pogdiff.runs import RunFiles
+
+        log_file = console.setup(RunFiles(cfg).root / "pogdiff.log")
+        logging.getLogger("pogdiff").info("pogdiff %s %s %s", args.verb, args.config, " ".join(args.overrides))
+        print(f"pogdiff {args.verb}: log in {log_file}", file=sys.stderr)
     try:
         return VERBS[args.verb][0](cfg)
     except _user_errors() as e:

@@ -60,6 +60,15 @@ class DataConfig:
     name_column: str = "name"  # the identity's name in prompts; else the identity label
     dataloader_num_workers: int = 0  # DataLoader worker processes per training rank (0: in the rank)
     shuffle_buffer: int = 1000  # samples mixed across shards in each reader
+    # diffusers' --max_train_samples: prepare keeps this many training records (a seeded random
+    # choice, data.seed), for quick runs. None = all.
+    max_train_samples: Optional[int] = None
+    # Images are resized (shorter side to data.image_size) and cropped once, at prepare (latents
+    # are cached): centre crop, or a random crop drawn per record from data.seed.
+    center_crop: bool = True
+    # Prepare also encodes each image's mirror; the reader then takes either latent with p = 1/2
+    # per sample and epoch (diffusers' --random_flip, on cached latents).
+    random_flip: bool = False
     # Imbalance preset (see pogdiff.synthetic.PROFILES) or "custom" with the counts below.
     profile: str = "agedb-s"
     majority_ids: int = 1
@@ -118,6 +127,16 @@ class TrainConfig:
     weight_decay: float = 1e-2
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    scale_lr: bool = False  # lr *= batch_size * grad_accum * workers (diffusers' --scale_lr)
+    # "auto": bf16 autocast on a GPU that has it (fp16 on one that does not), fp32 on the CPU;
+    # "no" | "fp16" | "bf16" as diffusers' --mixed_precision. Weights and optimizer stay fp32; fp16
+    # adds a gradient scaler. train-dist runs bf16 or fp32 (see pogdiff.dist.deepspeed_config).
+    mixed_precision: str = "auto"
+    allow_tf32: bool = False  # TF32 matmuls and convolutions on Ampere+ GPUs
+    # Epochs of the training set; when set, train.steps = ceil(epochs * samples / (batch_size *
+    # grad_accum * workers)) (diffusers' --num_train_epochs; the derived steps are logged).
+    num_train_epochs: Optional[int] = None
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 10
@@ -143,14 +162,22 @@ class TrainConfig:
     # carries the type that was trained.
     prediction_type: Optional[str] = None
     noise_offset: float = 0.0  # eps += noise_offset * N(0, 1) per (sample, channel)
-    tensorboard: bool = True
+    # x_t is noised with eps + input_perturbation * N(0, 1) while the target stays eps (Ning et al.
+    # 2023, diffusers' --input_perturbation; 0.1 is their suggestion). 0 = off.
+    input_perturbation: float = 0.0
+    report_to: str = "tensorboard"  # "tensorboard" | "wandb" | "all" | "none"
     validate_every: int = 0  # steps between DDIM validation grids; 0 = none
+    validation_epochs: Optional[int] = None  # when set: a validation grid every this many epochs instead
     validation_prompts: list[str] = field(default_factory=list)  # empty: one head and one tail identity
     validation_images: int = 2  # per prompt
     validation_ddim_steps: int = 20
     # A run records its training config; rerunning its run_name with checkpoints of another config:
     # "auto" refuses (naming the changed keys), "never" starts over (deleting them), "force" resumes.
     resume: str = "auto"
+    # A checkpoint directory (step_*, from this or another run) to start from when the run has
+    # none of its own; its weights, optimizer state and step are restored (diffusers'
+    # --resume_from_checkpoint; its "latest" is what every run does by default).
+    resume_from_checkpoint: Optional[str] = None
     # A step whose loss is not finite on any rank is skipped on every rank (no backward, no optimizer
     # step, no EMA update) and its samples' keys logged; a sample in two such steps is dropped from
     # the stream. This many bad steps in a row stop the run with an error.
@@ -162,10 +189,9 @@ class DistConfig:
     """The Ray Train + DeepSpeed job (pogdiff.dist)."""
 
     num_workers: int = 2
-    use_gpu: bool = False  # GPU: NCCL + bf16; CPU: gloo + fp32 (DS_ACCELERATOR=cpu)
+    use_gpu: bool = False  # GPU: NCCL + train.mixed_precision (bf16); CPU: gloo + fp32 (DS_ACCELERATOR=cpu)
     cpus_per_worker: int = 1
     zero_stage: int = 2  # DeepSpeed ZeRO stage of the UNet (VAE and text encoder are never wrapped)
-    bf16: bool = True  # on GPU only; CPU runs fp32
     deepspeed_json: Optional[str] = None  # a JSON file deep-merged over the generated DeepSpeed config
     ray_address: Optional[str] = None  # None: $RAY_ADDRESS, else an embedded local cluster
     storage_path: Optional[str] = None  # shared storage for Ray checkpoints; None: <output_dir>/ray
@@ -377,7 +403,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), s
 RANGES: dict[str, tuple[str, float, float, str]] = {
     "train.steps": ("[", 1, math.inf, ")"), "train.batch_size": ("[", 1, math.inf, ")"),
     "train.lr": ("(", 0, math.inf, ")"), "train.weight_decay": ("[", 0, math.inf, ")"),
-    "train.adam_beta1": ("[", 0, 1, ")"), "train.adam_beta2": ("[", 0, 1, ")"), "train.grad_clip": ("[", 0, math.inf, ")"),
+    "train.adam_beta1": ("[", 0, 1, ")"), "train.adam_epsilon": ("(", 0, 1, ")"),
+    "train.input_perturbation": ("[", 0, math.inf, ")"), "train.adam_beta2": ("[", 0, 1, ")"), "train.grad_clip": ("[", 0, math.inf, ")"),
     "train.log_every": ("[", 1, math.inf, ")"), "train.checkpoint_every": ("[", 0, math.inf, ")"),
     "train.validate_every": ("[", 0, math.inf, ")"), "train.validation_images": ("[", 1, math.inf, ")"),
     "train.validation_ddim_steps": ("[", 1, math.inf, ")"), "train.caption_dropout": ("[", 0, 1, "]"),
@@ -428,6 +455,17 @@ def _check_values(cfg: Config) -> None:
     if cfg.train.prediction_type not in (None, "epsilon", "v_prediction", "sample"):
         problems.append(f"train.prediction_type must be epsilon|v_prediction|sample (or null: the model's), "
                         f"got '{cfg.train.prediction_type}'")
+    if cfg.train.mixed_precision.lower() == "false":  # YAML reads diffusers' `no` as false
+        cfg.train.mixed_precision = "no"
+    if cfg.train.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+        problems.append(f"train.mixed_precision must be auto|no|fp16|bf16, got '{cfg.train.mixed_precision}'")
+    if cfg.train.report_to not in ("tensorboard", "wandb", "all", "none"):
+        problems.append(f"train.report_to must be tensorboard|wandb|all|none, got '{cfg.train.report_to}'")
+    for key in ("num_train_epochs", "validation_epochs"):
+        if getattr(cfg.train, key) is not None and getattr(cfg.train, key) < 1:
+            problems.append(f"train.{key} must be >= 1 (or null), got {getattr(cfg.train, key)}")
+    if cfg.data.max_train_samples is not None and cfg.data.max_train_samples < 1:
+        problems.append(f"data.max_train_samples must be >= 1 (or null: all), got {cfg.data.max_train_samples}")
     if cfg.train.resume not in ("auto", "never", "force"):
         problems.append(f"train.resume must be auto|never|force, got '{cfg.train.resume}'")
     if cfg.density.temperature is not None and not math.isfinite(cfg.density.temperature):

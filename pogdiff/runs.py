@@ -50,6 +50,7 @@ def absolute_paths(cfg: Config) -> Config:
         eval=dataclasses.replace(e, encoder=_absolute(e.encoder, must_exist=True)),
         dist=dataclasses.replace(dc, storage_path=_absolute(dc.storage_path), deepspeed_json=_absolute(dc.deepspeed_json)),
         experiment=dataclasses.replace(cfg.experiment, report_dir=_absolute(cfg.experiment.report_dir)),
+        train=dataclasses.replace(cfg.train, resume_from_checkpoint=_absolute(cfg.train.resume_from_checkpoint)),
     )
 
 
@@ -137,7 +138,8 @@ class RunFiles:
 TRAINING_SECTIONS = ("model", "data", "prepare", "method", "density", "train", "dist")
 RESUMABLE_CHANGES = {"train.steps", "train.checkpoint_every", "train.checkpoint_keep", "train.log_every",
                      "train.validate_every", "train.validation_prompts", "train.validation_images",
-                     "train.validation_ddim_steps", "train.tensorboard", "train.resume", "dist.max_failures",
+                     "train.validation_ddim_steps", "train.report_to", "train.resume",
+                     "train.resume_from_checkpoint", "train.validation_epochs", "train.num_train_epochs", "dist.max_failures",
                      "dist.ray_address", "dist.storage_path", "prepare.backend", "prepare.workers", "prepare.device"}
 
 

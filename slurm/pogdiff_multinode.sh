@@ -4,6 +4,8 @@
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=32
+#SBATCH --exclusive
+#SBATCH --mem=0
 #SBATCH --time=24:00:00
 #SBATCH --output=%x-%j.out
 #
@@ -14,7 +16,14 @@
 #
 # Activate the pogdiff venv (on a shared filesystem) before sbatch: the job inherits PATH.
 # Checkpoints go to the config's output_dir, which must be on a filesystem every node sees.
-# Resource lines above are defaults: sbatch options on the command line override them.
+# Resource lines above are defaults (2 whole 8-GPU nodes with all their memory, 32 CPUs each for
+# Ray): sbatch options on the command line override them (e.g. --nodes=4 --gpus-per-node=4).
+#
+# Workers follow the allocation: dist.use_gpu=true dist.num_workers=nodes x GPUs per node, or on
+# CPU-only nodes dist.use_gpu=false dist.num_workers=nodes x (CPUs per node / dist.cpus_per_worker).
+# dist.use_gpu / dist.num_workers given on the command line win (the config file's do not).
+#   bash slurm/pogdiff_multinode.sh --print-derived CONFIG [overrides]   (e.g. inside salloc)
+# prints what this shell's SLURM_* variables derive, and exits.
 #
 # Environment (all optional):
 #   POGDIFF_RAY_PORT=6379             GCS port of the head
@@ -40,11 +49,64 @@ set -uo pipefail
 die() { echo "pogdiff_multinode: $*" >&2; exit 2; }
 log() { echo "pogdiff_multinode: $(date +%T) $*"; }
 
+print_only=0
+[[ ${1:-} == --print-derived ]] && { print_only=1; shift; }
 (($# >= 1)) || die "usage: sbatch slurm/pogdiff_multinode.sh CONFIG [key.path=value ...]"
-[[ -n ${SLURM_JOB_ID:-} ]] || die "not inside a Slurm job: submit with sbatch"
-command -v ray >/dev/null || die "'ray' is not on PATH: activate the pogdiff venv before sbatch"
+if ((!print_only)); then
+    [[ -n ${SLURM_JOB_ID:-} ]] || die "not inside a Slurm job: submit with sbatch"
+    command -v ray >/dev/null || die "'ray' is not on PATH: activate the pogdiff venv before sbatch"
+fi
 
-# 1. The config, validated before anything starts (exit 2 with the reason).
+# 1. Ray Train's workers from the allocation (see the header), unless given on the command line.
+arg_value() {  # KEY ARGS...: the value of the last KEY=value in ARGS; fails if there is none
+    local key=$1 a value found=1
+    shift
+    for a; do [[ $a == "$key="* ]] && { value=${a#*=}; found=0; }; done
+    echo "${value-}"
+    return $found
+}
+gpus_per_node() {  # as Slurm exports it; CUDA_VISIBLE_DEVICES may be the submit shell's, so not it
+    local per_node=${SLURM_GPUS_PER_NODE:-}  # --gpus-per-node=[type:]count
+    local n=${SLURM_GPUS_ON_NODE:-${per_node##*:}}
+    [[ -z $n && -n ${SLURM_JOB_GPUS:-} ]] && n=$(tr , '\n' <<<"$SLURM_JOB_GPUS" | grep -c .)
+    echo "${n:-0}"
+}
+config_value() {  # KEY CONFIG [overrides]: the resolved value of KEY, e.g. dist.cpus_per_worker
+    python -c 'import operator, sys; from pogdiff.config import load_config
+print(operator.attrgetter(sys.argv[1])(load_config(sys.argv[2], sys.argv[3:])))' "$@"
+}
+nnodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
+gpus=$(gpus_per_node)
+derived=() given=()
+if use_gpu=$(arg_value dist.use_gpu "${@:2}"); then
+    given+=("dist.use_gpu=$use_gpu")
+else
+    use_gpu=false
+    ((gpus > 0)) && use_gpu=true
+    derived+=("dist.use_gpu=$use_gpu")
+fi
+on_gpu=0
+[[ ${use_gpu,,} =~ ^(true|yes|y|on|1)$ ]] && on_gpu=1
+basis="$nnodes nodes x $cpus CPUs"
+((on_gpu)) && basis="$nnodes nodes x $gpus GPUs"
+if n=$(arg_value dist.num_workers "${@:2}"); then
+    given+=("dist.num_workers=$n")
+else
+    if ((on_gpu)); then
+        n=$((nnodes * gpus))
+    else
+        cpw=$(config_value dist.cpus_per_worker "$@" 2>/dev/null) || cpw=1  # an invalid config fails in 2.
+        n=$((nnodes * (cpus / cpw))) basis+=", dist.cpus_per_worker=$cpw"
+    fi
+    ((n > 0)) || die "no worker fits the allocation ($basis, dist.use_gpu=$use_gpu): ask for GPUs or more CPUs per node, or pass dist.num_workers; nothing was started"
+    derived+=("dist.num_workers=$n")
+fi
+log "derived: ${derived[*]:-nothing} ($basis${given[*]:+; given: ${given[*]}})"
+((print_only)) && exit 0
+set -- "$@" "${derived[@]}"
+
+# 2. The config, validated before anything starts (exit 2 with the reason).
 log "config: $*"
 python -m pogdiff.cli config "$@" || die "invalid config (see the message above); nothing was started"
 # The driver and every Ray worker put this directory first on sys.path: in a source checkout only an
@@ -52,9 +114,7 @@ python -m pogdiff.cli config "$@" || die "invalid config (see the message above)
 python -c 'import pogdiff.dist, pogdiff.kernels' \
     || die "cannot import pogdiff.dist from $PWD with $(command -v python): pip install -e . (in a checkout) or submit from elsewhere"
 
-# 2. Resources and ports.
-cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
-gpus=${SLURM_GPUS_ON_NODE:-0}
+# 3. Ports (the CPUs and GPUs of each node are those of step 1).
 port=${POGDIFF_RAY_PORT:-6379}
 agent_port=${POGDIFF_RAY_AGENT_PORT:-52365}
 worker_ports=${POGDIFF_RAY_WORKER_PORTS:-10002-19999}
@@ -85,7 +145,7 @@ ray_start_args() {  # node index -> the per-node `ray start` options
         --min-worker-port=$((lo + i * stride)) --max-worker-port=$((hi + i * stride)) --block
 }
 
-# 3. Ray head, then one Ray worker per other node (restarted if it dies while the job runs).
+# 4. Ray head, then one Ray worker per other node (restarted if it dies while the job runs).
 pids=()
 cleanup() {
     trap - EXIT INT TERM
@@ -132,7 +192,7 @@ for i in "${!workers[@]}"; do
     pids+=($!)
 done
 
-# 4. A real wait until every node has joined (or the head died, or the timeout passed).
+# 5. A real wait until every node has joined (or the head died, or the timeout passed).
 python - "${#nodes[@]}" "${POGDIFF_RAY_JOIN_TIMEOUT:-300}" "$head_pid" <<'EOF' || exit 3
 import os, sys, time
 import ray
@@ -162,7 +222,7 @@ while (alive := sum(n["Alive"] for n in ray.nodes())) < want:
 print(f"pogdiff_multinode: all {want} Ray nodes joined: {ray.cluster_resources()}", flush=True)
 EOF
 
-# 5. The driver; its exit code is the job's.
+# 6. The driver; its exit code is the job's.
 driver=${POGDIFF_DRIVER:-python -m pogdiff.dist.ray_driver}
 log "running: $driver $*"
 $driver "$@"

@@ -57,6 +57,11 @@ def test_demo_from_a_temporary_working_directory(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.wait() == 0, log.read_text()[-8000:]
+    console_text, log_text = log.read_text(), (tmp_path / "runs" / "demo" / "pogdiff.log").read_text()
+    # Ray's and the workers' chatter and Python's warnings are in the run's log file, not on the console
+    for chatter in ("(RayTrainWorker", "(TrainController", "Started a local Ray instance", "FutureWarning"):
+        assert chatter not in console_text and chatter in log_text, chatter
+    assert console_text.count("train-dist demo-") >= 4  # the driver's bar for each method's training
     names = {name for name, _, _ in sockets}
     assert "gcs_server" in names and "raylet" in names, sockets  # the listing saw the cluster
     exposed = sorted(s for s in sockets if not is_loopback(s[1]))

@@ -93,6 +93,53 @@ def test_deepspeed_config(tmp_path):
         deepspeed_config(load_config(None, [f"dist.deepspeed_json={extra}"]), 2, False)
 
 
+HF_STYLE = {  # what HF Trainer / accelerate users write: "auto" everywhere the run config decides
+    "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+    "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+    "zero_optimization": {"stage": "auto", "reduce_bucket_size": "auto", "allgather_bucket_size": 2e8},
+}
+
+
+def test_deepspeed_json_auto_values_take_the_run_configs(tmp_path):
+    path = tmp_path / "hf.json"
+    path.write_text(json.dumps(HF_STYLE))
+    overrides = ["train.batch_size=3", "train.grad_accum=2", f"dist.deepspeed_json={path}"]
+    for use_gpu in (False, True):
+        got = deepspeed_config(load_config(None, overrides), 4, use_gpu)
+        plain = deepspeed_config(load_config(None, overrides[:2]), 4, use_gpu)
+        assert got == {**plain, "zero_optimization": {**plain["zero_optimization"], "allgather_bucket_size": 2e8}}
+        assert "auto" not in json.dumps(got) and "optimizer" not in got and "fp16" not in got
+
+
+@pytest.mark.parametrize("extra,names", [
+    ({"train_micro_batch_size_per_gpu": 16}, ["train_micro_batch_size_per_gpu=16", "train.batch_size"]),
+    ({"gradient_accumulation_steps": 4}, ["gradient_accumulation_steps=4", "train.grad_accum"]),
+    ({"train_batch_size": 100}, ["train_batch_size=100"]),
+    ({"bf16": {"enabled": True}}, ["bf16.enabled=True", "train.mixed_precision"]),  # a CPU job runs fp32
+    ({"fp16": {"enabled": True}}, ["fp16.enabled=true"]),
+    ({"zero_optimization": {"stage": 3}}, ["zero_optimization.stage=3", "dist.zero_stage"]),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 0.5}}}, ["optimizer.params.lr=0.5"]),
+    ({"scheduler": {"type": "WarmupLR"}}, ["train.lr_scheduler"]),
+])
+def test_deepspeed_json_contradictions_exit_2_at_config_naming_the_keys(tmp_path, capsys, extra, names):
+    from pogdiff.cli import main
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(extra))
+    assert main(["config", "configs/demo.yaml", f"dist.deepspeed_json={path}"]) == 2
+    err = capsys.readouterr().err
+    assert all(name in err for name in names), err
+
+
+def test_fp16_under_deepspeed_is_refused_and_bf16_needs_gpus():
+    with pytest.raises(ConfigError, match="fp16 is not supported by train-dist"):
+        deepspeed_config(load_config(None, ["train.mixed_precision=fp16", "dist.use_gpu=true"]), 2, True)
+    with pytest.raises(ConfigError, match="needs GPUs"):
+        deepspeed_config(load_config(None, ["train.mixed_precision=bf16"]), 2, False)
+    assert deepspeed_config(load_config(None, ["train.mixed_precision=no"]), 2, True)["bf16"]["enabled"] is False
+
+
 def _objective(method=Method.pogdiff, **kw):
     from diffusers import DDPMScheduler
 
@@ -204,7 +251,7 @@ def test_one_machine_resume_is_exact(root, data):
     """6 steps straight == 3 steps, a checkpoint, a fresh process state, 3 more (EMA, LR warmup, RNG, data
     position). (The schedule must not depend on train.steps, which differs between the two legs here.)"""
     extra = ["method.name=pogdiff", "train.ema=true", "train.lr_scheduler=constant_with_warmup", "train.lr_warmup_steps=4",
-             "train.grad_accum=2", "train.snr_gamma=5", "train.noise_offset=0.05", "train.tensorboard=false"]
+             "train.grad_accum=2", "train.snr_gamma=5", "train.noise_offset=0.05", "train.report_to=none"]
     weights = {}
     for name, stops in (("straight", [6]), ("resumed", [3, 6])):
         for steps in stops:
@@ -275,7 +322,8 @@ def _kill_a_worker_after_first_checkpoint(cfg, seen: dict) -> None:
 KILLED = ["dist.zero_stage=2", "train.seed=0", "train.steps=24", "train.checkpoint_every=4", "dist.max_failures=1",
           "train.ema=true"]
 ZERO3 = ["dist.zero_stage=3", "train.seed=1", "train.steps=9", "train.checkpoint_every=3", "train.ema=true",
-         "model.gradient_checkpointing=true", "train.validate_every=9", "train.validation_ddim_steps=3"]
+         "model.gradient_checkpointing=true", "train.validate_every=9", "train.validation_ddim_steps=3",
+         "dist.deepspeed_json=configs/deepspeed/hf_auto.json"]  # an HF-style JSON of "auto" values
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("guards")
     cfg = load_run_config("configs/demo.yaml", [f"output_dir={root}", "data.profile=agedb-s", "model.tiny_vae_steps=0",
                                                 "density.epochs=3", "train.batch_size=4", "train.log_every=1",
-                                                "train.ema=true", "train.tensorboard=false", "prepare.backend=serial"])
+                                                "train.ema=true", "train.report_to=none", "prepare.backend=serial"])
     ds = resolve_dataset(cfg, progress=False)
     prepare_artifacts(cfg, ds, progress=False)
     return cfg, ds, root

@@ -166,6 +166,50 @@ def test_slurm_refuses_ray_without_token_auth(slurm, tmp_path):
     assert "without token authentication" in log and "POGDIFF_ALLOW_NO_AUTH=1" in log and "ray start" not in log
 
 
+# pogdiff_multinode.sh --print-derived: the derivation alone, for SLURM_* variables set by hand.
+# (SLURM_* variables, overrides) -> exit code and the line the script logs.
+DERIVED = [
+    ({"SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "8"}, [],
+     0, "derived: dist.use_gpu=true dist.num_workers=16 (2 nodes x 8 GPUs)"),
+    ({"SLURM_NNODES": "4", "SLURM_GPUS_PER_NODE": "h100:4"}, [],
+     0, "derived: dist.use_gpu=true dist.num_workers=16 (4 nodes x 4 GPUs)"),
+    ({"SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_GPUS": "0,1,2,3,4,5,6,7"}, ["dist.num_workers=4"],
+     0, "derived: dist.use_gpu=true (2 nodes x 8 GPUs; given: dist.num_workers=4)"),
+    ({"SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "32"}, ["dist.use_gpu=false", "dist.cpus_per_worker=4"],
+     0, "derived: dist.num_workers=16 (2 nodes x 32 CPUs, dist.cpus_per_worker=4; given: dist.use_gpu=false)"),
+    ({"SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_PER_TASK": "2"}, ["dist.cpus_per_worker=4"],
+     2, "no worker fits the allocation (2 nodes x 2 CPUs, dist.cpus_per_worker=4, dist.use_gpu=false)"),
+]
+
+
+@pytest.mark.parametrize("slurm_vars, overrides, rc, line", DERIVED)
+def test_slurm_script_derives_workers_from_the_allocation(slurm_vars, overrides, rc, line):
+    env = {k: v for k, v in base_env().items() if not k.startswith("SLURM_")} | slurm_vars
+    out = run(["bash", "slurm/pogdiff_multinode.sh", "--print-derived", "configs/demo.yaml", *overrides], env)
+    assert out.returncode == rc and line in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+def test_slurm_derived_workers_reach_the_config_check_and_the_driver(slurm, tmp_path, ray_tmp):
+    """On the CPU-only test cluster (2 nodes, --cpus-per-task=2, demo's dist.cpus_per_worker=1) the
+    script derives 4 CPU workers, and passes them to the config check and to the driver, here a
+    stub that prints its arguments; dist.num_workers on the command line wins."""
+    cases = [([], "derived: dist.use_gpu=false dist.num_workers=4 (2 nodes x 2 CPUs, dist.cpus_per_worker=1)",
+              ["dist.use_gpu=false", "dist.num_workers=4"], 4),
+             (["dist.num_workers=1"], "derived: dist.use_gpu=false (2 nodes x 2 CPUs; given: dist.num_workers=1)",
+              ["dist.num_workers=1", "dist.use_gpu=false"], 1)]
+    for overrides, derived, driver_args, workers in cases:
+        job = slurm.sbatch(tmp_path, "configs/demo.yaml", overrides, POGDIFF_DRIVER=r"printf driver-arg:%s\n",
+                           POGDIFF_RAY_TMPDIR=str(ray_tmp), **ray_ports_env(free_port_block(300)))
+        info = slurm.wait(job, 300)
+        log = slurm.log(job)
+        assert info["JobState"] == "COMPLETED", f"{log}\n{slurm.daemon_logs()}"
+        assert info["OverSubscribe"] == "NO", info  # the header's --exclusive (and --mem=0) were accepted
+        assert derived in log, log
+        assert f"\n  num_workers: {workers}\n  use_gpu: false\n" in log, log  # the config check's resolved config
+        args = [line.removeprefix("driver-arg:") for line in log.splitlines() if line.startswith("driver-arg:")]
+        assert args == ["configs/demo.yaml", *driver_args], log
+
+
 def ray_checkpoints(cfg) -> list[Path]:
     """The driver's complete checkpoints (every rank's optimizer shard present), oldest first."""
     done = []

@@ -1,14 +1,16 @@
 """The shard format: writer -> tar -> (WebDataset's own reader, and the fast reader) round trip; index."""
 import io
 import json
+import logging
 import tarfile
 
 import numpy as np
 import pytest
 import webdataset as wds
 
-from pogdiff.data.shards import (DatasetIndex, Sample, ShardWriter, encode_sample, npy_load, read_tar, read_task_record,
-                            write_index, write_task)
+from pogdiff.data.shards import (DatasetIndex, Sample, ShardWriter, UnsupportedTar, encode_sample, npy_load, read_tar,
+                                 read_task_record, write_index, write_task)
+from pogdiff.data.stream import SkipAndLog, tar_samples
 
 
 def make_samples(n, start=0, seed=0, caption_len=5):
@@ -53,6 +55,118 @@ def test_fast_reader_matches_tarfile(tmp_path):
     flipped[50] ^= 0xFF  # a byte of the first member's name
     with pytest.raises(tarfile.ReadError, match="checksum"):
         list(read_tar(io.BytesIO(bytes(flipped))))
+
+
+LONG_KEY = "long/" + "k" * 120  # a name over 100 bytes: a pax path record, a GNU long name
+
+
+def tarfile_members(blob):
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tf:
+        return [(m.name, tf.extractfile(m).read()) for m in tf if m.isreg()]
+
+
+def fast_members(blob):
+    return [(m["fname"], m["data"]) for m in read_tar(io.BytesIO(blob))]
+
+
+def tar_member(name, data, kind=tarfile.REGTYPE, fmt=tarfile.USTAR_FORMAT, patch=None):
+    """One member's bytes as tarfile writes them (extended headers, header, padded data); ``patch``
+    edits the header in place, whose checksum is then redone."""
+    info = tarfile.TarInfo(name)
+    info.size, info.type = len(data), kind
+    blocks = bytearray(info.tobuf(format=fmt))
+    header = blocks[-512:]
+    if patch is not None:
+        patch(header)
+        header[148:156] = b" " * 8
+        header[148:155] = b"%06o\0" % sum(header)
+    return bytes(blocks[:-512] + header) + data + bytes(-len(data) % 512)
+
+
+def webdataset_pax_shard(path, samples):
+    with wds.TarWriter(str(path)) as sink:  # tarfile's PAX_FORMAT: every member gets a pax header (float mtime)
+        for s in samples:
+            sink.write({"__key__": s.key, **encode_sample(s)})
+    return path.read_bytes()
+
+
+def test_fast_reader_reads_pax_and_gnu_tars(tmp_path):
+    samples = make_samples(4)
+    samples[2].key = LONG_KEY
+    pax = webdataset_pax_shard(tmp_path / "pax.tar", samples)
+    assert b"path=" + LONG_KEY.encode() in pax
+    assert fast_members(pax) == tarfile_members(pax) and len(fast_members(pax)) == 20
+
+    with tarfile.open(tmp_path / "gnu.tar", "w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in ((LONG_KEY + ".json", b"{}"), ("k1.json", b"[1]")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for info in (tarfile.TarInfo("a-dir"), tarfile.TarInfo("a-link")):  # not files: skipped
+            info.type = tarfile.DIRTYPE if info.name == "a-dir" else tarfile.SYMTYPE
+            info.linkname = LONG_KEY if info.issym() else ""  # a long link name: a GNU 'K' header
+            tf.addfile(info)
+    gnu = (tmp_path / "gnu.tar").read_bytes()
+    assert gnu.count(b"././@LongLink") == 2  # the long name, the long link name
+    assert fast_members(gnu) == tarfile_members(gnu) == [(LONG_KEY + ".json", b"{}"), ("k1.json", b"[1]")]
+
+    def base256_size(header):
+        header[124:136] = b"\x80" + int(header[124:136].strip(b"\0 "), 8).to_bytes(11, "big")
+    big = tar_member("k2.json", b"x" * 700, fmt=tarfile.GNU_FORMAT, patch=base256_size) + bytes(1024)
+    assert fast_members(big) == tarfile_members(big) == [("k2.json", b"x" * 700)]
+
+
+def test_truncated_or_corrupt_pax_shard_is_an_error(tmp_path):
+    url = tmp_path / "pax.tar"
+    blob = webdataset_pax_shard(url, make_samples(3))
+    for cut in (512 + 40, 1024 + 10, 1536 + 50):  # inside the pax records, the header, the data
+        with pytest.raises(tarfile.ReadError, match="truncated"):
+            list(read_tar(io.BytesIO(blob[:cut])))
+    second = blob.index(b"k00001.") - 1024  # k00001's first member: pax header, pax records, its header
+    url.write_bytes(blob[:second + 512 + 40])
+    handler = SkipAndLog(max_consecutive=10)
+    got = list(tar_samples(iter([str(url)]), handler, expected={str(url): 3}))
+    assert [g["__key__"] for g in got] == ["k00000"] and handler.take() == 2
+    bad = bytearray(blob)
+    bad[512:515] = b"999"  # a pax record's length beyond its header
+    with pytest.raises(tarfile.ReadError, match="corrupt pax header"):
+        list(read_tar(io.BytesIO(bytes(bad))))
+
+
+def gnu_sparse_member(name, data, hole):
+    """An old-GNU sparse file ('S'): ``hole`` zero bytes, then ``data``; only ``data`` is stored."""
+    def sparse_map(header):
+        header[386:410] = b"%011o\0%011o\0" % (hole, len(data))  # the one stored region: offset, bytes
+        header[483:495] = b"%011o\0" % (hole + len(data))  # the file's real size
+    return tar_member(name, data, tarfile.GNUTYPE_SPARSE, tarfile.GNU_FORMAT, patch=sparse_map)
+
+
+def test_unreadable_member_falls_back_to_webdataset_reader(tmp_path, caplog):
+    samples = make_samples(5)
+    files = [(f"{s.key}.{ext}", data) for s in samples for ext, data in encode_sample(s).items()]
+    middle = files.index((f"{samples[2].key}.json", encode_sample(samples[2])["json"]))
+    members = [tar_member(name, data) for name, data in files]
+    members.insert(middle, gnu_sparse_member(f"{samples[2].key}.hole", b"end", 600))  # inside sample 2
+    blob = b"".join(members) + bytes(1024)
+    assert tarfile_members(blob)[middle] == (f"{samples[2].key}.hole", bytes(600) + b"end")
+    with pytest.raises(UnsupportedTar):
+        list(read_tar(io.BytesIO(blob)))
+
+    url = tmp_path / "sparse.tar"
+    url.write_bytes(blob)
+    handler = SkipAndLog(max_consecutive=10)
+    with caplog.at_level(logging.INFO, logger="pogdiff.stream"):
+        got = list(tar_samples(iter([str(url)] * 2), handler, expected={str(url): 5}))
+    assert [g["__key__"] for g in got] == [s.key for s in samples] * 2, "a sample was lost or read twice"
+    assert all(set(g) == {"__key__", "__url__", "latent.npy", "tokens.npy", "pooled.npy", "imgemb.npy", "json"}
+               for g in got if g["__key__"] != samples[2].key)
+    assert got[2]["hole"] == bytes(600) + b"end" and got[2]["json"] == encode_sample(samples[2])["json"]
+    assert handler.take() == 0 and caplog.text.count("webdataset's tar reader") == 2  # once per shard read
+
+    # tarfile ends quietly at a broken header; the samples it did not read are still counted
+    url.write_bytes(blob[:blob.index(f"{samples[4].key}.".encode()) + 20])
+    got = list(tar_samples(iter([str(url)]), handler, expected={str(url): 5}))
+    assert [g["__key__"] for g in got] == [s.key for s in samples[:4]] and handler.take() == 1
 
 
 def test_npy_load_matches_numpy():

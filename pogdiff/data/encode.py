@@ -77,10 +77,16 @@ class EncodedBatch:
 
 
 @torch.no_grad()
+def encode_latents(components: Components, images: Sequence[Image.Image], device: torch.device) -> torch.Tensor:
+    """The VAE's posterior means (B, 4, h, w) fp32, not yet scaled."""
+    return components.vae.encode(images_to_tensor(images).to(device)).latent_dist.mean.float().cpu()
+
+
+@torch.no_grad()
 def encode_batch(components: Components, images: Sequence[Image.Image], captions: list[str], device: torch.device,
                  image_encoder: ImageEncoder = tiny_image_embedding) -> EncodedBatch:
     """One pass of the frozen encoders over a batch of (image, caption) pairs (images of one size)."""
-    latents = components.vae.encode(images_to_tensor(images).to(device)).latent_dist.mean.float().cpu()
+    latents = encode_latents(components, images, device)
     tokens = tokenize(components, captions)
     hidden, pooled = encode_tokens(components, tokens, device)
     return EncodedBatch(latents, tokens, hidden.cpu(), pooled.float().cpu(), image_encoder(images).float().cpu())

@@ -25,7 +25,7 @@ import re
 import sys
 import stat
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -34,10 +34,10 @@ import torch
 from PIL import Image, ImageOps
 
 from pogdiff.config import Config, ModelConfig, PrepareConfig
-from pogdiff.data.encode import encode_batch, images_to_tensor, load_image_encoder
+from pogdiff.data.encode import encode_batch, encode_latents, images_to_tensor, load_image_encoder
 from pogdiff.models.components import Components, load_components
 from pogdiff.data.shards import Sample, damaged_parts, read_task_record, write_index, write_task
-from pogdiff.runs import atomic_path, atomic_write
+from pogdiff.runs import atomic_path, atomic_write, derive_seed
 from pogdiff.data.synthetic import Record, identity_name, iter_records, profile_counts
 from pogdiff.models.components import resolve_device
 
@@ -268,6 +268,7 @@ class Plan:
             "keep_images": pc.keep_images,
             "model": [cfg.model.name, cfg.model.revision, cfg.model.seed], "image_encoder": cfg.data.image_encoder,
             "image_size": cfg.data.image_size, "samples_per_shard": pc.samples_per_shard,
+            "crop": None if cfg.data.center_crop else cfg.data.seed, "random_flip": cfg.data.random_flip,
             "max_shard_bytes": pc.max_shard_bytes,
         }
         return hashlib.sha256(json.dumps(content).encode()).hexdigest()
@@ -343,6 +344,10 @@ def plan_manifest(cfg: Config, path: Path) -> Plan:
             caption, name = mask_caption(caption, name, name_map[r["label"]]), name_map[r["label"]]
         split = heldout if r_pos in heldout_pos else items
         split.append(Item(len(split), r["key"], r["image"], caption, identity_of.get(r["label"], -1), name, r["where"]))
+    if d.max_train_samples is not None and len(items) > d.max_train_samples:  # diffusers' --max_train_samples
+        keep = sorted(np.random.default_rng(d.seed).choice(len(items), d.max_train_samples, replace=False).tolist())
+        selection["left_out_by_max_train_samples"] = len(items) - len(keep)
+        items = [replace(items[pos], ordinal=i) for i, pos in enumerate(keep)]
     return Plan(len(items), items, None, skipped, name_map, selection, heldout_items=heldout, rows_in=rows_in)
 
 
@@ -365,6 +370,9 @@ def heldout_positions(labels: Sequence[str], per_id: int, minority_images: int, 
 def make_plan(cfg: Config) -> Plan:
     d = cfg.data
     if d.source == "synthetic":
+        if d.max_train_samples is not None:
+            raise PrepareError("data.max_train_samples applies to manifest sources; the synthetic set's size is "
+                               "data.profile's (or data.majority_ids / minority_ids / majority_images)")
         if cfg.prepare.mask_names:
             raise PrepareError("prepare.mask_names: synthetic identities already carry generic names; nothing to mask")
         counts = profile_counts(d.profile, d.majority_ids, d.minority_ids, d.majority_images, d.minority_images)
@@ -389,6 +397,8 @@ class Task:
     max_bytes: int
     strict: bool
     keep_images: bool = True
+    crop_seed: Optional[int] = None  # None: centre crops; else random crops drawn per record from it
+    random_flip: bool = False  # also encode each image's mirror
     items: Optional[list[Item]] = None
     synthetic: Optional[tuple] = None  # counts, seed, size, first image indices, start, stop
 
@@ -399,9 +409,9 @@ class BadRecord(Exception):
         self.reason, self.detail = reason, detail
 
 
-def load_image(path: str, size: int) -> Image.Image:
+def load_image(path: str, size: int, crop_seed: Optional[int] = None) -> Image.Image:
     """Decode fully (a truncated file fails here, not later), then resize the shorter side to
-    ``size`` and centre-crop to ``size`` x ``size``."""
+    ``size`` and crop ``size`` x ``size``: centred, or at a random offset drawn from ``crop_seed``."""
     try:
         mode = os.stat(path).st_mode
         if not stat.S_ISREG(mode):  # a FIFO would block forever, a device read forever
@@ -412,7 +422,14 @@ def load_image(path: str, size: int) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            return ImageOps.fit(to_rgb(im), (size, size), Image.BICUBIC)
+            if crop_seed is None:
+                return ImageOps.fit(to_rgb(im), (size, size), Image.BICUBIC)
+            scale = size / min(im.size)
+            resized = to_rgb(im).resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))),
+                                        Image.BICUBIC)
+            rng = np.random.default_rng(crop_seed)
+            left, top = (int(rng.integers(0, n - size + 1)) for n in resized.size)
+            return resized.crop((left, top, left + size, top + size))
     except Exception as e:  # PIL raises many types for bad data
         raise BadRecord("corrupt_image", f"'{path}' is not a decodable image: {e}") from None
 
@@ -456,7 +473,8 @@ def task_records(task: Task) -> Iterator[tuple[Item, Image.Image | BadRecord]]:
         return
     for item in task.items:
         try:
-            yield item, load_image(item.image, task.image_size)
+            seed = None if task.crop_seed is None else derive_seed(task.crop_seed, int(hashlib.sha256(item.key.encode()).hexdigest()[:8], 16))
+            yield item, load_image(item.image, task.image_size, seed)
         except BadRecord as e:
             yield item, e
 
@@ -484,14 +502,21 @@ def run_task(task: Task) -> dict:
     def encoded(chunk: list[tuple[Item, Image.Image]]) -> Iterator[Sample]:
         enc = encode_batch(components, [im for _, im in chunk], [it.caption for it, _ in chunk], device, image_encoder)
         latents = (enc.latents * components.vae_scale).half()
+        flipped = None
+        if task.random_flip:
+            mirrored = [ImageOps.mirror(im) for _, im in chunk]
+            flipped = (encode_latents(components, mirrored, device) * components.vae_scale).half()
         for j, (item, _) in enumerate(chunk):
             fields = {"latent": latents[j], "pooled text embedding": enc.pooled[j], "image embedding": enc.image_emb[j]}
+            if flipped is not None:
+                fields["mirror image latent"] = flipped[j]
             if bad := [name for name, x in fields.items() if not torch.isfinite(x).all()]:
                 skip_record(skipped, task.strict, item.where, "nan_embedding", f"non-finite {', '.join(bad)}")
                 continue
             yield Sample(item.key, item.ordinal, item.identity, item.name, item.caption, latents[j].numpy(),
                          enc.tokens[j].numpy(), enc.pooled[j].numpy(), enc.image_emb[j].numpy(),
-                         png_bytes(chunk[j][1]) if task.keep_images else None)
+                         png_bytes(chunk[j][1]) if task.keep_images else None,
+                         None if flipped is None else flipped[j].numpy())
 
     def samples() -> Iterator[Sample]:
         chunk: list[tuple[Item, Image.Image]] = []
@@ -617,6 +642,7 @@ def source_fingerprint(cfg: Config) -> str:
     every setting that changes a shard. Equal fingerprints reuse one prepared directory."""
     d, pc, m = cfg.data, cfg.prepare, cfg.model
     content: dict = {"model": [m.name, m.revision, m.seed, m.tiny_vae_steps if m.name == "tiny" else None],
+                     "images": [d.max_train_samples, d.center_crop, d.random_flip],
                      "image_encoder": d.image_encoder, "image_size": d.image_size, "heldout_images": d.heldout_images,
                      "minority_images": d.minority_images, "prepare": {k: getattr(pc, k) for k in (
                          "image_root", "samples_per_shard", "max_shard_bytes", "mask_names", "imbalance", "seed",
@@ -758,7 +784,8 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
     model = frozen_model(cfg, out, plan)
     common = dict(model=model, image_encoder=d.image_encoder, image_size=d.image_size, device=pc.device,
                   batch_size=pc.batch_size, max_samples=pc.samples_per_shard, max_bytes=pc.max_shard_bytes,
-                  strict=pc.strict, keep_images=pc.keep_images)
+                  strict=pc.strict, keep_images=pc.keep_images, random_flip=d.random_flip,
+                  crop_seed=None if d.center_crop else d.seed)
     num_tasks, records = run_split(out / "shards", plan.items, plan.synthetic, plan.num_records, common, pc, progress)
     heldout_n = len(plan.heldout_items) if plan.heldout_items else \
         (sum(plan.heldout_synthetic[0]) if plan.heldout_synthetic else 0)
@@ -773,7 +800,7 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
                                                               "split": "heldout"})
 
     skipped = plan.skipped + [s for r in records for s in r["skipped"]] + heldout_skipped
-    if plan.selection:  # bad images found after the selection leave an identity short of its count
+    if plan.selection.get("target_counts"):  # bad images found after the selection leave an identity short of its count
         have = Counter(s["identity"] for r in records for s in r["samples"])
         want = Counter(item.identity for item in plan.items)
         plan.selection["short_identities"] = {str(i): [have[i], n] for i, n in sorted(want.items()) if have[i] < n}
@@ -785,7 +812,8 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
         heldout_samples = json.loads((out / "heldout" / "dataset.json").read_text())["num_samples"]
     samples = sum(len(r["samples"]) for r in records)
     rows_in = plan.rows_in if plan.rows_in is not None else plan.num_records + heldout_n
-    not_selected = (plan.selection["records_before"] - plan.selection["records_selected"]) if plan.selection else 0
+    sel = plan.selection
+    not_selected = sel.get("records_before", 0) - sel.get("records_selected", 0) + sel.get("left_out_by_max_train_samples", 0)
     # every row is accounted for: rows in = samples + held out + skipped (+ left out by the imbalance protocol)
     accounted = samples + heldout_samples + len(skipped) + not_selected
     summary = {"rows_in": rows_in, "samples": samples, "heldout": heldout_samples, "skipped_total": len(skipped),
@@ -797,7 +825,7 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
     meta = {"model": os.path.relpath(model, out) if Path(model).is_relative_to(out) else model,
             "image_encoder": d.image_encoder, "image_size": d.image_size,
             "source": d.source, "source_fingerprint": source_fingerprint(cfg), "name_masking": pc.mask_names,
-            "summary": summary, "prepare": asdict(pc), "keep_images": pc.keep_images,
+            "summary": summary, "prepare": asdict(pc), "keep_images": pc.keep_images, "random_flip": d.random_flip,
             "heldout": {"samples": heldout_samples, "per_identity": d.heldout_images} if heldout_samples else None,
             "synthetic": {"counts": plan.synthetic[0], "seed": plan.synthetic[1], "image_size": plan.synthetic[2],
                           "heldout_images": d.heldout_images} if plan.synthetic is not None else None}

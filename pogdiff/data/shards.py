@@ -13,7 +13,8 @@
 
 One sample in a shard is ``<key>.latent.npy`` (4, h, w) fp16 VAE latent, already multiplied by
 the VAE scaling factor; ``<key>.tokens.npy`` (L,) int32; ``<key>.pooled.npy`` (D,) fp32;
-``<key>.imgemb.npy`` (d,) fp32; ``<key>.json`` {key, ordinal, identity, name, caption}.
+``<key>.imgemb.npy`` (d,) fp32; ``<key>.json`` {key, ordinal, identity, name, caption}; with
+data.random_flip ``<key>.latent_flip.npy``, the mirror image's latent.
 Rows are the finished samples in (task, position) order; ``ordinal`` is the record's position in
 the prepare plan, known when the shard is written, and ``row_of_ordinal`` maps it to its row.
 Columns the whole-dataset stages need (tokens, embeddings) sit in the index as memory-mappable
@@ -25,6 +26,7 @@ import functools
 import io
 import json
 import os
+import struct
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,7 @@ from pogdiff.runs import atomic_write, file_sha256
 
 FORMAT = "pogdiff-shards/1"
 LATENT, TOKENS, POOLED, IMAGE_EMB, META = "latent.npy", "tokens.npy", "pooled.npy", "imgemb.npy", "json"
+LATENT_FLIP = "latent_flip.npy"  # the mirror image's latent (data.random_flip)
 IMAGE, CAPTION = "png", "txt"  # with prepare.keep_images: the image at data.image_size, the caption text
 COLUMNS = {"tokens": np.int32, "image_emb": np.float32, "pooled": np.float32}  # per-task .npz -> index .npy
 TAR_BLOCK = 512
@@ -69,39 +72,93 @@ def npy_load(data: bytes) -> np.ndarray:
     return array.reshape(shape, order="F" if fortran else "C")
 
 
+class UnsupportedTar(tarfile.ReadError):
+    """A valid tar holding a member that read_tar cannot read (e.g. a sparse file): read it with tarfile."""
+
+
+ZERO_BLOCK = bytes(TAR_BLOCK)
+REGULAR = (b"0", b"\0", b"7")  # regular file, pre-POSIX regular file, contiguous file
+EXTENDED = (b"x", b"X", b"L")  # pax extended header (X: Solaris's), GNU long name: for the next member
+# skipped like tarfile does: links, devices, directories, fifos, pax global header, GNU long link name,
+# GNU dump directory, multi-volume continuation, old long names, volume label
+SKIPPED = (b"1", b"2", b"3", b"4", b"5", b"6", b"g", b"K", b"D", b"M", b"N", b"V")
+
+
+def extended_header(kind: bytes, data: bytes, url: str) -> dict:
+    """What an extended header sets for the next member: {"path", "size"} (those it carries).
+    GNU long name: the NUL-terminated name. pax: ``"<length> <key>=<value>\\n"`` records."""
+    if kind == b"L":
+        return {"path": data.partition(b"\0")[0].decode("utf-8", "surrogateescape")}
+    records, pos, data = {}, 0, data.rstrip(b"\0")
+    try:
+        while pos < len(data):
+            space = data.index(b" ", pos)
+            end = pos + int(data[pos:space])
+            if end <= space or data[end - 1] != ord("\n"):
+                raise ValueError
+            key, _, value = data[space + 1:end - 1].partition(b"=")
+            records[key] = value
+            pos = end
+        overrides = {"size": int(records[b"size"])} if b"size" in records else {}
+        if overrides.get("size", 0) < 0:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise tarfile.ReadError(f"{url}: corrupt pax header") from None
+    if any(key.startswith(b"GNU.sparse.") for key in records):
+        raise UnsupportedTar(f"{url}: a pax sparse file")
+    if b"path" in records:
+        overrides["path"] = records[b"path"].decode("utf-8", "surrogateescape")
+    return overrides
+
+
 def read_tar(stream: BinaryIO, url: str = "?") -> Iterator[dict]:
-    """The members of a USTAR tar stream as WebDataset file dicts ``{"fname", "data"}``.
+    """The regular files in a tar stream as WebDataset file dicts ``{"fname", "data"}``.
 
     Replaces tarfile on the training hot path: its per-member header parsing (~35 us) alone caps
-    a 5-member sample at ~5.7k samples/s per core, before any decoding. Headers are checksummed;
-    a truncated or corrupt stream raises (the reader's handler then skips the rest of the shard).
-    Handles what the writer here and WebDataset's TarWriter produce (USTAR, no pax/GNU headers).
+    a 5-member sample at ~5.7k samples/s per core, before any decoding. Reads USTAR, GNU (long
+    names, base-256 sizes) and POSIX pax archives (a member's own path and size records; global
+    headers are skipped, as tarfile does), so the writer here, WebDataset's TarWriter (pax) and
+    GNU tar. Other members (directories, links, ...) are skipped. Headers are checksummed; a
+    truncated or corrupt stream raises tarfile.ReadError (the reader's handler then skips the rest
+    of the shard). A member it cannot read (a sparse file, an unknown type) raises UnsupportedTar,
+    after the members before it: the caller reads the rest with tarfile (stream.tar_samples does).
     """
+    overrides: dict = {}  # set by extended headers for the next member
     while True:
         header = stream.read(TAR_BLOCK)
-        if header == bytes(TAR_BLOCK):  # end of archive
+        if header == ZERO_BLOCK:  # end of archive
             return
         if len(header) < TAR_BLOCK:
             raise tarfile.ReadError(f"{url}: truncated tar (no end-of-archive marker)")
         try:
             checksum = int(header[148:156].strip(b"\0 ") or b"0", 8)
-            size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+            if header[124] == 0x80:  # GNU base-256 size
+                size = int.from_bytes(header[125:136], "big")
+            else:
+                size = int(header[124:136].strip(b"\0 ") or b"0", 8)
         except ValueError:
             raise tarfile.ReadError(f"{url}: corrupt tar header") from None
-        if checksum != sum(header[:148]) + 256 + sum(header[156:]):
+        if checksum != sum(header[:148]) + 256 + sum(header[156:]) and \
+                checksum != sum(struct.unpack("148b8x356b", header)) + 256:  # old tars sum signed bytes
             raise tarfile.ReadError(f"{url}: tar header checksum mismatch (corrupt shard)")
         kind = header[156:157]
-        if kind in (b"x", b"g", b"L", b"K"):
-            raise tarfile.ReadError(f"{url}: pax/GNU extended tar headers are not supported; write USTAR shards")
-        name = header[:100].rstrip(b"\0").decode()
-        if header[257:262] == b"ustar" and (prefix := header[345:500].rstrip(b"\0")):
-            name = f"{prefix.decode()}/{name}"
+        if kind not in REGULAR and kind not in EXTENDED and kind not in SKIPPED:  # e.g. a sparse file
+            raise UnsupportedTar(f"{url}: a member of tar type {kind!r}, which the fast reader cannot read")
+        name = header[:100].partition(b"\0")[0].decode("utf-8", "surrogateescape")
+        if header[257:263] == b"ustar\0" and (prefix := header[345:500].rstrip(b"\0")):
+            name = f"{prefix.decode('utf-8', 'surrogateescape')}/{name}"
+        if overrides and kind not in EXTENDED:
+            name, size = overrides.get("path", name), overrides.get("size", size)
+            overrides = {}
         data = stream.read(size)
         padding = -size % TAR_BLOCK
         if len(data) < size or len(stream.read(padding)) < padding:
             raise tarfile.ReadError(f"{url}: truncated member {name}")
-        if kind in (b"0", b"\0"):
-            yield {"fname": name, "data": data}
+        if kind in REGULAR:
+            if kind != b"\0" or not name.endswith("/"):  # else a pre-POSIX directory
+                yield {"fname": name, "data": data}
+        elif kind in EXTENDED:
+            overrides.update(extended_header(kind, data, url))
 
 
 @dataclass
@@ -116,6 +173,7 @@ class Sample:
     pooled: np.ndarray  # (D,)
     image_emb: np.ndarray  # (d,)
     image: Optional[bytes] = None  # PNG (prepare.keep_images)
+    latent_flip: Optional[np.ndarray] = None  # the mirror image's latent (data.random_flip)
 
     @property
     def meta(self) -> dict:
@@ -129,6 +187,8 @@ def encode_sample(s: Sample) -> dict[str, bytes]:
              META: json.dumps(s.meta).encode()}
     if s.image is not None:
         files[IMAGE], files[CAPTION] = s.image, s.caption.encode()
+    if s.latent_flip is not None:
+        files[LATENT_FLIP] = npy_bytes(s.latent_flip.astype(np.float16))
     return files
 
 

@@ -55,6 +55,7 @@ import json
 import logging
 import os
 import random
+import tarfile
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -63,7 +64,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pogdiff.data.shards import LATENT, META, TOKENS, npy_load, read_tar
+from pogdiff.data.shards import LATENT, LATENT_FLIP, META, TOKENS, UnsupportedTar, npy_load, read_tar
 from pogdiff.runs import derive_seed
 
 log = logging.getLogger("pogdiff.stream")
@@ -108,30 +109,40 @@ class SkipAndLog:
 
 
 def tar_samples(urls: Iterator[str], handler: SkipAndLog, expected: Optional[dict[str, int]] = None) -> Iterator[dict]:
-    """WebDataset's url_opener and group_by_keys around the fast tar reader (shards.read_tar). A shard
-    that cannot be opened, or breaks off, costs the samples the dataset index says it holds and
-    that were not read (``expected``: url -> samples), all counted by ``handler``."""
+    """WebDataset's group_by_keys around the fast tar reader (shards.read_tar), which hands a shard
+    over to WebDataset's own (tarfile-based) reader from the first member it cannot read on. A shard
+    that cannot be opened, breaks off, or ends early costs the samples the dataset index says it
+    holds and that were not read (``expected``: url -> samples), all counted by ``handler``."""
     expected = expected or {}
+
+    def shard_members(url: str) -> Iterator[dict]:
+        done = 0  # members yielded, as WebDataset's reader counts them: it skips "__name__" files
+        with wds.gopen(url) as stream:
+            try:
+                for member in read_tar(stream, url):
+                    fname = member["fname"]
+                    done += "/" in fname or not (fname.startswith("__") and fname.endswith("__"))
+                    yield member
+                return
+            except UnsupportedTar as exn:
+                log.info("%s; reading the shard with webdataset's tar reader from member %d on", exn, done)
+        with wds.gopen(url) as stream:
+            yield from itertools.islice(wds.tariterators.tar_file_iterator(stream, skip_meta=None), done, None)
 
     def members() -> Iterator[dict]:
         for url in urls:
             seen: set[str] = set()
             try:
-                stream = wds.gopen(url)
-            except Exception as exn:  # missing or unreadable file
-                handler(exn, expected.get(url, 1))
-                continue
-            try:
-                for member in read_tar(stream, url):
+                for member in shard_members(url):
                     member["__url__"] = url
                     seen.add(member["fname"].split(".", 1)[0])
                     yield member
-            except Exception as exn:
+                if len(seen) < expected.get(url, 0):  # tarfile ends quietly at a truncated or corrupt header
+                    raise tarfile.ReadError(f"{url}: ended after {len(seen)} of {expected[url]} samples")
+            except Exception as exn:  # missing, unreadable, truncated or corrupt shard
                 # the samples never started are lost here; a partly read one is counted when it fails to decode
                 if not handler(exn, max(0, expected[url] - len(seen)) if url in expected else 1):
                     return
-            finally:
-                stream.close()
             yield {}  # end of shard: samples never merge across shards
 
     return wds.tariterators.group_by_keys(members(), handler=handler)
@@ -152,11 +163,11 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: Sequence[str], batch_size: int, rank: int, world_size: int, seed: int = 0,
                  resampled: bool = True, shuffle_buffer: int = 1000, row_of_ordinal: Optional[str] = None,
-                 max_consecutive_errors: int = 100):
+                 max_consecutive_errors: int = 100, random_flip: bool = False):
         self.urls, self.batch_size, self.rank, self.world_size = list(urls), batch_size, rank, world_size
         self.seed, self.resampled, self.shuffle_buffer = seed, resampled, shuffle_buffer
         self.row_of_ordinal_path, self.max_consecutive_errors = row_of_ordinal, max_consecutive_errors
-        self.epoch = 0
+        self.random_flip, self.epoch = random_flip, 0
         self._rows: Optional[np.ndarray] = None
         self.expected: dict[str, int] = {}  # shard url -> samples it holds (from dataset.json)
 
@@ -183,7 +194,9 @@ class ShardStream(IterableDataset):
                                  "(shards and index from different prepare runs?)")
         else:
             row = meta["ordinal"]
-        latents = npy_load(sample[LATENT])
+        # a pure function of (seed, epoch, row): the same choice on a resumed run
+        flip = self.random_flip and LATENT_FLIP in sample and derive_seed(self.seed, self.epoch, row, 2) % 2 == 1
+        latents = npy_load(sample[LATENT_FLIP if flip else LATENT])
         if not np.isfinite(latents).all():
             raise ValueError(f"sample '{meta['key']}' in {sample['__url__']} has a non-finite latent: skipped "
                              "(run `pogdiff prepare` again to verify and remake damaged shards)")
@@ -254,7 +267,8 @@ class TrainLoader:
 def make_train_loader(shards: str | Path | Sequence[str], batch_size: int, rank: Optional[int] = None,
                       world_size: Optional[int] = None, num_workers: int = 2, seed: int = 0,
                       epoch_len: Optional[int] = None, resampled: bool = True, shuffle_buffer: int = 1000,
-                      index_dir: Optional[str | Path] = None, pin_memory: bool = False) -> TrainLoader:
+                      index_dir: Optional[str | Path] = None, pin_memory: bool = False,
+                      random_flip: bool = False) -> TrainLoader:
     """The training reader; see the module docstring. ``epoch_len`` is in batches per rank."""
     rank, world_size = dist_info(rank, world_size)
     if isinstance(shards, (str, Path)) and Path(shards).is_dir():
@@ -273,12 +287,16 @@ def make_train_loader(shards: str | Path | Sequence[str], batch_size: int, rank:
         urls = urls if urls is not None else [str(index_dir / p["url"]) for p in meta["shards"]]
     if not urls:
         raise ValueError(f"no shards in {shards!r}")
+    if random_flip and meta is not None and not meta.get("random_flip"):
+        raise ValueError(f"data.random_flip: '{index_dir}' was prepared without mirrored latents; prepare the "
+                         "source with data.random_flip=true (a data.source that is not a prepared directory is)")
     if resampled and epoch_len is None:
         if meta is None:
             raise ValueError("resampled mode needs epoch_len (batches per rank) when no dataset index gives the size")
         epoch_len = max(1, -(-meta["num_samples"] // (batch_size * world_size)))
     stream = ShardStream(urls, batch_size, rank, world_size, seed, resampled, shuffle_buffer,
-                         str(index_dir / "row_of_ordinal.npy") if index_dir is not None else None)
+                         str(index_dir / "row_of_ordinal.npy") if index_dir is not None else None,
+                         random_flip=random_flip)
     if meta is not None:
         stream.expected = {str(index_dir / p["url"]): p["samples"] for p in meta["shards"]}
     return TrainLoader(stream, num_workers, epoch_len, index_dir / "tokens.npy" if index_dir is not None else None,

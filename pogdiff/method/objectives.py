@@ -114,12 +114,13 @@ class Objective:
         backend: str = "auto",
         snr_gamma: Optional[float] = None,  # Min-SNR: min(SNR, gamma) / SNR scales each whole per-sample loss
         noise_offset: float = 0.0,  # eps += noise_offset * N(0, 1) per (sample, channel)
+        input_perturbation: float = 0.0,  # x_t takes eps + input_perturbation * N(0, 1); the target keeps eps
         prediction_type: str = "epsilon",  # what the UNet predicts: "epsilon" | "v_prediction" | "sample"
     ):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         self.cfg, self.backend, self.prediction_type = cfg, backend, prediction_type
-        self.snr_gamma, self.noise_offset = snr_gamma, noise_offset
+        self.snr_gamma, self.noise_offset, self.input_perturbation = snr_gamma, noise_offset, input_perturbation
         self.alphas_cumprod = alphas_cumprod.float()
         self.num_timesteps = alphas_cumprod.shape[0]
         self.text, self.sampler, self.log_density = text, sampler, log_density
@@ -138,11 +139,14 @@ class Objective:
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
         if self.noise_offset > 0:
             noise += self.noise_offset * torch.randn(x0.shape[:2] + (1,) * (x0.dim() - 2), generator=generator)
-        noise = to_device(noise.to(x0.dtype), device)
+        forward_noise = noise
+        if self.input_perturbation > 0:
+            forward_noise = noise + self.input_perturbation * torch.randn(x0.shape, generator=generator)
+        noise, forward_noise = to_device(noise.to(x0.dtype), device), to_device(forward_noise.to(x0.dtype), device)
         t = torch.randint(0, self.num_timesteps, (bsz,), generator=generator)
         abar = to_device(self.alphas_cumprod[t], device)
         shape = (bsz,) + (1,) * (x0.dim() - 1)
-        x_t = abar.sqrt().view(shape) * x0 + (1 - abar).sqrt().view(shape) * noise
+        x_t = abar.sqrt().view(shape) * x0 + (1 - abar).sqrt().view(shape) * forward_noise
         t_dev = to_device(t, device)
 
         dropped = None

@@ -144,6 +144,19 @@ def newest_complete(candidates: Iterable[Path], verify: bool = True) -> Optional
     return best
 
 
+def given_checkpoint(tc) -> Optional[Path]:
+    """``train.resume_from_checkpoint``, checked complete; None when unset."""
+    from pogdiff.config import ConfigError
+
+    if not tc.resume_from_checkpoint:
+        return None
+    path = Path(tc.resume_from_checkpoint)
+    if newest_complete([path]) is None:
+        raise ConfigError(f"train.resume_from_checkpoint: '{path}' is not a complete pogdiff checkpoint (a step_* "
+                          "directory with trainer.json and the files its manifest lists)")
+    return path
+
+
 def load_unet_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(path) / "unet.safetensors"))
 

@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from pogdiff.config import Config, Method, ModelConfig, TrainConfig
+from pogdiff.config import Config, ConfigError, Method, ModelConfig, TrainConfig
 from pogdiff.data.dataset import Dataset
 from pogdiff.method.objectives import Batch, LossOutput, Objective, TextConditioner
 from pogdiff.models.components import resolve_device
@@ -48,7 +48,8 @@ def make_loader(cfg: Config, ds: Dataset, rank: int, world: int):
     from pogdiff.data.stream import make_train_loader
 
     return make_train_loader(ds.root, cfg.train.batch_size, rank, world, num_workers=cfg.data.dataloader_num_workers,
-                             seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+                             seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                             random_flip=cfg.data.random_flip)
 
 
 def stream_batches(loader, start_micro: int, device: torch.device, dtype: torch.dtype) -> Iterator[Batch]:
@@ -113,7 +114,8 @@ def build_objective(cfg: Config, ds: Dataset, text: TextConditioner, alphas_cump
     tc = cfg.train
     return Objective(m, alphas_cumprod, text=text, sampler=sampler, log_density=log_density,
                      caption_dropout=tc.caption_dropout, backend=tc.loss_backend, snr_gamma=tc.snr_gamma,
-                     noise_offset=tc.noise_offset, prediction_type=prediction_type)
+                     noise_offset=tc.noise_offset, input_perturbation=tc.input_perturbation,
+                     prediction_type=prediction_type)
 
 
 @dataclass
@@ -150,8 +152,49 @@ def configure_unet(unet: torch.nn.Module, cfg: ModelConfig, device: torch.device
         unet.enable_xformers_memory_efficient_attention()
 
 
+def configure_backends(tc: TrainConfig, device: torch.device) -> None:
+    if device.type == "cuda" and tc.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast_dtype(tc: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``train.mixed_precision`` on ``device`` (None: fp32)."""
+    mp = tc.mixed_precision
+    if mp == "no" or (mp == "auto" and device.type != "cuda"):
+        return None
+    if device.type != "cuda":
+        raise ConfigError(f"train.mixed_precision={mp} needs a CUDA device, but this run is on {device.type}: "
+                          "use train.mixed_precision=auto or no (fp32)")
+    if mp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[mp]
+
+
+def resolve_schedule(cfg: Config, num_samples: int, world_size: int) -> Config:
+    """``cfg`` with what depends on the data and the world made concrete: ``train.steps`` from
+    ``num_train_epochs``, ``validate_every`` from ``validation_epochs``, ``lr`` by ``scale_lr``."""
+    import dataclasses
+    import math
+
+    tc = cfg.train
+    samples_per_step = tc.batch_size * tc.grad_accum * world_size
+    steps_per_epoch = max(1, math.ceil(num_samples / samples_per_step))
+    changes = {}
+    if tc.num_train_epochs is not None:
+        changes["steps"] = tc.num_train_epochs * steps_per_epoch
+    if tc.validation_epochs is not None:
+        changes["validate_every"] = tc.validation_epochs * steps_per_epoch
+    if tc.scale_lr:
+        changes["lr"] = tc.lr * samples_per_step
+    if changes:
+        log.info("%s (%d samples, %d per step)", ", ".join(f"train.{k}={v:g}" for k, v in changes.items()),
+                 num_samples, samples_per_step)
+    return dataclasses.replace(cfg, train=dataclasses.replace(tc, **changes))
+
+
 def build_optimizer(tc: TrainConfig, params) -> torch.optim.Optimizer:
-    kw = dict(lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.adam_beta1, tc.adam_beta2))
+    kw = dict(lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon)
     if tc.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
@@ -170,29 +213,43 @@ class LocalEngine:
 
     rank, world_size = 0, 1
 
-    def __init__(self, unet: torch.nn.Module, tc: TrainConfig):
-        self.module, self.tc = unet, tc
+    def __init__(self, unet: torch.nn.Module, tc: TrainConfig, autocast: Optional[torch.dtype] = None):
+        self.module, self.tc, self.autocast = unet, tc, autocast
+        self.device_type = next(unet.parameters()).device.type
         self.optimizer = build_optimizer(tc, unet.parameters())
         self.scheduler = build_lr_scheduler(tc, self.optimizer)
+        # fp16's narrow range needs loss scaling; bf16 and fp32 do not
+        self.scaler = torch.amp.GradScaler(self.device_type) if autocast == torch.float16 else None
         self.micro_steps, self.grad_norm = 0, None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.module(x, t, encoder_hidden_states=cond).sample
+        with torch.autocast(self.device_type, dtype=self.autocast, enabled=self.autocast is not None):
+            return self.module(x, t, encoder_hidden_states=cond).sample.float()
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.tc.grad_accum).backward()
+        loss = loss / self.tc.grad_accum
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self) -> None:
         self.micro_steps += 1
         if self.micro_steps % self.tc.grad_accum:
             return
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.tc.grad_clip if self.tc.grad_clip > 0 else float("inf"))
         self.grad_norm = float(norm)
         if not torch.isfinite(norm):  # as DeepSpeed does on overflow: no update from a non-finite gradient
-            log.warning("non-finite gradient norm: skipping this optimizer step")
+            if self.scaler:  # fp16 overflow: the scaler lowers its scale, as it does at the start of every run
+                self.scaler.update()
+            else:
+                log.warning("non-finite gradient norm: skipping this optimizer step")
             self.optimizer.zero_grad(set_to_none=True)
             return
-        self.optimizer.step()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -336,19 +393,21 @@ def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], sta
 
     tc, rank0 = cfg.train, engine.rank == 0
     pair_tag = "psi" if cfg.method.name.value == "pogdiff" else "pair_weight"
-    metrics = MetricsLog(out_dir, tc.tensorboard, enabled=rank0, fresh=start_step == 0)
+    from pogdiff.runs import training_settings
+
+    metrics = MetricsLog(out_dir, tc.report_to, enabled=rank0, fresh=start_step == 0, config=training_settings(cfg))
     result = TrainResult(steps=start_step)
     window: list[torch.Tensor] = []
     t0 = window_start = time.perf_counter()
     waited = 0.0
     guard = NonFiniteGuard(tc.max_bad_steps)
     batches = _without(batches, guard.quarantined)
-    if rank0 and metrics.writer is not None and getattr(objective, "sampler", None) is not None:
+    if rank0 and getattr(objective, "sampler", None) is not None:
         from pogdiff.method.neighbours import summarize_psi
 
         ratio = summarize_psi(objective.sampler.psi, is_minority)["tail_over_head"]  # also in history.json
         if ratio is not None:
-            metrics.writer.add_scalar("psi/tail_over_head", ratio, start_step)
+            metrics.scalars(start_step, {"psi/tail_over_head": ratio}, trackers_only=True)
     bar = tqdm(range(start_step, tc.steps), desc=f"train {cfg.method.name.value}", unit="step",
                disable=not (progress and rank0), initial=start_step, total=tc.steps,
                mininterval=0.1 if sys.stderr.isatty() else 10.0)  # Ray forwards every redraw as a log line
@@ -396,7 +455,7 @@ def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], sta
 def train(cfg: Config, ds: Dataset, out_dir: Path, progress: bool = True) -> tuple[TrainResult, dict[str, torch.Tensor]]:
     """One machine: train the dataset model's UNet on ``ds``, resuming from ``out_dir/checkpoints``.
     Returns the result and the weights to export (the EMA when ``train.ema``)."""
-    from pogdiff.train.checkpoint import Checkpointer, load_unet_weights, restore_checkpoint
+    from pogdiff.train.checkpoint import Checkpointer, given_checkpoint, load_unet_weights, restore_checkpoint
     from pogdiff.train.validate import Validator, default_prompts
 
     tc = cfg.train
@@ -404,12 +463,13 @@ def train(cfg: Config, ds: Dataset, out_dir: Path, progress: bool = True) -> tup
     inputs = training_inputs(cfg, ds, device)
     unet = inputs.unet
     ckpt = Checkpointer(out_dir / "checkpoints", keep=tc.checkpoint_keep)
-    latest = ckpt.latest() if tc.checkpoint_every else None
+    latest = (ckpt.latest() if tc.checkpoint_every else None) or given_checkpoint(tc)
     if latest is not None:
         unet.load_state_dict(load_unet_weights(latest))
     configure_unet(unet, cfg.model, device)
+    configure_backends(tc, device)
     unet.to(device).train()
-    engine = LocalEngine(unet, tc)
+    engine = LocalEngine(unet, tc, autocast_dtype(tc, device))
     ema = make_ema(tc, engine)
     loader = make_loader(cfg, ds, 0, 1)
     start = 0
@@ -437,12 +497,16 @@ def run_train(cfg: Config, progress: bool = True) -> TrainResult:
 
     from pogdiff.runs import check_resume
 
+    from pogdiff.train.checkpoint import given_checkpoint
+
+    given_checkpoint(cfg.train)  # a bad path is a config error before anything starts
     files = RunFiles(cfg)
     if not check_resume(cfg, sorted(files.checkpoints.glob("step_*"))):
         shutil.rmtree(files.checkpoints, ignore_errors=True)
     ds = resolve_dataset(cfg, progress)
     psi_stats = prepare_artifacts(cfg, ds, progress)
     torch.manual_seed(cfg.train.seed)
+    cfg = resolve_schedule(cfg, len(ds), world_size=1)
     result, weights = train(cfg, ds, files.method, progress=progress)
     export_pipeline(ds.model_dir, weights, files.method, cfg.train.prediction_type)
     write_history(cfg, psi_stats, result)
