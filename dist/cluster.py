@@ -6,6 +6,7 @@ prepare's ray backend, sampling tasks, the FAISS service) goes through it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -18,9 +19,38 @@ from pogdiff.runs import is_uri, method_tag
 LOOPBACK = "127.0.0.1"
 
 
+@contextlib.contextmanager
+def single_machine_mode(env: Optional[dict] = None):
+    """Ray turns a loopback node IP into the host's routable one (and its servers then listen on
+    every interface; a client looks for its cluster there) unless it runs in its single-machine
+    mode, the one it uses on macOS: then GCS, raylet, workers, agents and metrics bind 127.0.0.1,
+    and clients find them there. The flag is read at import (raylet and workers inherit the
+    variable) and, in this process, at call time. ``env`` is set for the duration too."""
+    from ray._private import ray_constants
+
+    env = {**(env or {}), ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    cluster_mode, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def is_loopback_address(address: str) -> bool:
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in (LOOPBACK, "localhost", "::1")
+
+
 def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log_to_driver: bool = True) -> bool:
     """Join ``address`` / $RAY_ADDRESS, else start an embedded cluster on loopback (returns True then:
-    the caller shuts it down)."""
+    the caller shuts it down). A loopback address joins such an embedded cluster."""
     import ray
 
     from pogdiff import console
@@ -30,7 +60,8 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log_t
     console.route_ray_logs()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
+        with single_machine_mode() if is_loopback_address(address) else contextlib.nullcontext():
+            ray.init(address=address, log_to_driver=log_to_driver)
         console.route_ray_worker_output()
         return False
     # The embedded cluster's processes inherit RAY_ADDRESS, so that Ray's own helpers (Train's
@@ -38,24 +69,9 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log_t
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         port = s.getsockname()[1]
-    # Ray turns a loopback ``_node_ip_address`` into the host's routable IP, and its servers then
-    # listen on every interface, unless Ray runs in its single-machine mode (the one it uses on
-    # macOS): that keeps the node IP at 127.0.0.1, and GCS, raylet, workers, agents and metrics
-    # bind there. The flag is read at import (raylet and workers inherit the variable) and, in this
-    # process, at call time.
-    from ray._private import ray_constants
-
-    env = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{LOOPBACK}:{port}",
-           ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}
-    os.environ.update(env)
-    cluster_mode, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
-    try:
+    with single_machine_mode({"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{LOOPBACK}:{port}"}):
         ray.init(address="local", _node_ip_address=LOOPBACK, num_cpus=num_cpus, include_dashboard=False,
                  log_to_driver=log_to_driver)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
-        for k in env:
-            os.environ.pop(k, None)
     console.route_ray_worker_output()
     from pogdiff.dist import reaper
 

@@ -139,7 +139,7 @@ def train_recognizer(cfg: Config, ds, progress: bool = True) -> tuple[Recognizer
         with torch.no_grad():
             accuracy = float((model(x[held]).argmax(1) == y[held]).float().mean())
     stats = {**s, "classes": classes, "heldback_images": int(held.sum()), "heldback_accuracy": accuracy,
-             "final_loss": float(loss)}
+             "final_loss": loss.item()}
     log.info("recognizer: accuracy %s on %d held-back images of its %d training identities", accuracy,
              int(held.sum()), classes)
     return model, stats
