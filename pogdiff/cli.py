@@ -113,6 +113,14 @@ def _experiment(cfg: Config) -> int:
     return 0
 
 
+def _pretrain(cfg: Config) -> int:
+    from pogdiff.models.pretrain import pretrain
+
+    summary = pretrain(cfg)
+    print(json.dumps({k: summary[k] for k in ("images", "first_loss", "last_loss", "seconds", "go_no_go")}, indent=1))
+    return 0
+
+
 def _demo(cfg: Config) -> int:
     from pogdiff.experiment.demo import run_demo
 
@@ -131,6 +139,7 @@ VERBS: dict[str, tuple[Callable[[Config], int], str]] = {
     "eval": (_eval, "gRecall, DINO-style score and per-identity FID (All / Few) of the trained run"),
     "report": (_report, "tables, charts and sample grids over experiment.variants x experiment.seeds"),
     "experiment": (_experiment, "train every variant x seed on the same data, evaluate, report (configs/experiment.yaml)"),
+    "pretrain": (_pretrain, "the tiny model's base: UNet + text encoder from scratch on disjoint balanced identities, with a go/no-go"),
     "demo": (_demo, "the end-to-end demo: prepare -> index -> density -> train-dist per method -> sample -> eval -> report"),
 }
 

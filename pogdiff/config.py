@@ -254,6 +254,25 @@ class ExperimentConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """``pogdiff pretrain``: the tiny model's base. UNet and text encoder trained from scratch on
+    balanced synthetic identities disjoint from every fine-tuning profile (names from the same
+    pools, captions from the same grammar); the VAE is the pretrained tiny VAE."""
+
+    ids: int = 256
+    images_per_id: int = 16
+    heldout_images: int = 4  # more images of each identity, never trained on: the go/no-go's reference
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup_steps: int = 200
+    name_prompt_fraction: float = 0.5  # captions replaced by sample.prompt_template with the bare name
+    caption_dropout: float = 0.1  # captions replaced by "" (classifier-free guidance)
+    eval_ids: int = 16  # identities the go/no-go samples
+    output: Optional[str] = None  # default <output_dir>/tiny-base
+
+
+@dataclass
 class PrepareConfig:
     """``pogdiff prepare``: data.source (a JSONL/CSV manifest, or "synthetic") -> WebDataset shards.
 
@@ -328,6 +347,7 @@ class Config:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 def _valid_keys(node: Any, prefix: str = "") -> list[str]:
@@ -422,7 +442,12 @@ RANGES: dict[str, tuple[str, float, float, str]] = {
     "eval.recognizer_images_per_id": ("[", 2, math.inf, ")"), "eval.recognizer_steps": ("[", 1, math.inf, ")"),
     "eval.recognizer_dim": ("[", 1, math.inf, ")"), "eval.recognizer_lr": ("(", 0, math.inf, ")"),
     "dist.cpus_per_worker": ("[", 1, math.inf, ")"), "dist.max_failures": ("[", 0, math.inf, ")"),
-    "model.tiny_vae_steps": ("[", 0, math.inf, ")"), "train.max_bad_steps": ("[", 1, math.inf, ")"), "prepare.batch_size": ("[", 1, math.inf, ")"),
+    "model.tiny_vae_steps": ("[", 0, math.inf, ")"), "pretrain.ids": ("[", 2, math.inf, ")"),
+    "pretrain.images_per_id": ("[", 1, math.inf, ")"), "pretrain.heldout_images": ("[", 1, math.inf, ")"),
+    "pretrain.steps": ("[", 1, math.inf, ")"), "pretrain.batch_size": ("[", 1, math.inf, ")"),
+    "pretrain.lr": ("(", 0, math.inf, ")"), "pretrain.warmup_steps": ("[", 0, math.inf, ")"),
+    "pretrain.name_prompt_fraction": ("[", 0, 1, "]"), "pretrain.caption_dropout": ("[", 0, 1, "]"),
+    "pretrain.eval_ids": ("[", 1, math.inf, ")"), "train.max_bad_steps": ("[", 1, math.inf, ")"), "prepare.batch_size": ("[", 1, math.inf, ")"),
 }
 
 

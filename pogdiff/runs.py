@@ -35,6 +35,16 @@ def _absolute(path: str | None, must_exist: bool = False) -> str | None:
     return str(p.resolve())
 
 
+def model_dir_of(name: str) -> str:
+    """``model.name`` as what loads it: ``tiny-base`` is the committed pretrained base of the tiny
+    model (pogdiff/models/tiny_base, made by ``pogdiff pretrain``), a path becomes absolute."""
+    if name == "tiny-base":
+        from pogdiff.models.pretrain import BASE_DIR
+
+        return str(BASE_DIR)
+    return _absolute(name, must_exist=True)
+
+
 def absolute_paths(cfg: Config) -> Config:
     """``cfg`` with every path made absolute against the current directory, so that Ray workers
     (which run in directories of their own) and later verbs find the same files. URIs and names
@@ -43,7 +53,7 @@ def absolute_paths(cfg: Config) -> Config:
     return dataclasses.replace(
         cfg,
         output_dir=_absolute(cfg.output_dir),
-        model=dataclasses.replace(m, name=_absolute(m.name, must_exist=True)),
+        model=dataclasses.replace(m, name=model_dir_of(m.name)),
         data=dataclasses.replace(d, source=_absolute(d.source, must_exist=True),
                                  image_encoder=_absolute(d.image_encoder, must_exist=True)),
         prepare=dataclasses.replace(p, output=_absolute(p.output), image_root=_absolute(p.image_root)),
@@ -51,6 +61,7 @@ def absolute_paths(cfg: Config) -> Config:
         dist=dataclasses.replace(dc, storage_path=_absolute(dc.storage_path), deepspeed_json=_absolute(dc.deepspeed_json)),
         experiment=dataclasses.replace(cfg.experiment, report_dir=_absolute(cfg.experiment.report_dir)),
         train=dataclasses.replace(cfg.train, resume_from_checkpoint=_absolute(cfg.train.resume_from_checkpoint)),
+        pretrain=dataclasses.replace(cfg.pretrain, output=_absolute(cfg.pretrain.output)),
     )
 
 

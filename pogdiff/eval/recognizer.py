@@ -107,10 +107,16 @@ def _training_set(cfg: Config, ds, s: dict) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def train_recognizer(cfg: Config, ds, progress: bool = True) -> tuple[Recognizer, dict]:
+    s = _settings(cfg, ds)
+    return fit_recognizer(*_training_set(cfg, ds, s), s, progress)
+
+
+def fit_recognizer(x: torch.Tensor, y: torch.Tensor, held: torch.Tensor, classes: int, s: dict,
+                   progress: bool = True) -> tuple[Recognizer, dict]:
+    """Train on images ``x`` (in [-1, 1]) labelled ``y`` except the ``held`` ones, which measure it;
+    ``s`` holds dim, lr and steps."""
     from tqdm import tqdm
 
-    s = _settings(cfg, ds)
-    x, y, held, classes = _training_set(cfg, ds, s)
     torch.manual_seed(0)
     model = Recognizer(s["dim"], classes)
     opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=5e-4)
