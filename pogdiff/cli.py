@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("config", help="YAML file in configs/")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")  # `config`: errors only
     try:
         cfg = load_run_config(args.config, args.overrides)
     except ConfigError as e:
