@@ -36,6 +36,23 @@ def test_epochs_validation_epochs_and_scale_lr_resolve_against_the_data_and_worl
     assert resolve_schedule(plain, 100, 3).train == plain.train
 
 
+def test_allow_tf32_sets_the_cuda_matmul_and_cudnn_flags_on_cuda_only():
+    from pogdiff.train.loop import configure_backends
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        on = load_config(None, ["train.allow_tf32=true"]).train
+        configure_backends(on, torch.device("cpu"))
+        assert not torch.backends.cuda.matmul.allow_tf32
+        configure_backends(load_config(None).train, torch.device("cuda"))  # off by default
+        assert not torch.backends.cuda.matmul.allow_tf32
+        configure_backends(on, torch.device("cuda"))
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def test_adam_epsilon_reaches_the_optimizer():
     opt = build_optimizer(load_config(None, ["train.adam_epsilon=1e-3"]).train, [torch.nn.Parameter(torch.zeros(2))])
     assert opt.param_groups[0]["eps"] == 1e-3
