@@ -26,12 +26,17 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+# Values that name something built in, never a path, even where a folder of that name exists in
+# the working directory (e.g. an output folder called "tiny"); "./tiny" is the path.
+KEYWORDS = {"tiny", "tiny-base", "synthetic", "recognizer"}
+
+
 def _absolute(path: str | None, must_exist: bool = False) -> str | None:
-    if path is None or is_uri(path):
+    if path is None or is_uri(path) or (must_exist and path in KEYWORDS):
         return path
     p = Path(path).expanduser()
     if must_exist and not p.exists():
-        return path  # a hub id or a keyword ("tiny", "synthetic"): not a path
+        return path  # a hub id: not a path
     return str(p.resolve())
 
 

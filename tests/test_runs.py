@@ -70,3 +70,13 @@ def test_ray_workers_do_not_import_the_checkout_as_top_level_packages(tmp_path, 
     finally:
         if started:
             ray.shutdown()
+
+
+def test_keywords_stay_keywords_even_where_a_folder_has_their_name(tmp_path, monkeypatch):
+    for name in ("tiny", "synthetic", "recognizer"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = load_run_config(str(ROOT / "configs/demo.yaml"), ["eval.encoder=recognizer"])
+    assert (cfg.model.name, cfg.data.source, cfg.data.image_encoder, cfg.eval.encoder) == \
+        ("tiny", "synthetic", "tiny", "recognizer")
+    assert load_run_config(str(ROOT / "configs/demo.yaml"), ["model.name=./tiny"]).model.name == str(tmp_path / "tiny")
