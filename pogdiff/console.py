@@ -14,6 +14,7 @@ from typing import Optional, TextIO
 
 FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 _log_file: Optional[TextIO] = None
+_log_path: Optional[str] = None
 
 
 class _ConsoleFilter(logging.Filter):
@@ -25,8 +26,9 @@ class _ConsoleFilter(logging.Filter):
 
 def setup(log_path: Path) -> Path:
     """Console and log file for this process (the CLI calls it once the config is loaded)."""
-    global _log_file
+    global _log_file, _log_path
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    _log_path = str(log_path)
     _log_file = open(log_path, "a", buffering=1)
     root = logging.getLogger()
     root.handlers.clear()
@@ -79,6 +81,11 @@ def route_ray_worker_output() -> None:
         return  # log_to_driver=False: nothing is forwarded
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", lambda data: print_worker_logs(data, _log_file))
+
+
+def log_path() -> Optional[str]:
+    """The log file of this process (for worker processes to share), or None."""
+    return _log_path
 
 
 def quiet() -> bool:

@@ -540,7 +540,11 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _process_init(threads: int) -> None:
+def _process_init(threads: int, log_path: Optional[str] = None) -> None:
+    from pogdiff import console
+
+    if log_path:  # the parent's console rules and log file
+        console.setup(Path(log_path))
     torch.set_num_threads(threads)
     die_with_parent()
 
@@ -577,9 +581,11 @@ def run_tasks(tasks: list[Task], pc: PrepareConfig, progress: bool, total: int) 
             import multiprocessing as mp
             from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
+            from pogdiff import console
+
             threads = max(1, (os.cpu_count() or 1) // pc.workers)
             with ProcessPoolExecutor(pc.workers, mp_context=mp.get_context("spawn"), initializer=_process_init,
-                                     initargs=(threads,)) as pool:
+                                     initargs=(threads, console.log_path())) as pool:
                 pending = {pool.submit(run_task, t): t for t in tasks}
                 try:
                     while pending:
