@@ -139,10 +139,10 @@ class Objective:
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
         if self.noise_offset > 0:
             noise += self.noise_offset * torch.randn(x0.shape[:2] + (1,) * (x0.dim() - 2), generator=generator)
-        forward_noise = noise
+        noise = forward_noise = to_device(noise.to(x0.dtype), device)
         if self.input_perturbation > 0:
-            forward_noise = noise + self.input_perturbation * torch.randn(x0.shape, generator=generator)
-        noise, forward_noise = to_device(noise.to(x0.dtype), device), to_device(forward_noise.to(x0.dtype), device)
+            extra = torch.randn(x0.shape, generator=generator)
+            forward_noise = noise + self.input_perturbation * to_device(extra.to(x0.dtype), device)
         t = torch.randint(0, self.num_timesteps, (bsz,), generator=generator)
         abar = to_device(self.alphas_cumprod[t], device)
         shape = (bsz,) + (1,) * (x0.dim() - 1)
