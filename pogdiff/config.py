@@ -207,6 +207,9 @@ class SampleConfig:
     prompt_template: str = "An image of {p}."
     seed: int = 1234
     ray_workers: int = 0  # 0: sample in this process; N: split the identities over N Ray tasks
+    # 0: sample and score every identity. N > 0: every majority identity and N minority ones drawn
+    # with sample.seed, the same in every run (an evaluation sized to a CPU; "Few" is then their mean).
+    few_ids: int = 0
 
 
 @dataclass
@@ -232,12 +235,13 @@ class EvalConfig:
 # Experiment variant -> method overrides (Tables 1, 2, 5: the methods; Table 6: the ablations).
 # The one list of methods and variants: the demo, the experiment and the report read it from here.
 METHODS = ["vanilla", "cbdm", "t2h", "pogdiff"]  # Tables 1, 2, 5 (and the demo)
-ABLATION = ["vanilla", "pogdiff-no_psi_img", "pogdiff-no_psi_inv", "pogdiff"]  # Table 6 (w/o y' is vanilla)
+ABLATION = ["vanilla", "pogdiff-no_psi_img", "pogdiff-no_psi_inv", "pogdiff-stop", "pogdiff"]  # Table 6 (w/o y' is vanilla)
 VARIANTS: dict[str, dict] = {
     "vanilla": {"name": "vanilla"},  # Table 6 "w/o y'"
     "cbdm": {"name": "cbdm"},
     "t2h": {"name": "t2h"},
     "pogdiff": {"name": "pogdiff"},
+    "pogdiff-stop": {"name": "pogdiff", "grad_mode": GradMode.stop},  # the y' half without gradient
     "pogdiff-no_psi_img": {"name": "pogdiff", "psi_img": False},
     "pogdiff-no_psi_inv": {"name": "pogdiff", "psi_inv": False},
 }
@@ -437,6 +441,7 @@ RANGES: dict[str, tuple[str, float, float, str]] = {
     "data.image_size": ("[", 8, math.inf, ")"), "data.majority_ids": ("[", 0, math.inf, ")"),
     "data.minority_ids": ("[", 0, math.inf, ")"), "data.majority_images": ("[", 1, math.inf, ")"),
     "sample.guidance_scale": ("[", 0, math.inf, ")"), "sample.ray_workers": ("[", 0, math.inf, ")"),
+    "sample.few_ids": ("[", 0, math.inf, ")"),
     "eval.min_encoder_accuracy": ("[", 0, 1, "]"), "eval.fid_eps": ("[", 0, math.inf, ")"),
     "eval.batch_size": ("[", 1, math.inf, ")"), "eval.recognizer_ids": ("[", 2, math.inf, ")"),
     "eval.recognizer_images_per_id": ("[", 2, math.inf, ")"), "eval.recognizer_steps": ("[", 1, math.inf, ")"),

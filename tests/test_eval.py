@@ -127,6 +127,9 @@ def test_sampling_is_deterministic(tiny_pipe):
     # an identity's images do not depend on which other identities are sampled with it (Ray split)
     alone = generate(tiny_pipe, {3: prompts[3]}, seed=1, **kw)
     assert np.array_equal(alone[3], a[3])
+    # nor on a batch that mixes identities (one pipeline call for 3 images), up to float rounding
+    mixed = generate(tiny_pipe, prompts, seed=1, **{**kw, "batch_size": 3})
+    assert all(np.abs(mixed[i].astype(int) - a[i]).max() <= 1 for i in prompts)
 
 
 def test_samples_file_round_trip(tmp_path, tiny_pipe):
@@ -158,13 +161,20 @@ def test_disjoint_identities_share_nothing_with_the_fine_tuning_set():
     from pogdiff.data.synthetic import caption_for, make_identity
     from pogdiff.models.tiny_vae import disjoint_records
 
+    def described(ident) -> str:  # a caption that states the whole look
+        return _looks(caption_for(ident, "neutral", "white", "even"))
+
+    def look_of(record) -> str:  # the record's identity, rebuilt from its key (index) and the salted seed
+        return described(make_identity(int(record.key[len("disjoint"):].split("_")[0]), 0 + 7919 * 2))
+
     fine_tuning = [make_identity(i, 0) for i in range(300)]
-    taken = {_looks(caption_for(i, "neutral", "white", "even")) for i in fine_tuning}
+    taken = {described(i) for i in fine_tuning}
     records = list(disjoint_records(60, 2, 0, 32, salt=2, exclude=fine_tuning))
     assert [r.identity for r in records] == [i // 2 for i in range(120)]
-    assert not {_looks(r.caption) for r in records} & taken - {""}
+    assert all(r.name in r.caption for r in records)
+    assert not {look_of(r) for r in records} & taken - {""}
     unfiltered = list(disjoint_records(60, 1, 0, 32, salt=2))
-    assert {_looks(r.caption) for r in unfiltered} & taken - {""}  # 300 identities do collide by chance: the filter matters
+    assert {look_of(r) for r in unfiltered} & taken - {""}  # 300 identities do collide by chance: the filter matters
 
 
 def test_tiny_vae_pretraining_learns_and_is_cached(tmp_path, monkeypatch):
@@ -213,7 +223,13 @@ def test_report_tables_are_mean_and_std_over_seeds(tmp_path):
     assert float(rows["pogdiff"]["fid_few_mean"]) == pytest.approx(7.5) and rows["cbdm"]["seeds"] == "0"
     assert "| PoGDiff (ours) | **7.500 ± 0.707** |" in md
     assert "cbdm seed 0, cbdm seed 1" in md  # missing runs are listed, not invented
-    assert "PoGDiff 7.500 ± 0.707 is better than the best baseline, Vanilla 11.000 ± 1.414, by more than" in md
+    # paired on the same seeds and identities, signed so that > 0 is PoGDiff better (FID: lower)
+    assert "| All | FID ↓ | Vanilla | +3.000, +4.000 | 2/2 | +3.500 [+3.500, +3.500] | 2/2 | wins |" in md
+    assert "CBDM" not in md.split("**Paired comparison")[1].split("Per-seed values")[0]  # no CBDM runs: no pairs
+    assert "- FID ↓ All: PoGDiff 7.500 ± 0.707 wins against Vanilla (11.000 ± 1.414; 2/2 seeds)." in md
+    assert "- FID ↓ Few: PoGDiff 7.500 ± 0.707 ties (no spread to judge by) against Vanilla" in md  # one identity
+    paired = {(r["split"], r["metric"], r["baseline"]): r for r in csv.DictReader(open(tmp_path / "report" / "paired.csv"))}
+    assert paired[("all", "dino", "vanilla")]["outcome"] == "ties" and float(paired[("all", "dino", "vanilla")]["id_mean"]) == 0
 
 
 def test_a_weak_encoder_marks_the_metrics_invalid(tmp_path):

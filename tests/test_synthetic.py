@@ -18,7 +18,7 @@ def test_deterministic_and_streaming():
 def test_identity_attributes_fixed_images_vary():
     recs = list(s.iter_records([5], seed=1))
     assert len({r.name for r in recs}) == 1
-    assert all(r.caption.startswith(recs[0].name + ", a person with") for r in recs)
+    assert all(r.caption.startswith(f"An image of {recs[0].name}, a person") for r in recs)
     # the per-image part (expression, background, light) varies
     assert len({r.caption for r in recs}) > 1
     assert len({np.asarray(r.image).tobytes() for r in recs}) == 5
@@ -49,5 +49,20 @@ def test_heldout_images_differ_from_training():
 def test_vocabulary_covers_captions():
     vocab = set(s.vocabulary())
     for r in s.iter_records([3, 3, 3], seed=2):
-        words = r.caption.replace(",", " ").replace(".", " ").split()
+        words = r.caption.lower().replace(",", " ").replace(".", " ").split()  # the tokenizer lowercases
         assert set(words) <= vocab, set(words) - vocab
+
+
+def test_captions_describe_part_of_the_look_and_always_name_the_person():
+    """A caption hints at the look (each attribute with probability LOOK_DETAIL), so only the name is
+    shared by every caption of an identity; the image does not depend on what the caption says."""
+    ident = s.make_identity(3, seed=0)
+    recs = list(s.iter_records([0, 0, 0, 400], seed=0))
+    skin = f"{ident.skin} skin"
+    assert all(r.caption.startswith(f"An image of {ident.name}, ") for r in recs)
+    said = np.mean([skin in r.caption for r in recs])
+    assert abs(said - s.LOOK_DETAIL) < 0.07, said
+    full = s.caption_for(ident, "neutral", "white", "even")
+    assert skin in full and f"{ident.eyes} eyes" in full
+    assert s.caption_for(ident, "neutral", "white", "even", (False,) * 5) == (
+        f"An image of {ident.name}, a person, neutral, in front of a white background, even light.")

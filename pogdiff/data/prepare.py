@@ -656,7 +656,10 @@ def source_fingerprint(cfg: Config) -> str:
     if d.source == "synthetic" or pc.imbalance:
         content["counts"] = profile_counts(d.profile, d.majority_ids, d.minority_ids, d.majority_images, d.minority_images)
     if d.source == "synthetic":
+        from pogdiff.data.synthetic import GENERATOR_VERSION
+
         content["synthetic_seed"] = d.seed
+        content["synthetic_version"] = GENERATOR_VERSION
     else:
         path, _ = manifest_path(d.source)
         h = hashlib.sha256()

@@ -119,14 +119,26 @@ def make_identity(index: int, seed: int) -> Identity:
     )
 
 
-def caption_for(ident: Identity, expression: str, background: str, lighting: str) -> str:
+# A caption describes each attribute of the identity's look with this probability, as a captioner
+# (the paper's LLaVA) hints at a face without pinning it down: the name is the one word every
+# caption of an identity shares, so "An image of {name}." has to be learned, as on real faces.
+LOOK_DETAIL = 0.25
+GENERATOR_VERSION = 2  # 2: captions "An image of <name>, ..." with a partial description of the look
+
+
+def caption_for(ident: Identity, expression: str, background: str, lighting: str,
+                mention: Sequence[bool] = (True,) * 5) -> str:
+    """``mention``: which of the look's attributes (face shape, skin, hair, eyes, what the person
+    wears) the caption describes."""
     extras = [w for w, on in (("glasses", ident.glasses), ("a beard", ident.beard), ("a hat", ident.hat)) if on]
-    wearing = f", with {' and '.join(extras)}" if extras else ""
     hair = "no hair" if ident.hairstyle == "bald" else f"{ident.hair_colour} {ident.hairstyle} hair"
-    return (
-        f"{ident.name}, a person with {'an' if ident.face_shape[0] in 'aeiou' else 'a'} {ident.face_shape} face, {ident.skin} skin, {hair} and "
-        f"{ident.eyes} eyes{wearing}, {expression}, in front of a {background} background, {lighting} light."
-    )
+    looks = [f"{'an' if ident.face_shape[0] in 'aeiou' else 'a'} {ident.face_shape} face", f"{ident.skin} skin", hair,
+             f"{ident.eyes} eyes"]
+    said = [part for part, on in zip(looks, mention) if on]
+    described = f"a person with {', '.join(said[:-1]) + ' and ' + said[-1] if len(said) > 1 else said[0]}" if said \
+        else "a person"
+    wearing = f", with {' and '.join(extras)}" if extras and mention[4] else ""
+    return f"An image of {ident.name}, {described}{wearing}, {expression}, in front of a {background} background, {lighting} light."
 
 
 def render(ident: Identity, image_index: int, seed: int, size: int = 32) -> tuple[Image.Image, str]:
@@ -190,7 +202,8 @@ def render(ident: Identity, image_index: int, seed: int, size: int = 32) -> tupl
     arr = arr * np.asarray(light if isinstance(light, tuple) else (light,) * 3, dtype=np.float32)
     arr += r.normal(0.0, 4.0, arr.shape).astype(np.float32)  # sensor noise
     image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-    return image, caption_for(ident, expression, background, lighting)
+    mention = (_rng("caption", seed, ident.index, image_index).random(5) < LOOK_DETAIL).tolist()
+    return image, caption_for(ident, expression, background, lighting, mention)
 
 
 def profile_counts(profile: str, majority_ids: int = 1, minority_ids: int = 1,

@@ -28,7 +28,16 @@ METRICS = ("fid", "dino", "grecall")
 
 
 def few_ids(cfg: Config, index) -> list[int]:
-    return sorted(i for i, c in index.identity_counts().items() if i >= 0 and c <= cfg.data.minority_images)
+    """The evaluated minority identities (every one, or ``sample.few_ids`` of them)."""
+    from pogdiff.eval.sampling import evaluated_identities
+
+    return [i for i in evaluated_identities(cfg, index) if index.identity_counts()[i] <= cfg.data.minority_images]
+
+
+def restrict(real: dict[str, dict[int, np.ndarray]], ids) -> dict[str, dict[int, np.ndarray]]:
+    """The real embeddings of the evaluated identities only."""
+    ids = set(ids)
+    return {name: {i: e for i, e in per_id.items() if i in ids} for name, per_id in real.items()}
 
 
 def _by_identity(images, identities, encode) -> dict[int, np.ndarray]:
@@ -124,7 +133,7 @@ def evaluate_run(cfg: Config, progress: bool = True, encoder=None, real=None, ds
     ``real`` / ``ds`` let a caller that scores many runs compute them once."""
     from pogdiff.data.dataset import resolve_dataset
     from pogdiff.eval.recognizer import eval_encoder, to_pil
-    from pogdiff.eval.sampling import sample_run
+    from pogdiff.eval.sampling import evaluated_identities, sample_run
 
     ds = ds or resolve_dataset(cfg, progress)
     encode, info = encoder or eval_encoder(cfg, ds, progress)
@@ -132,7 +141,8 @@ def evaluate_run(cfg: Config, progress: bool = True, encoder=None, real=None, ds
     images = sample_run(cfg, progress)
     generated = {i: encode(to_pil(ims)).numpy() for i, ims in images.items()}
     few = few_ids(cfg, ds.index)
-    result = compute_metrics(generated, real, few, cfg.eval.grecall_threshold, cfg.eval.fid_eps)
+    result = compute_metrics(generated, restrict(real, evaluated_identities(cfg, ds.index)), few,
+                             cfg.eval.grecall_threshold, cfg.eval.fid_eps)
     valid, why = validity(cfg, info)
     result.update(method=RunFiles(cfg).method.name, seed=cfg.train.seed, encoder=info, valid=valid,
                   invalid_reason=why, dataset=str(ds.root), images_per_id=cfg.sample.images_per_id, few_ids=few)
@@ -155,6 +165,9 @@ def evaluate_reference(cfg: Config, ds, encoder, real: Optional[dict] = None) ->
     encode, info = encoder
     if real is None or "reference" not in real:
         real = real_embeddings(cfg, ds, encode, cfg.sample.images_per_id)
+    from pogdiff.eval.sampling import evaluated_identities
+
+    real = restrict(real, evaluated_identities(cfg, ds.index))
     result = {}
     for name in ("reference", "reference_vae"):
         if name in real:

@@ -54,25 +54,26 @@ def load_pipeline(pipeline_dir: str | Path, device: torch.device):
 @torch.no_grad()
 def generate(pipe, prompts: dict[int, str], n: int, steps: int, guidance_scale: float, seed: int,
              batch_size: int, progress: bool = False) -> dict[int, np.ndarray]:
-    """``n`` images per identity, (n, H, W, 3) uint8 each. Batches never mix identities, so how
-    the identities are split over workers does not change any image."""
+    """``n`` images per identity, (n, H, W, 3) uint8 each. A batch may hold several identities:
+    each image starts from its own (seed, identity, index) noise, so which batch or worker it lands
+    in changes it only by the float rounding of a batched kernel."""
     from tqdm import tqdm
 
     unet = pipe.unet
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    out = {}
-    for identity, prompt in tqdm(prompts.items(), desc="sample", unit="id", disable=not progress):
-        images = []
-        for start in range(0, n, batch_size):
-            indices = range(start, min(n, start + batch_size))
-            latents = initial_noise(shape, seed, identity, indices).to(pipe.device, unet.dtype)
-            result = pipe(prompt=[prompt] * len(indices),  # unconditional: the empty caption (diffusers default)
-                          num_inference_steps=steps, guidance_scale=guidance_scale, latents=latents, eta=0.0,
-                          output_type="np")
-            # result.images is a permuted (NCHW-strided) view: make the uint8 copy C-ordered
-            images.append(np.ascontiguousarray((np.clip(result.images, 0, 1) * 255).round().astype(np.uint8)))
-        out[identity] = np.concatenate(images)
-    return out
+    jobs = [(identity, index) for identity in prompts for index in range(n)]
+    images: dict[int, list[np.ndarray]] = {identity: [] for identity in prompts}
+    with tqdm(total=len(jobs), desc="sample", unit="img", disable=not progress) as bar:
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start:start + batch_size]
+            latents = torch.cat([initial_noise(shape, seed, identity, range(index, index + 1)) for identity, index in batch])
+            result = pipe(prompt=[prompts[identity] for identity, _ in batch],  # unconditional: the empty caption
+                          num_inference_steps=steps, guidance_scale=guidance_scale,
+                          latents=latents.to(pipe.device, unet.dtype), eta=0.0, output_type="np")
+            for (identity, _), image in zip(batch, result.images):
+                images[identity].append((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+            bar.update(len(batch))
+    return {identity: np.stack(ims) for identity, ims in images.items()}
 
 
 def _ray_generate(pipeline_dir: str, prompts: dict[int, str], n: int, steps: int, guidance_scale: float,
@@ -101,9 +102,21 @@ def _ray_generate(pipeline_dir: str, prompts: dict[int, str], n: int, steps: int
             ray.shutdown()
 
 
+def evaluated_identities(cfg: Config, index) -> list[int]:
+    """The identities that are sampled and scored: all of them, or with ``sample.few_ids`` = N > 0
+    every majority identity and N minority ones, drawn with ``sample.seed`` (so every run of an
+    experiment is scored on the same identities)."""
+    counts = {i: c for i, c in index.identity_counts().items() if i >= 0}
+    few = sorted(i for i, c in counts.items() if c <= cfg.data.minority_images)
+    if cfg.sample.few_ids <= 0 or cfg.sample.few_ids >= len(few):
+        return sorted(counts)
+    picked = set(np.random.default_rng(cfg.sample.seed).choice(few, cfg.sample.few_ids, replace=False).tolist())
+    return sorted(i for i in counts if i in picked or i not in set(few))
+
+
 def identity_prompts(cfg: Config, index=None) -> dict[int, str]:
-    """identity -> prompt, for every identity of the dataset (names from its manifest: the name
-    column, else the identity label; the generator's names for synthetic data)."""
+    """identity -> prompt, for every evaluated identity of the dataset (names from its manifest: the
+    name column, else the identity label; the generator's names for synthetic data)."""
     if index is None:
         from pogdiff.data.dataset import resolve_dataset
 
@@ -112,7 +125,7 @@ def identity_prompts(cfg: Config, index=None) -> dict[int, str]:
     if not names:
         raise ValueError(f"dataset '{index.root}' has no identity labels (data.identity_column): sampling and "
                          "evaluation are per identity")
-    return {i: cfg.sample.prompt_template.format(p=name) for i, name in names.items()}
+    return {i: cfg.sample.prompt_template.format(p=names[i]) for i in evaluated_identities(cfg, index) if i in names}
 
 
 def samples_dir(cfg: Config) -> Path:
@@ -124,7 +137,7 @@ def _settings(cfg: Config) -> dict:
     s = cfg.sample
     index = RunFiles(cfg).pipeline / "model_index.json"
     return dict(steps=s.steps, guidance_scale=s.guidance_scale, images_per_id=s.images_per_id,
-                prompt_template=s.prompt_template, seed=s.seed,
+                prompt_template=s.prompt_template, seed=s.seed, few_ids=s.few_ids,
                 model=index.stat().st_mtime_ns if index.is_file() else None)
 
 

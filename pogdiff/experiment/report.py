@@ -15,10 +15,11 @@ import numpy as np
 
 from pogdiff.config import ABLATION, METHODS, Config, variant_config
 from pogdiff.eval import METRICS, metrics_path
+from pogdiff.eval.sampling import evaluated_identities
 from pogdiff.runs import RunFiles, atomic_write
 
 LABELS = {"vanilla": "Vanilla", "cbdm": "CBDM", "t2h": "T2H", "pogdiff": "PoGDiff (ours)",
-          "pogdiff-no_psi_img": "w/o ψ_img", "pogdiff-no_psi_inv": "w/o ψ_inv",
+          "pogdiff-no_psi_img": "w/o ψ_img", "pogdiff-no_psi_inv": "w/o ψ_inv", "pogdiff-stop": "stop-gradient y'",
           "reference": "Real images (reference)", "reference_vae": "Real images through the VAE (ceiling)"}
 METRIC_TITLES = {"fid": "FID ↓", "dino": "DINO-style ↑", "grecall": "gRecall ↑"}
 LOWER_IS_BETTER = {"fid"}
@@ -168,7 +169,7 @@ def plot_psi(cfg: Config, ds, variants: list[str], path: Path) -> bool:
 
     from pogdiff.data.dataset import neighbour_table, psi_table_for
 
-    variants = [v for v in variants if v.startswith("pogdiff")]
+    variants = [v for v in variants if v.startswith("pogdiff") and v != "pogdiff-stop"]  # stop: pogdiff's psi
     if not variants:
         return False
     plt = _plt()
@@ -244,33 +245,91 @@ def plot_vae_roundtrip(cfg: Config, ds, path: Path, per_id: int = 2) -> bool:
     return True
 
 
-def verdict(results: dict) -> list[str]:
-    """Plain statements: for each metric and split, PoGDiff against the best baseline."""
+BASELINES = ("vanilla", "cbdm", "t2h")
+
+
+def paired(results: dict, baseline: str, metric: str, ids: Sequence[int]) -> Optional[dict]:
+    """PoGDiff against ``baseline`` on the same seeds and identities, signed so that > 0 means
+    PoGDiff is better: the per-seed differences of the split's mean, and the per-identity
+    differences (averaged over the seeds; identities are the independent units) with a 95% interval."""
+    ours, base = results.get("pogdiff", {}), results.get(baseline, {})
+    seeds = sorted(set(ours) & set(base))
+    if not seeds or not ids:
+        return None
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    per_id = np.array([[sign * (ours[sd]["per_id"][metric][str(i)] - base[sd]["per_id"][metric][str(i)])
+                        for sd in seeds] for i in ids])
+    per_seed = per_id.mean(0)
+    by_id = per_id.mean(1)
+    half = 1.96 * by_id.std(ddof=1) / math.sqrt(len(by_id)) if len(by_id) > 1 else float("nan")
+    return dict(seeds=len(seeds), seed_diffs=per_seed.tolist(), seed_wins=int((per_seed > 0).sum()),
+                id_mean=float(by_id.mean()), id_half=half, ids=len(by_id), id_wins=int((by_id > 0).sum()))
+
+
+def outcome(p: dict) -> str:
+    """wins / ties / loses: whether the per-identity 95% interval excludes 0."""
+    if math.isnan(p["id_half"]):
+        return "ties (no spread to judge by)"
+    if p["id_mean"] - p["id_half"] > 0:
+        return "wins"
+    if p["id_mean"] + p["id_half"] < 0:
+        return "loses"
+    return "ties"
+
+
+def paired_table(results: dict, splits: dict[str, list[int]]) -> tuple[str, list[list]]:
+    lines = ["| Split | Metric | Baseline | PoGDiff − baseline per seed (> 0: PoGDiff better) | seeds won "
+             "| per identity: mean [95% interval] | identities won | outcome |", "|" + "---|" * 8]
+    rows = [["split", "metric", "baseline", "seed_diffs", "seed_wins", "id_mean", "id_half95", "id_wins", "ids",
+             "outcome"]]
+    for split, ids in splits.items():
+        for m in METRICS:
+            for b in BASELINES:
+                p = paired(results, b, m, ids)
+                if p is None:
+                    continue
+                diffs = ", ".join(f"{d:+.3f}" for d in p["seed_diffs"])
+                lines.append(f"| {split.capitalize()} | {METRIC_TITLES[m]} | {LABELS[b]} | {diffs} | "
+                             f"{p['seed_wins']}/{p['seeds']} | {p['id_mean']:+.3f} [{p['id_mean'] - p['id_half']:+.3f}, "
+                             f"{p['id_mean'] + p['id_half']:+.3f}] | {p['id_wins']}/{p['ids']} | {outcome(p)} |")
+                rows.append([split, m, b, " ".join(f"{d:.5f}" for d in p["seed_diffs"]), p["seed_wins"], p["id_mean"],
+                             p["id_half"], p["id_wins"], p["ids"], outcome(p)])
+    return "\n".join(lines), rows
+
+
+def verdict(results: dict, splits: dict[str, list[int]]) -> list[str]:
+    """Plain statements: for each metric and split, PoGDiff against each baseline (paired)."""
     lines = []
-    for m in METRICS:
-        for split in ("all", "few"):
+    for split, ids in splits.items():
+        for m in METRICS:
             key = f"{m}_{split}"
-            ours = _values(results, "pogdiff", key)
-            base = {v: _values(results, v, key) for v in ("vanilla", "cbdm", "t2h") if _values(results, v, key)}
-            if not ours or not base:
-                continue
-            pick = min if m in LOWER_IS_BETTER else max
-            b = pick(base, key=lambda v: mean_std(base[v])[0])
-            (mo, so), (mb, sb) = mean_std(ours), mean_std(base[b])
-            better = mo < mb if m in LOWER_IS_BETTER else mo > mb
-            if min(len(ours), len(base[b])) < 2:
-                how = "one seed: no spread to judge by"
-            elif abs(mo - mb) > so + sb:
-                how = "by more than the two seed std's together"
-            else:
-                how = "within the seed spread (not a clear difference)"
-            if math.isclose(mo, mb, rel_tol=1e-9, abs_tol=1e-12):
-                compared, how = "equal to", "the same value"
-            else:
-                compared = "better than" if better else "worse than"
-            lines.append(f"- {METRIC_TITLES[m]} {split.capitalize()}: PoGDiff {_cell(ours)} is {compared} the best "
-                         f"baseline, {LABELS[b]} {_cell(base[b])}, {how}.")
+            said = []
+            for b in BASELINES:
+                p = paired(results, b, m, ids)
+                if p is not None:
+                    said.append(f"{outcome(p)} against {LABELS[b]} ({_cell(_values(results, b, key))}; "
+                                f"{p['seed_wins']}/{p['seeds']} seeds)")
+            if said:
+                lines.append(f"- {METRIC_TITLES[m]} {split.capitalize()}: PoGDiff {_cell(_values(results, 'pogdiff', key))} "
+                             + "; ".join(said) + ".")
     return lines
+
+
+def model_description(cfg: Config, ds) -> str:
+    """What the runs fine-tuned: the committed pretrained base, the random-init tiny model, or a directory."""
+    pretrain = Path(ds.model_dir) / "pretrain.json"
+    if pretrain.is_file():
+        info = json.loads(pretrain.read_text())
+        st, go = info["settings"], info.get("go_no_go", {})
+        return (f"`{cfg.model.name}`, the pretrained base made by `pogdiff pretrain` (UNet and text encoder trained "
+                f"from scratch for {st['steps']} steps on {st['ids']} balanced synthetic identities disjoint from this "
+                f"dataset's; go/no-go gRecall {go.get('base', {}).get('grecall', float('nan')):.2f} vs "
+                f"{go.get('random_init', {}).get('grecall', float('nan')):.2f} at random init). Fine-tuning trains "
+                "the UNet; the text encoder and VAE stay frozen.")
+    if cfg.model.name == "tiny":
+        return (f"`tiny`: random-init UNet and text encoder; VAE pretrained as an autoencoder for "
+                f"{cfg.model.tiny_vae_steps} steps on disjoint identities.")
+    return f"`{cfg.model.name}` (`{ds.model_dir}`)."
 
 
 def write_report(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out: Path) -> Path:
@@ -289,7 +348,9 @@ def write_report(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out
     id_counts = {i: c for i, c in ds.index.identity_counts().items() if i >= 0}
     counts = list(id_counts.values()) or [0]
     few = {i for i, c in id_counts.items() if c <= cfg.data.minority_images}
-    names = ds.index.identity_names()
+    evaluated = evaluated_identities(cfg, ds.index)
+    splits = {"all": evaluated, "few": [i for i in evaluated if i in few]}
+    names = {i: n for i, n in ds.index.identity_names().items() if i in set(evaluated)}
     d, t, s = cfg.data, cfg.train, cfg.sample
     held = ds.meta.get("heldout") or {}
     source = f"synthetic identities, profile `{d.profile}`" if ds.meta.get("synthetic") else f"`{ds.meta.get('source')}`"
@@ -299,16 +360,18 @@ def write_report(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out
           f"(up to {max(counts)} images), {len(few)} minority identities (at most {d.minority_images} images) "
           f"({sum(counts)} images, {ds.meta['image_size']}x{ds.meta['image_size']}); "
           f"{held.get('samples', 0)} held-out real images ({held.get('per_identity', 0)} per identity where it had enough).",
-          f"- Model: `{cfg.model.name}` (tiny: random-init UNet and text encoder; VAE pretrained as an autoencoder "
-          f"for {cfg.model.tiny_vae_steps} steps on disjoint identities).",
+          f"- Model: {model_description(cfg, ds)}",
           f"- Training: {t.steps} steps, batch {t.batch_size}, lr {t.lr}, grad_mode `{cfg.method.grad_mode.value}`, "
           f"k={cfg.method.k}, a1={cfg.method.a1}, a2={cfg.method.a2}, a3={cfg.method.a3}; seeds {list(seeds)}.",
           f"- Sampling: DDIM {s.steps} steps, guidance {s.guidance_scale}, prompt \"{s.prompt_template}\", "
-          f"{s.images_per_id} images per identity.",
+          f"{s.images_per_id} images per identity"
+          + (f" of every majority identity and of {len(splits['few'])} of the {len(few)} minority identities, drawn "
+             f"with sample.seed={s.seed} (the same in every run; `sample.few_ids`)." if len(evaluated) < len(id_counts)
+             else "."),
           f"- Metrics: gRecall threshold {cfg.eval.grecall_threshold}; FID per identity (real set = training + "
           "held-out images; Ledoit-Wolf-shrunk covariances + "
           f"{cfg.eval.fid_eps:g} I) averaged over identities; DINO-style = mean cosine to held-out real images. "
-          "All = every identity, Few = minority identities.",
+          "All = every evaluated identity, Few = the evaluated minority identities.",
           ]
     if any_run is not None:
         enc = any_run["encoder"]
@@ -345,13 +408,22 @@ def write_report(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out
         for sd, r in sorted(runs.items()):
             per_seed.append([v, sd] + [r["summary"][f"{m}_{sp}"] for m in METRICS for sp in ("all", "few")])
     _write_csv(out / "per_seed.csv", per_seed)
+    text, csv_rows = paired_table(results, splits)
+    if len(csv_rows) > 1:
+        _write_csv(out / "paired.csv", csv_rows)
+        md += ["**Paired comparison: PoGDiff against each baseline, same seeds and identities.** Each seed's "
+               "difference of the split's mean; per identity, the difference averaged over seeds, with a 95% "
+               "interval over identities (1.96 standard errors). Outcome: wins or loses when that interval "
+               "excludes 0, else ties.", "", text, ""]
     md += ["Per-seed values: `per_seed.csv`; each table as CSV next to this file.", "", "## What it shows", ""]
-    md += verdict(results) or ["- No PoGDiff and baseline runs to compare yet."]
+    md += verdict(results, splits) or ["- No PoGDiff and baseline runs to compare yet."]
     if results:
-        plot_per_identity(results, names, few, variants, out / "per_identity.png")
-        md += ["", "## Figures", "", "![per identity](per_identity.png)", ""]
+        shown = sorted(set(names) - few)[:8] + sorted(set(names) & few)[:8]  # a chart stays readable
+        plot_per_identity(results, {i: names[i] for i in shown}, few, variants, out / "per_identity.png")
+        md += ["", "## Figures", "", f"Per identity ({len(shown)} of the {len(names)} evaluated):", "",
+               "![per identity](per_identity.png)", ""]
         seed0 = min(next(iter(results.values())))
-        for label, group in (("minority", sorted(few)), ("majority", sorted(set(names) - few))):
+        for label, group in (("minority", sorted(set(names) & few)), ("majority", sorted(set(names) - few))):
             if group:
                 plot_samples(cfg, ds, group[0], names[group[0]], variants, seed0, out / f"samples_{label}.png")
                 md += [f"Samples of a {label} identity, every method side by side:", "",
