@@ -224,7 +224,7 @@ def test_report_tables_are_mean_and_std_over_seeds(tmp_path):
     assert "| PoGDiff (ours) | **7.500 ± 0.707** |" in md
     assert "cbdm seed 0, cbdm seed 1" in md  # missing runs are listed, not invented
     # paired on the same seeds and identities, signed so that > 0 is PoGDiff better (FID: lower)
-    assert "| All | FID ↓ | Vanilla | +3.000, +4.000 | 2/2 | +3.500 [+3.500, +3.500] | 2/2 | wins |" in md
+    assert "| All | FID ↓ | Vanilla | +3.000, +4.000 | 2/2 | +3.500 [+3.500, +3.500] | 2 / 0 of 2 | wins |" in md
     assert "CBDM" not in md.split("**Paired comparison")[1].split("Per-seed values")[0]  # no CBDM runs: no pairs
     assert "- FID ↓ All: PoGDiff 7.500 ± 0.707 wins against Vanilla (11.000 ± 1.414; 2/2 seeds)." in md
     assert "- FID ↓ Few: PoGDiff 7.500 ± 0.707 ties (no spread to judge by) against Vanilla" in md  # one identity
@@ -243,3 +243,23 @@ def test_a_weak_encoder_marks_the_metrics_invalid(tmp_path):
     assert validity(cfg, {"encoder": "recognizer", "heldback_accuracy": 0.93}) == (True, None)
     assert validity(cfg, {"encoder": "recognizer", "heldback_accuracy": None})[0] is False
     assert validity(cfg, {"encoder": "/models/dinov2"}) == (True, None)
+
+
+def test_sample_few_ids_scores_every_majority_identity_and_the_same_minority_subset():
+    from pogdiff.config import load_config
+    from pogdiff.eval import few_ids
+    from pogdiff.eval.sampling import evaluated_identities
+
+    class Index:  # 5 majority identities (30 images), 40 minority ones (2), an unlabelled row (-1)
+        def identity_counts(self):
+            return {-1: 3, **{i: 30 for i in range(5)}, **{i: 2 for i in range(5, 45)}}
+
+    every = load_config(None, ["sample.few_ids=0"])
+    assert evaluated_identities(every, Index()) == list(range(45))
+    cfg = load_config(None, ["sample.few_ids=7"])
+    picked = evaluated_identities(cfg, Index())
+    assert picked[:5] == list(range(5)) and len(picked) == 12 and picked == evaluated_identities(cfg, Index())
+    assert few_ids(cfg, Index()) == picked[5:]
+    other_seed = evaluated_identities(load_config(None, ["sample.few_ids=7", "sample.seed=9"]), Index())
+    assert other_seed[5:] != picked[5:]
+    assert evaluated_identities(load_config(None, ["sample.few_ids=400"]), Index()) == list(range(45))

@@ -1,6 +1,5 @@
 """`pogdiff pretrain` and the committed base (model.name=tiny-base)."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

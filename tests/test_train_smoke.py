@@ -17,7 +17,7 @@ def _cfg(root, *extra):
     return load_run_config("configs/demo.yaml", [
         f"output_dir={root}", "run_name=smoke", "data.profile=custom", "data.majority_ids=2", "data.minority_ids=3",
         "data.majority_images=12", "train.steps=60", "train.log_every=10", "train.batch_size=8",
-        "train.lr=1e-3", "density.epochs=30", "model.tiny_vae_steps=5", *extra,
+        "train.lr=1e-3", "density.epochs=30", "model.name=tiny", "model.tiny_vae_steps=5", *extra,  # learns from random init
     ])
 
 

@@ -31,7 +31,8 @@ def few_ids(cfg: Config, index) -> list[int]:
     """The evaluated minority identities (every one, or ``sample.few_ids`` of them)."""
     from pogdiff.eval.sampling import evaluated_identities
 
-    return [i for i in evaluated_identities(cfg, index) if index.identity_counts()[i] <= cfg.data.minority_images]
+    counts = index.identity_counts()
+    return [i for i in evaluated_identities(cfg, index) if counts[i] <= cfg.data.minority_images]
 
 
 def restrict(real: dict[str, dict[int, np.ndarray]], ids) -> dict[str, dict[int, np.ndarray]]:

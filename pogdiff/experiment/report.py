@@ -263,7 +263,8 @@ def paired(results: dict, baseline: str, metric: str, ids: Sequence[int]) -> Opt
     by_id = per_id.mean(1)
     half = 1.96 * by_id.std(ddof=1) / math.sqrt(len(by_id)) if len(by_id) > 1 else float("nan")
     return dict(seeds=len(seeds), seed_diffs=per_seed.tolist(), seed_wins=int((per_seed > 0).sum()),
-                id_mean=float(by_id.mean()), id_half=half, ids=len(by_id), id_wins=int((by_id > 0).sum()))
+                id_mean=float(by_id.mean()), id_half=half, ids=len(by_id), id_wins=int((by_id > 0).sum()),
+                id_losses=int((by_id < 0).sum()))
 
 
 def outcome(p: dict) -> str:
@@ -279,9 +280,9 @@ def outcome(p: dict) -> str:
 
 def paired_table(results: dict, splits: dict[str, list[int]]) -> tuple[str, list[list]]:
     lines = ["| Split | Metric | Baseline | PoGDiff − baseline per seed (> 0: PoGDiff better) | seeds won "
-             "| per identity: mean [95% interval] | identities won | outcome |", "|" + "---|" * 8]
-    rows = [["split", "metric", "baseline", "seed_diffs", "seed_wins", "id_mean", "id_half95", "id_wins", "ids",
-             "outcome"]]
+             "| per identity: mean [95% interval] | identities better / worse | outcome |", "|" + "---|" * 8]
+    rows = [["split", "metric", "baseline", "seed_diffs", "seed_wins", "id_mean", "id_half95", "id_wins", "id_losses",
+             "ids", "outcome"]]
     for split, ids in splits.items():
         for m in METRICS:
             for b in BASELINES:
@@ -291,9 +292,9 @@ def paired_table(results: dict, splits: dict[str, list[int]]) -> tuple[str, list
                 diffs = ", ".join(f"{d:+.3f}" for d in p["seed_diffs"])
                 lines.append(f"| {split.capitalize()} | {METRIC_TITLES[m]} | {LABELS[b]} | {diffs} | "
                              f"{p['seed_wins']}/{p['seeds']} | {p['id_mean']:+.3f} [{p['id_mean'] - p['id_half']:+.3f}, "
-                             f"{p['id_mean'] + p['id_half']:+.3f}] | {p['id_wins']}/{p['ids']} | {outcome(p)} |")
+                             f"{p['id_mean'] + p['id_half']:+.3f}] | {p['id_wins']} / {p['id_losses']} of {p['ids']} | {outcome(p)} |")
                 rows.append([split, m, b, " ".join(f"{d:.5f}" for d in p["seed_diffs"]), p["seed_wins"], p["id_mean"],
-                             p["id_half"], p["id_wins"], p["ids"], outcome(p)])
+                             p["id_half"], p["id_wins"], p["id_losses"], p["ids"], outcome(p)])
     return "\n".join(lines), rows
 
 
@@ -321,7 +322,7 @@ def model_description(cfg: Config, ds) -> str:
     if pretrain.is_file():
         info = json.loads(pretrain.read_text())
         st, go = info["settings"], info.get("go_no_go", {})
-        return (f"`{cfg.model.name}`, the pretrained base made by `pogdiff pretrain` (UNet and text encoder trained "
+        return (f"`{Path(ds.model_dir).name}`, a base made by `pogdiff pretrain` (UNet and text encoder trained "
                 f"from scratch for {st['steps']} steps on {st['ids']} balanced synthetic identities disjoint from this "
                 f"dataset's; go/no-go gRecall {go.get('base', {}).get('grecall', float('nan')):.2f} vs "
                 f"{go.get('random_init', {}).get('grecall', float('nan')):.2f} at random init). Fine-tuning trains "
