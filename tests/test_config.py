@@ -15,7 +15,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
 
 def test_demo_config_loads():
     cfg = load_config("configs/demo.yaml")
-    assert cfg.model.name == "tiny"
+    assert cfg.model.name == "tiny-base"  # the demo fine-tunes the committed pretrained base
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ from pogdiff.train.ema import ShardedEMA, flat_shard
 from pogdiff.train.loop import make_loader, stream_batches, train, training_inputs
 
 
-BASE = ["run_name=dist", "data.profile=custom", "data.majority_ids=2", "data.minority_ids=3", "data.majority_images=12",
+BASE = ["run_name=dist", "model.name=tiny", "train.lr_scheduler=constant", "train.lr_warmup_steps=0", "data.profile=custom", "data.majority_ids=2", "data.minority_ids=3", "data.majority_images=12",
         "density.epochs=30", "train.batch_size=4", "train.lr=1e-3", "train.log_every=1", "prepare.samples_per_shard=10"]
 
 

@@ -22,7 +22,8 @@ def _cfg(root, *extra):
     return load_run_config("configs/demo.yaml", [
         f"output_dir={root}", "run_name=flags", "method.name=vanilla", "data.profile=custom", "data.majority_ids=2",
         "data.minority_ids=3", "data.majority_images=12", "train.steps=4", "train.log_every=1", "train.batch_size=4",
-        "density.epochs=5", "model.tiny_vae_steps=0", "prepare.backend=serial", *extra])
+        "density.epochs=5", "model.tiny_vae_steps=0", "prepare.backend=serial", "train.lr_scheduler=constant",
+        "train.lr_warmup_steps=0", *extra])
 
 
 def test_epochs_validation_epochs_and_scale_lr_resolve_against_the_data_and_world():

@@ -24,7 +24,7 @@ def test_relative_paths_become_absolute_against_the_working_directory(tmp_path, 
     assert cfg.data.source == str(tmp_path / "data" / "m.jsonl") and cfg.prepare.output == str(tmp_path / "prep")
     assert storage_path(cfg) == str(tmp_path / "shared" / "ray")
     # keywords and hub ids stay as they are
-    plain = load_run_config(ROOT / "configs/demo.yaml", [])
+    plain = load_run_config(ROOT / "configs/demo.yaml", ["model.name=tiny"])
     assert plain.data.source == "synthetic" and plain.model.name == "tiny" and plain.eval.encoder == "recognizer"
 
 
@@ -76,7 +76,9 @@ def test_keywords_stay_keywords_even_where_a_folder_has_their_name(tmp_path, mon
     for name in ("tiny", "synthetic", "recognizer"):
         (tmp_path / name).mkdir()
     monkeypatch.chdir(tmp_path)
-    cfg = load_run_config(str(ROOT / "configs/demo.yaml"), ["eval.encoder=recognizer"])
+    cfg = load_run_config(str(ROOT / "configs/demo.yaml"), ["eval.encoder=recognizer", "model.name=tiny"])
     assert (cfg.model.name, cfg.data.source, cfg.data.image_encoder, cfg.eval.encoder) == \
         ("tiny", "synthetic", "tiny", "recognizer")
+    (tmp_path / "tiny-base").mkdir()
+    assert load_run_config(str(ROOT / "configs/demo.yaml"), []).model.name == str(ROOT / "pogdiff" / "models" / "tiny_base")
     assert load_run_config(str(ROOT / "configs/demo.yaml"), ["model.name=./tiny"]).model.name == str(tmp_path / "tiny")
