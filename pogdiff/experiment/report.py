@@ -254,6 +254,8 @@ def paired(results: dict, baseline: str, metric: str, ids: Sequence[int]) -> Opt
     differences (averaged over the seeds; identities are the independent units) with a 95% interval."""
     ours, base = results.get("pogdiff", {}), results.get(baseline, {})
     seeds = sorted(set(ours) & set(base))
+    # identities scored in every one of those runs (a run scored under other sample settings may lack some)
+    ids = [i for i in ids if all(str(i) in r[sd]["per_id"][metric] for r in (ours, base) for sd in seeds)]
     if not seeds or not ids:
         return None
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
