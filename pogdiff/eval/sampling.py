@@ -110,8 +110,8 @@ def evaluated_identities(cfg: Config, index) -> list[int]:
     few = sorted(i for i, c in counts.items() if c <= cfg.data.minority_images)
     if cfg.sample.few_ids <= 0 or cfg.sample.few_ids >= len(few):
         return sorted(counts)
-    picked = set(np.random.default_rng(cfg.sample.seed).choice(few, cfg.sample.few_ids, replace=False).tolist())
-    return sorted(i for i in counts if i in picked or i not in set(few))
+    left_out = set(few) - set(np.random.default_rng(cfg.sample.seed).choice(few, cfg.sample.few_ids, replace=False).tolist())
+    return sorted(set(counts) - left_out)
 
 
 def identity_prompts(cfg: Config, index=None) -> dict[int, str]:

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from pogdiff.config import ABLATION, METHODS, Config, variant_config
-from pogdiff.eval import METRICS, metrics_path
+from pogdiff.eval import METRICS, few_ids, metrics_path
 from pogdiff.eval.sampling import evaluated_identities
 from pogdiff.runs import RunFiles, atomic_write
 
@@ -352,7 +352,7 @@ def write_report(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out
     counts = list(id_counts.values()) or [0]
     few = {i for i, c in id_counts.items() if c <= cfg.data.minority_images}
     evaluated = evaluated_identities(cfg, ds.index)
-    splits = {"all": evaluated, "few": [i for i in evaluated if i in few]}
+    splits = {"all": evaluated, "few": few_ids(cfg, ds.index)}
     names = {i: n for i, n in ds.index.identity_names().items() if i in set(evaluated)}
     d, t, s = cfg.data, cfg.train, cfg.sample
     held = ds.meta.get("heldout") or {}
