@@ -42,6 +42,15 @@ def machine() -> dict:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def emit(report: dict, out: str | None) -> dict:
+    """Print the report (one JSON object), and write it to ``out`` when given."""
+    text = json.dumps(report, indent=1)
+    if out:
+        Path(out).write_text(text)
+    print(text)
+    return report
+
+
 def run_stage(argv: list[str], cwd: Path) -> dict:
     """Run one CLI verb; poll its process tree for per-process peak RSS."""
     peaks: dict[int, float] = {}
@@ -78,7 +87,8 @@ def run_stage(argv: list[str], cwd: Path) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:2])} failed ({proc.returncode}):\n{err[-4000:]}")
     last = [line for line in out.splitlines() if line.startswith("{")]
-    return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb_max_process": round(max(peaks.values()), 1),
+    return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb_driver": round(peaks.get(proc.pid, 0.0), 1),
+            "peak_rss_mb_max_process": round(max(peaks.values()), 1),
             "peak_rss_mb_sum": round(peak_sum, 1), "processes": len(peaks),
             "output": json.loads(last[-1]) if last else None}
 
@@ -133,11 +143,7 @@ def main(argv=None) -> dict:
             work.mkdir(parents=True, exist_ok=True)
             report["runs"][str(n)] = measure(n, args, work)
             print(json.dumps({str(n): report["runs"][str(n)]}), file=sys.stderr)
-    text = json.dumps(report, indent=1)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

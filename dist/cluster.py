@@ -79,6 +79,21 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log_t
     return True
 
 
+@contextlib.contextmanager
+def session(address: Optional[str] = None, num_cpus: Optional[int] = None):
+    """A Ray session for the block: ``connect`` (an embedded cluster gets at least ``num_cpus``
+    logical CPUs, and at least this machine's), and shut down what it started."""
+    import ray
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    started = connect(address, num_cpus=max(cpus, num_cpus or 0))
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def connect_for(cfg: Config) -> bool:
     """``connect`` with the job's address and enough CPUs for its workers on an embedded cluster."""
     needed = cfg.dist.num_workers * cfg.dist.cpus_per_worker

@@ -4,25 +4,35 @@
 
 Every dataset row queries every shard for its k+1 most similar rows (itself among them), in
 batches of ``index.batch_size``; the shards read the query rows from the source themselves, so
-only row ranges and results cross the wire. Below ``index.actor_min_n`` rows (and with one
-shard) the shards run in-process; above, as Ray actors, with several batches in flight.
+only row ranges and results cross the wire. Each batch's merged rows go straight into the
+memory-mapped table files. Below ``index.actor_min_n`` rows (and with one shard) the shard runs
+in-process; above, as Ray actors planned from the alive nodes (``plan_shards``), with several
+batches in flight.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-import faiss
 import numpy as np
 import torch
 
 from pogdiff.config import IndexConfig, IndexType
 from pogdiff.method.neighbours import NeighbourTable
+from pogdiff.runs import atomic_path
 
-from pogdiff.dist.neighbour_service import NeighbourService, as_vectors, choose_index, drop_self, merge_topk, read_rows, shard_bounds
+from pogdiff.dist.neighbour_service import (NeighbourService, as_vectors, cluster_nodes, describe_nodes, drop_self, faiss,
+                                            merge_topk, plan_shards, read_rows, shard_bounds, this_machine)
+
+log = logging.getLogger("pogdiff.index")
+# The neighbour table's columns, each (N, k): <name>.npy in the table's folder.
+COLUMNS = (("ids", np.int64), ("sims", np.float32), ("different_identity", np.bool_))
 
 # --- where the embeddings come from ---------------------------------------------------------------
 
@@ -43,12 +53,13 @@ class ArraySource:
         return self.ident[start:stop]
 
 
-def fingerprint(source) -> str:
+def fingerprint(source, chunk: int = 1 << 20) -> str:
     """Size, 16 evenly spaced rows and all identities: a stored index is reused only for the same data."""
     h = hashlib.sha1(f"{source.n}x{source.dim}".encode())
     for r in np.linspace(0, source.n - 1, num=min(16, source.n), dtype=np.int64):
         h.update(np.ascontiguousarray(source.read(int(r), int(r) + 1), dtype=np.float32).tobytes())
-    h.update(np.ascontiguousarray(source.identities()).tobytes())
+    for a in range(0, source.n, chunk):  # identities a chunk at a time: the same digest as all at once
+        h.update(np.ascontiguousarray(source.identities(a, min(a + chunk, source.n))).tobytes())
     return h.hexdigest()
 
 
@@ -98,75 +109,106 @@ def ensure_index(svc: NeighbourService, src, source, spec, seed: int, progress: 
     return dict(reused=False, train_s=round(t1 - t0, 3), add_s=round(time.perf_counter() - t1, 3))
 
 
-def search_graph(svc: NeighbourService, src, source, k: int, batch_size: int, progress: bool) -> NeighbourTable:
-    """Every row against every shard, k+1 results to drop the row itself, batch by batch."""
+@contextlib.contextmanager
+def table_columns(out: Optional[Path], n: int, k: int) -> Iterator[dict[str, np.ndarray]]:
+    """The (N, k) columns the search fills: in memory for ``out`` None, else memory-mapped
+    <name>.npy files in a temp folder beside ``out`` that replaces it when the block completes."""
+    if out is None:
+        yield {name: np.zeros((n, k), dtype) for name, dtype in COLUMNS}
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as folder:
+        folder.mkdir()
+        columns = {name: np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=(n, k))
+                   for name, dtype in COLUMNS}
+        yield columns
+        for column in columns.values():
+            column.flush()
+
+
+def load_table(out: Path) -> NeighbourTable:
+    """The table in ``out``, memory-mapped copy-on-write: torch wraps it without a copy (a read-only
+    map would warn), and a page is read when a row on it is."""
+    return NeighbourTable(*(torch.from_numpy(np.load(Path(out) / f"{name}.npy", mmap_mode="c")) for name, _ in COLUMNS))
+
+
+def search_graph(svc: NeighbourService, src, source, k: int, batch_size: int, columns: dict[str, np.ndarray],
+                 progress: bool) -> None:
+    """Every row against every shard, k+1 results to drop the row itself, batch by batch into ``columns``.
+
+    A row's top-k is final only once every shard's list is merged, so the driver merges each batch
+    as it arrives, writes it into the columns and drops it: no process holds (N, k) arrays, and the
+    output folder need not be visible to the nodes."""
     from tqdm import tqdm
 
-    n = source.n
-    ids = np.full((n, k), -1, np.int64)
-    sims = np.zeros((n, k), np.float32)
-    different = np.zeros((n, k), bool)
-    query_ident = source.identities()
-    bar = tqdm(total=n, desc="knn graph", unit="query", disable=not progress)
+    bar = tqdm(total=source.n, desc="knn graph", unit="query", disable=not progress)
 
     def collect(a: int, b: int, futures: list) -> None:
         s, i, ident = drop_self(*merge_topk(svc.get(futures), k + 1), np.arange(a, b))
-        ids[a:b], sims[a:b] = i, np.where(i >= 0, s, 0)
-        q = query_ident[a:b, None]
-        different[a:b] = (i >= 0) & (q >= 0) & (ident >= 0) & (ident != q)
+        q = source.identities(a, b)[:, None]
+        columns["ids"][a:b], columns["sims"][a:b] = i, np.where(i >= 0, s, 0)
+        columns["different_identity"][a:b] = (i >= 0) & (q >= 0) & (ident >= 0) & (ident != q)
         bar.update(b - a)
 
     pending: deque = deque()
-    for a in range(0, n, batch_size):
-        b = min(a + batch_size, n)
+    for a in range(0, source.n, batch_size):
+        b = min(a + batch_size, source.n)
         pending.append((a, b, svc.call("search_rows", src, a, b, k + 1, retries=-1)))
         while len(pending) > (2 if svc.remote else 0):  # remote: the next batches run while this one merges
             collect(*pending.popleft())
     while pending:
         collect(*pending.popleft())
     bar.close()
-    return NeighbourTable(torch.from_numpy(ids), torch.from_numpy(sims), torch.from_numpy(different))
 
 
 def build_knn_graph(source, k: int, icfg: IndexConfig, root: Optional[str | Path] = None,
-                    progress: bool = True) -> tuple[NeighbourTable, dict]:
+                    out: Optional[str | Path] = None, progress: bool = True) -> tuple[NeighbourTable, dict]:
     """Top-k neighbours (self excluded) of every row of ``source`` -> (NeighbourTable, stats).
 
-    ``root`` keeps the shards' indexes on disk (reused when the data and index type match, and
-    what the online service loads); Ray actors need it.
+    ``out`` None keeps the table in memory (small N); else it is written batch by batch into
+    ids.npy, sims.npy and different_identity.npy in a folder that replaces ``out`` once they are
+    complete, and returned memory-mapped. ``root`` keeps the shards' indexes on disk (reused when
+    the data and index type match, and what the online service loads); Ray actors need it. The
+    shards and their resources come from the alive nodes (``plan_shards``; a ConfigError when
+    explicit index settings do not fit them).
     """
-    n, num_shards = source.n, icfg.shards
-    spec = choose_index(n, source.dim, icfg, num_shards)
-    remote = num_shards > 1 or n >= icfg.actor_min_n
+    n = source.n
+    remote = icfg.shards > 1 or n >= icfg.actor_min_n
     if remote and root is None:
         raise ValueError("a kNN graph over Ray actors needs a root folder for the shards' indexes")
-    started = False
-    if remote:
-        from pogdiff.dist.cluster import connect
-
-        started = connect()
-    svc = NeighbourService.start(root, icfg, num_shards) if remote else NeighbourService.local(root, num_shards)
-    stats: dict = dict(n=n, dim=source.dim, k=k, index=spec.factory, kind=spec.kind.value, shards=num_shards,
-                       actors=remote, gpus=faiss.get_num_gpus(),
-                       nprobe=spec.nprobe if spec.kind != IndexType.flat else None)
+    started, svc = False, None
     try:
         if remote:
             import ray
 
+            from pogdiff.dist.cluster import connect
+
+            started = connect()
+            nodes = cluster_nodes()
+            plan = plan_shards(nodes, n, source.dim, icfg)
+            svc = NeighbourService.start(root, icfg, plan)
             src = ray.put(source)  # once; the shards read their rows from it
-        else:
-            src = source
+        else:  # this process is the one shard: the per-actor settings do not apply
+            nodes = [this_machine()]
+            plan = plan_shards(nodes, n, source.dim, replace(icfg, shards=1, gpus_per_shard=None, cpus_per_shard=0.0))
+            svc, src = NeighbourService.local(root, 1), source
+        log.info("kNN graph of %d x %d: %s on %s", n, source.dim, plan, describe_nodes(nodes))
+        spec = plan.index
+        stats: dict = dict(n=n, dim=source.dim, k=k, index=spec.factory, kind=spec.kind.value, shards=plan.shards,
+                           actors=remote, gpus=plan.gpus * plan.shards,
+                           nprobe=spec.nprobe if spec.kind != IndexType.flat else None)
         c0 = time.process_time()
         stats.update(ensure_index(svc, src, source, spec, icfg.seed, progress))
         t1, c1 = time.perf_counter(), time.process_time()
-        table = search_graph(svc, src, source, k, icfg.batch_size, progress)
+        with table_columns(None if out is None else Path(out), n, k) as columns:
+            search_graph(svc, src, source, k, icfg.batch_size, columns, progress)
         t2, c2 = time.perf_counter(), time.process_time()
     finally:
-        svc.shutdown()
+        if svc is not None:
+            svc.shutdown()
         if started:
-            import ray
-
             ray.shutdown()
+    table = load_table(Path(out)) if out is not None else NeighbourTable(*(torch.from_numpy(columns[name]) for name, _ in COLUMNS))
     stats.update(search_s=round(t2 - t1, 3), queries_per_s=round(n / max(t2 - t1, 1e-9), 1))
     if not remote:  # CPU seconds of this process (all its FAISS threads): what a busy machine does not inflate
         stats.update(build_cpu_s=round(c1 - c0, 3), search_cpu_s=round(c2 - c1, 3))

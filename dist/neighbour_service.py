@@ -5,7 +5,8 @@ slice ``[start, start + n)`` of the dataset (row ``r`` of a shard is dataset id 
 rows added online after the build (only the last shard takes those, so new ids continue at N).
 A query goes to every shard; the per-shard top-k lists are merged by similarity.
 
-    svc = NeighbourService.start(root, cfg.index, num_shards=4)  # named actors; each loads root/shard-<i>
+    plan = plan_shards(cluster_nodes(), n, dim, cfg.index)  # shards and their resources from the alive nodes
+    svc = NeighbourService.start(root, cfg.index, plan)  # named actors; each loads root/shard-<i>
     ids, sims, identities = svc.search(vectors, k=10)
     svc = NeighbourService.connect(cfg.index.name)  # elsewhere, e.g. in a training worker
     new_ids = svc.add(vectors, identities)          # online: samples that came after the graph
@@ -20,19 +21,31 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import subprocess
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import faiss
 import numpy as np
 import torch
 
-from pogdiff.config import IndexConfig, IndexType
+from pogdiff.config import ConfigError, IndexConfig, IndexType
 from pogdiff.method.neighbours import check_finite
 
+try:
+    import faiss
+except ImportError as e:  # faiss-cpu and faiss-gpu-cu12 both install `faiss`, so neither is a base dependency
+    raise ImportError("FAISS is not installed: pip install 'pogdiff[cpu]', or 'pogdiff[gpu]' on a CUDA 12 host "
+                      "(one of the two: both install the module `faiss`)") from e
+
 MANIFEST = "manifest.json"
+GiB = 2**30
+# The share of a shard's memory its index may fill; the rest holds query batches, search results,
+# FAISS's temporary GPU memory and, for a GPU index, the host copy written to disk.
+INDEX_MEMORY_FRACTION = 0.75
 
 
 # --- choosing the index ---------------------------------------------------------------------------
@@ -44,6 +57,7 @@ class IndexSpec:
     factory: str  # faiss.index_factory string
     nprobe: int
     train_size: int  # 0 for indexes that need no training
+    bytes_per_shard: float = 0.0  # the index of one shard's rows: vectors or codes, ids, centroids
 
 
 def guideline_nlist(n: int) -> int:
@@ -54,29 +68,212 @@ def guideline_nlist(n: int) -> int:
     return 2 ** math.ceil(math.log2(4 * math.sqrt(max(n, 1))))
 
 
-def choose_index(n: int, dim: int, icfg: IndexConfig, num_shards: int = 1, gpu: Optional[bool] = None) -> IndexSpec:
-    """The index for N vectors of dimension ``dim``, following FAISS's guidelines unless overridden."""
-    gpu = faiss.get_num_gpus() > 0 if gpu is None else gpu
-    kind = icfg.type
-    if kind == IndexType.auto:
-        per_shard_gb = n * dim * 4 / num_shards / 2**30
-        kind = (IndexType.flat if n <= icfg.flat_max
-                else IndexType.ivfpq if icfg.memory_gb and per_shard_gb > icfg.memory_gb else IndexType.ivf)
+def index_spec(kind: IndexType, n: int, dim: int, icfg: IndexConfig, num_shards: int = 1, gpu: bool = False) -> IndexSpec:
+    """The ``kind`` index for N vectors of dimension ``dim`` split over ``num_shards``, and its bytes per shard."""
+    rows = math.ceil(n / num_shards)
     if kind == IndexType.flat:
-        return IndexSpec(kind, "Flat", icfg.nprobe, 0)
+        return IndexSpec(kind, "Flat", icfg.nprobe, 0, rows * dim * 4.0)
     # Lists are k-means centroids: FAISS warns below 39 training points per list.
     nlist = max(1, min(icfg.nlist or guideline_nlist(n), n // 39))
     # The wiki pairs 65536+ lists with an HNSW coarse quantizer on CPU; GPU IVF keeps a flat one.
     quantizer = f"IVF{nlist}_HNSW32" if nlist >= 65536 and not gpu else f"IVF{nlist}"
     train = icfg.train_size or 40 * nlist
-    if kind == IndexType.ivf:
-        return IndexSpec(kind, f"{quantizer},Flat", min(icfg.nprobe, nlist), min(n, train))
+    centroids = nlist * dim * 4.0
+    if kind == IndexType.ivf:  # full vectors and an int64 id per row
+        return IndexSpec(kind, f"{quantizer},Flat", min(icfg.nprobe, nlist), min(n, train), rows * (dim * 4 + 8) + centroids)
     m = icfg.pq_m or max(1, dim // 8)
     if dim % m:
-        raise ValueError(f"index.pq_m={m} must divide the embedding dimension {dim}")
+        raise ConfigError(f"index.pq_m={m} must divide the embedding dimension {dim}")
     # 8-bit PQ trains 256 centroids per sub-quantizer; "np": no polysemous training (slow, and only
-    # for Hamming-filtered search, which the service does not use).
-    return IndexSpec(kind, f"{quantizer},PQ{m}np", min(icfg.nprobe, nlist), min(n, max(train, 40 * 256)))
+    # for Hamming-filtered search, which the service does not use). m code bytes and an id per row.
+    return IndexSpec(kind, f"{quantizer},PQ{m}np", min(icfg.nprobe, nlist), min(n, max(train, 40 * 256)),
+                     rows * (m + 8) + centroids + 256 * dim * 4.0)
+
+
+def choose_index(n: int, dim: int, icfg: IndexConfig, num_shards: int = 1, memory_per_shard: float = math.inf,
+                 gpu: Optional[bool] = None) -> IndexSpec:
+    """The index for N vectors of dimension ``dim`` over ``num_shards``: index.type, or for auto
+    FAISS's guidelines (Flat up to index.flat_max vectors, then IVF) and IVF-PQ codes where the full
+    vectors would not fit the bytes a shard's index may take (``memory_per_shard``, the plan's;
+    index.memory_gb when set)."""
+    gpu = faiss.get_num_gpus() > 0 if gpu is None else gpu
+    budget = icfg.memory_gb * GiB if icfg.memory_gb else memory_per_shard
+    auto = icfg.type == IndexType.auto
+    kinds = (([IndexType.flat] if n <= icfg.flat_max else []) + [IndexType.ivf, IndexType.ivfpq]) if auto else [icfg.type]
+    for kind in kinds:
+        spec = index_spec(kind, n, dim, icfg, num_shards, gpu)
+        if spec.bytes_per_shard <= budget:
+            return spec
+    need = f"{spec.bytes_per_shard / GiB:.1f} GiB per shard for {math.ceil(n / num_shards)} of {n} {dim}-d vectors"
+    have = f"a shard's index may take {budget / GiB:.1f} GiB" + (" (index.memory_gb)" if icfg.memory_gb else "")
+    if auto:
+        raise ConfigError(f"the kNN index does not fit even as IVF-PQ codes ({spec.factory}): {need}, {have}; "
+                          "add nodes or lower index.pq_m")
+    raise ConfigError(f"index.type={icfg.type.value} does not fit: {need}, {have}; use index.type=auto "
+                      "(IVF-PQ codes when the vectors do not fit) or add nodes")
+
+
+# --- planning the shards over the nodes -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeResources:
+    """One alive node: Ray's logical CPUs and GPUs on it, the memory Ray schedules there (bytes, its
+    ``memory`` resource) and the memory of each of its GPUs (bytes; 0 = unknown)."""
+
+    cpus: float
+    gpus: float
+    memory: float
+    gpu_memory: float = 0.0
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """``shards`` actors over contiguous slices of the N rows, each asking Ray for ``gpus`` GPUs,
+    ``cpus`` CPUs (its FAISS threads) and ``memory`` bytes, each holding ``index`` over its slice."""
+
+    shards: int
+    gpus: float
+    cpus: float
+    memory: int
+    index: IndexSpec
+
+    def actor_options(self) -> dict:
+        return dict(num_cpus=self.cpus, num_gpus=self.gpus, memory=self.memory)
+
+
+def describe_nodes(nodes: Sequence[NodeResources]) -> str:
+    kinds = Counter(f"{nd.gpus:g} GPUs" + (f" of {nd.gpu_memory / GiB:.0f} GiB" if nd.gpu_memory else "")
+                    + f", {nd.cpus:g} CPUs, {nd.memory / GiB:.0f} GiB memory" for nd in nodes)
+    return f"{len(nodes)} alive node{'s' * (len(nodes) != 1)}: " + "; ".join(f"{c} x ({k})" for k, c in kinds.items())
+
+
+def _slots(capacity: float, unit: float) -> float:
+    """Actors of ``unit`` that fit ``capacity`` (the epsilon absorbs float error in units like 1/3)."""
+    return math.floor(capacity / unit + 1e-9) if unit > 0 else math.inf
+
+
+def _whole(x: float) -> float:
+    return int(x) if float(x).is_integer() else x
+
+
+def _largest_unit(capacities: Sequence[float], count: int) -> float:
+    """The largest per-actor quantity such that ``count`` actors of it fit on nodes of these
+    capacities: a whole number, or 1/j below one (Ray accepts no other GPU quantities)."""
+    units = sorted({float(u) for u in range(1, int(max(capacities, default=0)) + 1)} | {1 / j for j in range(2, count + 1)})
+    lo, hi = 0, len(units)  # the fitting units are a prefix of the ascending list
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sum(_slots(c, units[mid]) for c in capacities) >= count:
+            lo = mid + 1
+        else:
+            hi = mid
+    return units[lo - 1] if lo else 0.0
+
+
+def plan_shards(nodes: Sequence[NodeResources], n: int, dim: int, icfg: IndexConfig) -> ShardPlan:
+    """How many shard actors and what each asks for, so that every one fits on one node.
+
+    Where nodes have GPUs, shards take GPUs: by default every GPU, in equal parts as large as the
+    smallest GPU node (4 nodes x 8 GPUs -> 4 shards of 8), with the CPUs and memory of a node
+    shared by the shards it can take. Without GPUs (or index.gpus_per_shard=0, e.g. a service
+    beside training), one CPU shard per node, as large as the nodes allow. index.shards,
+    gpus_per_shard, cpus_per_shard and memory_gb given explicitly are checked against the nodes
+    (ConfigError naming the key). The index type then follows from the memory a shard has."""
+    if not nodes:
+        raise RuntimeError("no alive Ray node to place the neighbour shards on")
+    what = describe_nodes(nodes)
+    gpu_caps, cpu_caps = [nd.gpus for nd in nodes], [nd.cpus for nd in nodes]
+    for key, want, caps, unit in (("gpus_per_shard", icfg.gpus_per_shard, gpu_caps, "GPUs"),
+                                  ("cpus_per_shard", icfg.cpus_per_shard, cpu_caps, "CPUs")):
+        if want and want > max(caps):
+            raise ConfigError(f"index.{key}={want:g} is more {unit} than any node has ({what})")
+    if icfg.gpus_per_shard is not None:
+        gpus = icfg.gpus_per_shard
+    elif max(gpu_caps) >= 1:
+        gpus = _largest_unit(gpu_caps, icfg.shards) if icfg.shards else float(min(math.floor(g) for g in gpu_caps if g >= 1))
+    else:
+        gpus = 0.0
+    cpus = icfg.cpus_per_shard
+    if gpus:
+        gpu_slots = [_slots(g, gpus) for g in gpu_caps]
+        shards = icfg.shards or sum(gpu_slots)
+        if not cpus:  # a node's CPUs shared by the shards its GPUs can take
+            cpus = min(nd.cpus / s for nd, s in zip(nodes, gpu_slots) if s)
+            cpus = float(math.floor(cpus)) if cpus >= 1 else cpus
+    else:
+        shards = icfg.shards or sum(1 for c in cpu_caps if c >= 1) or 1
+        cpus = cpus or _largest_unit(cpu_caps, shards)
+    slots = [min(_slots(nd.gpus, gpus), _slots(nd.cpus, cpus)) for nd in nodes]
+    if sum(slots) < shards:
+        asked = [f"index.{key}={value:g}" for key, value in (("shards", icfg.shards), ("gpus_per_shard", icfg.gpus_per_shard),
+                                                            ("cpus_per_shard", icfg.cpus_per_shard)) if value]
+        raise ConfigError(f"{', '.join(asked) or 'the shards'}: {shards} shard actors of {gpus:g} GPUs and {cpus:g} CPUs "
+                          f"do not fit the nodes, which take {sum(slots)} ({what})")
+    hosts = [(nd, s) for nd, s in zip(nodes, slots) if s]
+    host_share = min(nd.memory / min(s, shards) for nd, s in hosts)  # a node's memory shared by the shards it takes
+    gpu_share = gpus * min(nd.gpu_memory for nd, _ in hosts) if gpus and all(nd.gpu_memory for nd, _ in hosts) else math.inf
+    share = min(host_share, gpu_share)
+    if icfg.memory_gb and icfg.memory_gb * GiB > share:
+        raise ConfigError(f"index.memory_gb={icfg.memory_gb:g} is more than a shard has: {share / GiB:.1f} GiB "
+                          f"with {shards} shards over the nodes ({what})")
+    index = choose_index(n, dim, icfg, shards, INDEX_MEMORY_FRACTION * share, gpu=gpus > 0)
+    memory = int(min(host_share, index.bytes_per_shard / INDEX_MEMORY_FRACTION))
+    return ShardPlan(int(shards), _whole(gpus), _whole(cpus), max(memory, 1), index)
+
+
+def gpu_memory_per_gpu() -> float:
+    """The smallest GPU memory of this machine in bytes, as nvidia-smi reports it; 0 without it."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return 0.0
+    out = subprocess.run([exe, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, timeout=60)
+    mib = [float(v) for v in out.stdout.split() if v.replace(".", "", 1).isdigit()] if out.returncode == 0 else []
+    return min(mib) * 2**20 if mib else 0.0
+
+
+def _node_gpu_memory() -> float:
+    from pogdiff.dist.cluster import drop_source_checkout_from_sys_path
+
+    drop_source_checkout_from_sys_path()
+    return gpu_memory_per_gpu()
+
+
+def cluster_nodes() -> list[NodeResources]:
+    """The alive nodes of the connected Ray cluster (their total resources), with each GPU node's
+    GPU memory read there (Ray does not track it): one zero-CPU task pinned to each GPU node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    alive = [nd for nd in ray.nodes() if nd["Alive"]]
+    probe = ray.remote(num_cpus=0)(_node_gpu_memory)
+    pending = {nd["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nd["NodeID"], soft=False)).remote()
+               for nd in alive if nd["Resources"].get("GPU", 0) > 0}
+    gpu_memory = dict(zip(pending, ray.get(list(pending.values()), timeout=300)))
+    return [NodeResources(cpus=r.get("CPU", 0.0), gpus=r.get("GPU", 0.0), memory=r.get("memory", 0.0),
+                          gpu_memory=gpu_memory.get(nd["NodeID"], 0.0)) for nd in alive for r in [nd["Resources"]]]
+
+
+def this_machine() -> NodeResources:
+    """This process's machine as one node: what an in-process build has."""
+    import psutil
+
+    gpus = faiss.get_num_gpus()
+    return NodeResources(cpus=float(os.cpu_count() or 1), gpus=float(gpus), memory=float(psutil.virtual_memory().available),
+                         gpu_memory=gpu_memory_per_gpu() if gpus else 0.0)
+
+
+def stored_plan(root: str | Path, icfg: IndexConfig) -> ShardPlan:
+    """The plan for serving the index stored under ``root`` (its shards, rows and type) on the alive nodes."""
+    first = Path(root) / "shard-0" / MANIFEST
+    if not first.is_file():
+        raise RuntimeError(f"{root}: no stored neighbour index to serve: build it first (`pogdiff index CONFIG`)")
+    metas = [json.loads((Path(root) / f"shard-{i}" / MANIFEST).read_text())
+             for i in range(json.loads(first.read_text())["num_shards"])]
+    kind = IndexType(metas[0].get("kind", icfg.type))
+    return plan_shards(cluster_nodes(), sum(m["nbase"] for m in metas), metas[0]["dim"],
+                       replace(icfg, shards=len(metas), type=kind))
 
 
 # --- one shard ------------------------------------------------------------------------------------
@@ -219,7 +416,7 @@ class ShardIndex:
         from tqdm import tqdm
 
         self.meta = dict(start=start, nbase=stop - start, num_shards=self.num_shards, dim=source.dim,
-                         factory=spec.factory, nprobe=spec.nprobe, fingerprint=fingerprint)
+                         kind=spec.kind.value, factory=spec.factory, nprobe=spec.nprobe, fingerprint=fingerprint)
         self._set_index(faiss.deserialize_index(trained))
         self.extra = np.empty((0, source.dim), np.float32)
         bar = tqdm(total=stop - start, desc=f"add shard {self.shard}", unit="vec", disable=not progress)
@@ -267,6 +464,16 @@ class ShardIndex:
         return np.arange(first, first + len(x), dtype=np.int64)
 
 
+class ShardActor(ShardIndex):
+    """A shard as a Ray actor."""
+
+    def __init__(self, *args):
+        from pogdiff.dist.cluster import drop_source_checkout_from_sys_path
+
+        drop_source_checkout_from_sys_path()
+        super().__init__(*args)
+
+
 # --- the service (client side) --------------------------------------------------------------------
 
 
@@ -301,23 +508,20 @@ class NeighbourService:
         return cls([ShardIndex(str(root) if root else None, i, num_shards) for i in range(num_shards)], remote=False)
 
     @classmethod
-    def start(cls, root: str | Path, icfg: IndexConfig, num_shards: Optional[int] = None) -> "NeighbourService":
-        """One named actor per shard (``<name>-<i>``); each loads ``root/shard-<i>`` if it is there."""
+    def start(cls, root: str | Path, icfg: IndexConfig, plan: Optional[ShardPlan] = None) -> "NeighbourService":
+        """One named actor per shard (``<name>-<i>``), each loading ``root/shard-<i>`` if it is there,
+        with the resources of ``plan`` (default: ``stored_plan``, the index under ``root`` on the alive nodes)."""
         import ray
 
         from pogdiff.dist.cluster import connect
 
-        num_shards = num_shards or icfg.shards
         connect()
-        gpus = ray.cluster_resources().get("GPU", 0)
-        node_cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
-        cpus = icfg.cpus_per_shard or max(1, min(max(node_cpus), sum(node_cpus) // num_shards))
-        actor = ray.remote(ShardIndex)
-        options = dict(namespace=icfg.namespace, max_restarts=icfg.max_restarts, num_cpus=cpus,
-                       num_gpus=gpus / num_shards if gpus else 0)
-        names = [f"{icfg.name}-{i}" for i in range(num_shards)]
+        plan = plan or stored_plan(root, icfg)
+        actor = ray.remote(ShardActor)
+        options = dict(namespace=icfg.namespace, max_restarts=icfg.max_restarts, **plan.actor_options())
+        names = [f"{icfg.name}-{i}" for i in range(plan.shards)]
         try:
-            shards = [actor.options(name=name, **options).remote(str(root), i, num_shards) for i, name in enumerate(names)]
+            shards = [actor.options(name=name, **options).remote(str(root), i, plan.shards) for i, name in enumerate(names)]
         except ValueError as e:  # the name is taken
             raise ValueError(f"{e}: a neighbour service '{icfg.name}' is already running in namespace "
                              f"'{icfg.namespace}'; connect to it or pick another index.name") from None

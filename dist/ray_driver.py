@@ -155,7 +155,7 @@ def run(cfg: Config, progress: bool = True) -> TrainResult:
     env = {"TOKENIZERS_PARALLELISM": "false"} | ({} if dc.use_gpu else {"DS_ACCELERATOR": "cpu"})
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg, "dataset": str(ds.root)},
+        train_loop_config={"cfg": cfg, "dataset": ds.location},
         scaling_config=ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu,
                                      resources_per_worker={"CPU": dc.cpus_per_worker}),
         torch_config=torch_config(dc.use_gpu),

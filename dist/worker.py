@@ -184,7 +184,7 @@ def train_worker(loop_config: dict) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     files = RunFiles(cfg)
-    ds = Dataset(Path(loop_config["dataset"]))
+    ds = Dataset.at(loop_config["dataset"])
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)
     inputs = training_inputs(cfg, ds, device)

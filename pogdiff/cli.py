@@ -63,7 +63,7 @@ def _density(cfg: Config) -> int:
 
 
 def _prepare(cfg: Config) -> int:
-    from pogdiff.data.prepare import PrepareError, output_dir, prepare
+    from pogdiff.data.prepare import PrepareError, output_location, prepare
 
     try:
         dataset = prepare(cfg)
@@ -73,7 +73,7 @@ def _prepare(cfg: Config) -> int:
     summary = dataset["summary"]
     print(f"pogdiff prepare: {summary['rows_in']} rows in = {summary['samples']} samples + {summary['heldout']} held out + "
           f"{summary['skipped_total']} skipped + {summary['not_selected']} not selected", file=sys.stderr)
-    print(json.dumps({"output": str(output_dir(cfg)), "samples": dataset["num_samples"], "records": dataset["num_records"],
+    print(json.dumps({"output": output_location(cfg), "samples": dataset["num_samples"], "records": dataset["num_records"],
                       "heldout": summary["heldout"], "rows_in": summary["rows_in"], "shards": len(dataset["shards"]),
                       "skipped": summary["skipped"]}))
     return 0
@@ -83,9 +83,9 @@ def _sample(cfg: Config) -> int:
     from pogdiff.eval.sampling import sample_run
     from pogdiff.runs import RunFiles
 
-    images = sample_run(cfg)
-    print(json.dumps({"samples": str(RunFiles(cfg).samples), "identities": len(images),
-                      "images": sum(len(v) for v in images.values())}))
+    samples = sample_run(cfg)
+    print(json.dumps({"samples": str(RunFiles(cfg).samples), "identities": len(samples),
+                      "images": samples.num_images}))
     return 0
 
 
@@ -162,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")  # `config`: errors only
     try:
         cfg = load_run_config(args.config, args.overrides)
+        if args.verb != "config":  # object storage reachable (credentials, bucket, endpoint) before any work
+            from pogdiff.storage import check_storage
+
+            check_storage(cfg)
     except ConfigError as e:
         print(f"pogdiff: {e}", file=sys.stderr)
         return 2

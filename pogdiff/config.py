@@ -117,6 +117,10 @@ class DensityConfig:
     temperature: Optional[float] = None
     log_clip: float = 3.0  # |log psi_inv + log a3| is clipped here (3 sd): psi_inv in [e^-3, e^3], always finite
     seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda": where the VAE trains and scores
+    # Scoring (-ELBO per row, psi per (row, neighbour)) is a map over row ranges: Ray tasks on the cluster at
+    # dist.ray_address / $RAY_ADDRESS, or on an embedded one from this many rows; below it, in this process.
+    distributed_min_rows: int = 2_000_000
 
 
 @dataclass
@@ -206,7 +210,9 @@ class SampleConfig:
     batch_size: int = 16
     prompt_template: str = "An image of {p}."
     seed: int = 1234
-    ray_workers: int = 0  # 0: sample in this process; N: split the identities over N Ray tasks
+    # 0: sample and extract eval features in this process; N: a pool of N Ray actors, one pipeline
+    # (or encoder) each, one GPU each on a cluster with GPUs (train.device auto|cuda)
+    ray_workers: int = 0
     # 0: sample and score every identity. N > 0: every majority identity and N minority ones drawn
     # with sample.seed, the same in every run (an evaluation sized to a CPU; "Few" is then their mean).
     few_ids: int = 0
@@ -290,11 +296,14 @@ class PrepareConfig:
     image_root: Optional[str] = None  # manifest image paths are relative to this (default: the manifest's folder)
     samples_per_shard: int = 1000  # records per shard task (a shard never holds more)
     max_shard_bytes: int = 1 << 30  # a shard that would grow past this rolls over into a new part
-    backend: str = "process"  # "process" (one machine) | "ray" (tasks on a cluster) | "serial"
-    workers: int = 2  # parallel shard tasks (process backend)
-    ray_gpus_per_task: float = 0.0
+    # "ray": a Ray Data pipeline (decode tasks -> an actor pool of the frozen encoders -> shard writes) on
+    # the cluster at dist.ray_address / $RAY_ADDRESS, else on an embedded one; "serial": in this process
+    backend: str = "ray"
+    workers: int = 0  # encoder actors; 0: one per GPU of the cluster (with GPUs), else its CPUs but one
+    gpus_per_worker: Optional[float] = None  # GPUs per encoder actor; None: 1 where the cluster has GPUs
     batch_size: int = 32  # encoder batch
     device: str = "auto"  # "auto" | "cpu" | "cuda"
+    precision: str = "auto"  # the encoders on a GPU: "auto" (bf16) | "bf16" | "fp16" | "fp32"; fp32 on a CPU
     mask_names: bool = False  # replace real names in captions by generic ones, consistent per identity
     imbalance: bool = False  # subset a manifest to data.profile's majority/minority counts
     strict: bool = False  # bad records are errors instead of being skipped and counted
@@ -306,7 +315,7 @@ class PrepareConfig:
 
 
 class IndexType(str, enum.Enum):
-    auto = "auto"  # FAISS's guidelines by dataset size: flat, then ivf (then ivfpq past index.memory_gb)
+    auto = "auto"  # FAISS's guidelines by dataset size: flat, then ivf; ivfpq where full vectors do not fit a shard's memory
     flat = "flat"  # exact inner product
     ivf = "ivf"  # inverted lists of full vectors
     ivfpq = "ivfpq"  # inverted lists of product-quantised codes (when the vectors do not fit)
@@ -318,22 +327,40 @@ class IndexConfig:
 
     type: IndexType = IndexType.auto
     flat_max: int = 100_000  # auto: exact Flat up to this many vectors, IVF above
-    memory_gb: float = 0.0  # auto: IVF-PQ when full vectors would exceed this per shard; 0 = never
+    # GiB a shard's index may take (auto: IVF-PQ when full vectors would not fit); 0 = from the nodes: 3/4 of
+    # Ray's memory per node, and of the shard's GPUs' memory, shared by the shards a node takes
+    memory_gb: float = 0.0
     nlist: int = 0  # IVF lists; 0 = FAISS's guideline, 4*sqrt(N) rounded up to a power of two
     nprobe: int = 16  # IVF lists visited per query (recall@10 >= 0.95 on clustered data: benchmarks/neighbours.py)
     pq_m: int = 0  # IVF-PQ bytes per vector; 0 = dim / 8
     train_size: int = 0  # IVF training vectors; 0 = 40 * nlist (FAISS asks for 30-256 per list, warns below 39)
-    shards: int = 1  # Ray actors, each holding a contiguous slice of the dataset
+    # Ray actors, each holding a contiguous slice of the dataset; 0 = from the alive nodes: every GPU, in equal
+    # parts as large as the smallest GPU node (4 nodes x 8 GPUs: 4 shards of 8), or one shard per CPU node
+    shards: int = 0
+    # GPUs per shard actor (a whole number, or below 1), at most one node's; null = from the nodes (above),
+    # 0 = CPU shards (a service beside training)
+    gpus_per_shard: Optional[float] = None
     actor_min_n: int = 50_000  # below this N the graph is built in-process (Ray's start-up costs more)
     batch_size: int = 16_384  # query vectors per search call
     recall_sample: int = 1000  # queries checked against exact search for approximate indexes
     name: str = "pogdiff-neighbours"  # shard i is the named Ray actor "<name>-<i>"
     namespace: str = "pogdiff"
     max_restarts: int = 5  # Ray restarts a dead shard, which reloads its index from disk
-    # Ray CPUs per shard actor, which are also its FAISS threads; 0 = the cluster's CPUs / shards, at
-    # most one node's (for the build: set it small for a service that runs beside training)
+    # Ray CPUs per shard actor, which are also its FAISS threads, at most one node's; 0 = a node's CPUs
+    # shared by the shards it takes (for the build: set it small for a service that runs beside training)
     cpus_per_shard: float = 0.0
     seed: int = 0
+
+
+@dataclass
+class StorageConfig:
+    """Object storage (``s3://``, ``gs://``: any fsspec URL) in prepare.output, data.source and
+    dist.storage_path (pogdiff.storage). Endpoint and credentials come from the standard places
+    (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ~/.aws; Google's application
+    default credentials); these options override them."""
+
+    # fsspec storage options per protocol, e.g. {s3: {endpoint_url: "http://minio:9000", key: ..., secret: ...}}
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -352,6 +379,7 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
 
 def _valid_keys(node: Any, prefix: str = "") -> list[str]:
@@ -437,7 +465,7 @@ RANGES: dict[str, tuple[str, float, float, str]] = {
     "density.epochs": ("[", 1, math.inf, ")"), "density.lr": ("(", 0, math.inf, ")"),
     "density.batch_size": ("[", 1, math.inf, ")"), "density.latent_dim": ("[", 1, math.inf, ")"),
     "density.hidden_dim": ("[", 1, math.inf, ")"), "density.elbo_samples": ("[", 1, math.inf, ")"),
-    "density.log_clip": ("(", 0, math.inf, ")"),
+    "density.log_clip": ("(", 0, math.inf, ")"), "density.distributed_min_rows": ("[", 1, math.inf, ")"),
     "data.image_size": ("[", 8, math.inf, ")"), "data.majority_ids": ("[", 0, math.inf, ")"),
     "data.minority_ids": ("[", 0, math.inf, ")"), "data.majority_images": ("[", 1, math.inf, ")"),
     "sample.guidance_scale": ("[", 0, math.inf, ")"), "sample.ray_workers": ("[", 0, math.inf, ")"),
@@ -508,6 +536,8 @@ def _check_values(cfg: Config) -> None:
         problems.append(f"train.loss_backend must be auto|torch|triton, got '{cfg.train.loss_backend}'")
     if cfg.train.device not in ("auto", "cpu", "cuda"):
         problems.append(f"train.device must be auto|cpu|cuda, got '{cfg.train.device}'")
+    if cfg.density.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"density.device must be auto|cpu|cuda, got '{cfg.density.device}'")
     if cfg.density.temperature is not None and cfg.density.temperature <= 0:
         problems.append("density.temperature must be > 0 (or null for the embedding dimension)")
     if cfg.method.a3 <= 0:
@@ -534,10 +564,17 @@ def _check_values(cfg: Config) -> None:
         problems.append("train.noise_offset and train.lr_warmup_steps must be >= 0, train.checkpoint_keep >= 1")
     if d.num_workers < 1 or d.zero_stage not in (0, 1, 2, 3):
         problems.append("dist.num_workers must be >= 1 and dist.zero_stage one of 0, 1, 2, 3")
-    if cfg.prepare.backend not in ("process", "ray", "serial"):
-        problems.append(f"prepare.backend must be process|ray|serial, got '{cfg.prepare.backend}'")
-    if cfg.prepare.samples_per_shard < 1 or cfg.prepare.max_shard_bytes < 1 or cfg.prepare.workers < 1:
-        problems.append("prepare.samples_per_shard, prepare.max_shard_bytes and prepare.workers must be >= 1")
+    if cfg.prepare.backend not in ("ray", "serial"):
+        hint = " ('process' was replaced by 'ray': the same pipeline on an embedded Ray cluster)" \
+            if cfg.prepare.backend == "process" else ""
+        problems.append(f"prepare.backend must be ray|serial, got '{cfg.prepare.backend}'{hint}")
+    if cfg.prepare.precision not in ("auto", "bf16", "fp16", "fp32"):
+        problems.append(f"prepare.precision must be auto|bf16|fp16|fp32, got '{cfg.prepare.precision}'")
+    if cfg.prepare.gpus_per_worker is not None and cfg.prepare.gpus_per_worker < 0:
+        problems.append(f"prepare.gpus_per_worker must be >= 0 (or null: from the cluster), got {cfg.prepare.gpus_per_worker}")
+    if cfg.prepare.samples_per_shard < 1 or cfg.prepare.max_shard_bytes < 1 or cfg.prepare.workers < 0:
+        problems.append("prepare.samples_per_shard and prepare.max_shard_bytes must be >= 1, prepare.workers >= 0 "
+                        "(0: from the cluster)")
     if cfg.eval.encoder in ("tiny", cfg.data.image_encoder):
         problems.append(f"eval.encoder='{cfg.eval.encoder}' is the neighbours' image encoder (data.image_encoder); the "
                         "metrics need independent features: use 'recognizer' or another local HF vision model")
@@ -552,10 +589,46 @@ def _check_values(cfg: Config) -> None:
         problems.append("data.heldout_images must be >= 0 and data.minority_images >= 1")
     ic = cfg.index
     problems += [f"index.{name} must be >= {low}" for name, low in
-                 (("shards", 1), ("nprobe", 1), ("batch_size", 1), ("nlist", 0), ("train_size", 0), ("pq_m", 0),
-                  ("recall_sample", 0), ("flat_max", 0)) if getattr(ic, name) < low]
+                 (("shards", 0), ("nprobe", 1), ("batch_size", 1), ("nlist", 0), ("train_size", 0), ("pq_m", 0),
+                  ("recall_sample", 0), ("flat_max", 0), ("cpus_per_shard", 0), ("memory_gb", 0)) if getattr(ic, name) < low]
+    if ic.gpus_per_shard is not None and (ic.gpus_per_shard < 0 or ic.gpus_per_shard > 1 and ic.gpus_per_shard % 1):
+        problems.append(f"index.gpus_per_shard must be a whole number or in [0, 1] (Ray's GPU quantities), "
+                        f"or null for the nodes' split; got {ic.gpus_per_shard:g}")
+    problems += _storage_problems(cfg)
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+# Where object storage may be named, and the package that reads each protocol (pip install <package>).
+URI_KEYS = ("data.source", "prepare.output", "dist.storage_path")
+PROTOCOL_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs (pip install 'pogdiff[gcs]')",
+                     "gcs": "gcsfs (pip install 'pogdiff[gcs]')"}
+
+
+def _storage_problems(cfg: Config) -> list[str]:
+    """URIs of a protocol fsspec knows and can load here (a trailing "/" is dropped); storage.options
+    keyed by such protocols."""
+    uris = {key: _value(cfg, key).rstrip("/") for key in URI_KEYS if _value(cfg, key) and "://" in _value(cfg, key)}
+    for key, uri in uris.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, uri)
+    if not uris and not cfg.storage.options:
+        return []
+    import fsspec
+
+    known = set(fsspec.available_protocols())
+    problems = [f"storage.options.{name}: '{name}' is not an fsspec protocol (e.g. s3, gs)"
+                 for name in cfg.storage.options if name not in known]
+    for key, uri in uris.items():
+        proto = uri.split("://", 1)[0]
+        if proto not in known:
+            problems.append(f"{key}='{uri}': '{proto}://' is not a protocol fsspec knows (e.g. s3://, gs://)")
+            continue
+        try:
+            fsspec.get_filesystem_class(proto)
+        except ImportError:
+            problems.append(f"{key}='{uri}': reading {proto}:// needs {PROTOCOL_PACKAGES.get(proto, 'its fsspec package')}")
+    return problems
 
 
 def variant_config(cfg: Config, variant: str, seed: int) -> Config:

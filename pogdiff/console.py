@@ -18,9 +18,12 @@ _log_path: Optional[str] = None
 
 
 class _ConsoleFilter(logging.Filter):
-    """pogdiff's warnings and everyone's errors."""
+    """pogdiff's warnings and everyone's errors, but Ray Data's: the driver re-raises every error of a
+    pipeline itself (Ray Data logs each one with its Ray stack first)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("ray.data"):
+            return False
         return record.levelno >= logging.ERROR or (record.levelno >= logging.WARNING and record.name.startswith("pogdiff"))
 
 
@@ -57,13 +60,14 @@ def setup(log_path: Path) -> Path:
 
 
 def route_ray_logs() -> None:
-    """Ray's driver-side logger writes to its own stderr handler: send it through ours. Call after
-    ``import ray``, before ``ray.init``."""
+    """Ray's driver-side loggers write to their own stderr handlers: send them through ours. Call
+    after ``import ray`` (and again after ``import ray.data``), before ``ray.init``."""
     if _log_file is None:
         return
-    ray_logger = logging.getLogger("ray")
-    ray_logger.handlers.clear()
-    ray_logger.propagate = True
+    for name in ("ray", "ray.data"):  # each sets up its own stderr handler
+        ray_logger = logging.getLogger(name)
+        ray_logger.handlers.clear()
+        ray_logger.propagate = True
 
 
 def route_ray_worker_output() -> None:

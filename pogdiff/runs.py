@@ -156,7 +156,9 @@ RESUMABLE_CHANGES = {"train.steps", "train.checkpoint_every", "train.checkpoint_
                      "train.validate_every", "train.validation_prompts", "train.validation_images",
                      "train.validation_ddim_steps", "train.report_to", "train.resume",
                      "train.resume_from_checkpoint", "train.validation_epochs", "train.num_train_epochs", "dist.max_failures",
-                     "dist.ray_address", "dist.storage_path", "prepare.backend", "prepare.workers", "prepare.device"}
+                     "dist.ray_address", "dist.storage_path", "prepare.backend", "prepare.workers", "prepare.device",
+                     "prepare.gpus_per_worker", "prepare.precision",
+                     "density.device", "density.distributed_min_rows"}
 
 
 def training_settings(cfg: Config) -> dict:

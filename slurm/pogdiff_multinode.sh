@@ -13,6 +13,10 @@
 # the Ray Train driver on the head node, the Ray cluster stopped at the end. See docs/launchers.md.
 #
 #   sbatch slurm/pogdiff_multinode.sh configs/demo.yaml train.steps=1000 output_dir=/shared/runs
+#   sbatch slurm/pogdiff_multinode.sh prepare configs/demo.yaml data.source=/shared/shards output_dir=/shared/runs
+#
+# A first argument naming a verb (prepare, index, density, train-dist, sample, eval, report,
+# experiment) runs that verb with the cluster's Ray; without one the job is train-dist.
 #
 # Activate the pogdiff venv (on a shared filesystem) before sbatch: the job inherits PATH.
 # Checkpoints go to the config's output_dir, which must be on a filesystem every node sees.
@@ -41,7 +45,7 @@
 #                                     Unix socket paths must stay under 107 bytes)
 #   POGDIFF_RAY_JOIN_TIMEOUT=300      seconds to wait for every node to join
 #   POGDIFF_RAY_NODE_RESTARTS=3       times a lost worker node's Ray is restarted during the job
-#   POGDIFF_DRIVER="python -m pogdiff.dist.ray_driver"   command run with CONFIG [overrides]
+#   POGDIFF_DRIVER="python -m pogdiff.dist.ray_driver"   command train-dist runs with CONFIG [overrides]
 #   RAY_AUTH_MODE=token, RAY_AUTH_TOKEN   Ray's token authentication (default: a fresh token per job);
 #                                         another mode is refused unless POGDIFF_ALLOW_NO_AUTH=1
 set -uo pipefail
@@ -51,7 +55,18 @@ log() { echo "pogdiff_multinode: $(date +%T) $*"; }
 
 print_only=0
 [[ ${1:-} == --print-derived ]] && { print_only=1; shift; }
-(($# >= 1)) || die "usage: sbatch slurm/pogdiff_multinode.sh CONFIG [key.path=value ...]"
+# Any verb runs on the cluster (each joins it through RAY_ADDRESS); without one, train-dist.
+verb=train-dist
+if [[ ${1:-} =~ ^(prepare|index|density|train-dist|sample|eval|report|experiment)$ ]]; then
+    verb=$1
+    shift
+fi
+(($# >= 1)) || die "usage: sbatch slurm/pogdiff_multinode.sh [VERB] CONFIG [key.path=value ...]"
+if [[ $verb == train-dist ]]; then
+    driver=${POGDIFF_DRIVER:-python -m pogdiff.dist.ray_driver}
+else
+    driver="python -m pogdiff.cli $verb"
+fi
 if ((!print_only)); then
     [[ -n ${SLURM_JOB_ID:-} ]] || die "not inside a Slurm job: submit with sbatch"
     command -v ray >/dev/null || die "'ray' is not on PATH: activate the pogdiff venv before sbatch"
@@ -103,6 +118,7 @@ else
     derived+=("dist.num_workers=$n")
 fi
 log "derived: ${derived[*]:-nothing} ($basis${given[*]:+; given: ${given[*]}})"
+log "verb: $verb ($driver)"
 ((print_only)) && exit 0
 set -- "$@" "${derived[@]}"
 
@@ -222,8 +238,7 @@ while (alive := sum(n["Alive"] for n in ray.nodes())) < want:
 print(f"pogdiff_multinode: all {want} Ray nodes joined: {ray.cluster_resources()}", flush=True)
 EOF
 
-# 6. The driver; its exit code is the job's.
-driver=${POGDIFF_DRIVER:-python -m pogdiff.dist.ray_driver}
+# 6. The driver (of the verb); its exit code is the job's.
 log "running: $driver $*"
 $driver "$@"
 rc=$?

@@ -1,9 +1,12 @@
 import math
 
+import numpy as np
 import torch
 
 from pogdiff.config import DensityConfig
-from pogdiff.method.density import TextDensity, fit_text_density
+from pogdiff.method.density import (SCORE_BLOCK_ROWS, SHUFFLE_BLOCK_ROWS, TextDensity, column_stats, fit_text_density,
+                                    kth_smallest, map_row_ranges, nll_rows, psi_rows, rows_output, uses_cluster)
+from pogdiff.method.neighbours import NeighbourTable, psi_table
 
 
 def _imbalanced(n_major=60, n_minor=4, dim=24, seed=0):
@@ -50,3 +53,78 @@ def test_nan_embedding_is_clear_error():
         assert "rows [3]" in str(e)
     else:
         raise AssertionError("NaN embedding accepted")
+
+
+def _memmap(path, array):
+    np.save(path, array)
+    return np.load(path, mmap_mode="r")
+
+
+def test_chunked_passes_equal_in_memory_numpy(tmp_path):
+    rng = np.random.default_rng(0)
+    values = np.round(rng.normal(30, 4, 10007), 1).astype(np.float32)  # many duplicates
+    values[:3000] = 31.0  # a run of one value larger than a chunk
+    column = _memmap(tmp_path / "v.npy", values)
+    for k in (0, 1, 2999, 5003, 10006):
+        assert kth_smallest(column, k, chunk_rows=100) == float(np.partition(values, k)[k])
+    rows = _memmap(tmp_path / "r.npy", rng.normal(5, 3, (1001, 7)).astype(np.float32))
+    mean, std = column_stats(rows, "rows", chunk_rows=64)
+    np.testing.assert_allclose(mean, np.asarray(rows, np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(std, np.asarray(rows, np.float64).std(0, ddof=1), rtol=1e-12)
+
+
+def test_streamed_fit_and_chunked_scoring_on_a_memmap_equal_in_memory(tmp_path):
+    # N odd, not a multiple of the scoring block, the shuffle block or the shuffle window
+    n = 2 * SCORE_BLOCK_ROWS + 809
+    rows = np.random.default_rng(1).normal(0, 1, (n, 6)).astype(np.float32)
+    rows[: n // 2] += 3.0
+    column = _memmap(tmp_path / "pooled.npy", rows)
+    cfg = DensityConfig(epochs=2, latent_dim=2, hidden_dim=16, batch_size=512, elbo_samples=2)
+    window = 3 * SHUFFLE_BLOCK_ROWS
+    d = fit_text_density(column, cfg, nll_path=tmp_path / "nll.npy", window_rows=window)
+    # the same training from an in-memory tensor: the window reads change nothing
+    d_mem = fit_text_density(torch.from_numpy(rows), cfg, window_rows=window)
+    for p, q in zip(d.vae.parameters(), d_mem.vae.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    # reference: the fitted model scoring the whole in-memory tensor in one call
+    reference = d.nll(torch.from_numpy(rows))
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "nll.npy")), reference)
+    assert d.median_nll == float(reference.median())
+    assert math.isclose(d.temperature, float(reference.std()), rel_tol=1e-5)
+    # the map in ranges of one block into a memmap, as text_density writes it
+    with rows_output(tmp_path / "nll2.npy", (n,), np.float32) as out:
+        map_row_ranges(nll_rows, n, out, (d, column), rows_per_task=SCORE_BLOCK_ROWS)
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "nll2.npy")), reference)
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_scoring_map_as_ray_tasks_equals_in_process(tmp_path):
+    n, k = 2 * SCORE_BLOCK_ROWS + 77, 3
+    rng = np.random.default_rng(2)
+    column = _memmap(tmp_path / "pooled.npy", rng.normal(0, 1, (n, 5)).astype(np.float32))
+    table = tmp_path / "neighbours"
+    table.mkdir()
+    np.save(table / "ids.npy", np.where(rng.random((n, k)) < 0.1, -1, rng.integers(0, n, (n, k))))
+    np.save(table / "sims.npy", rng.uniform(-0.2, 1, (n, k)).astype(np.float32))
+    np.save(table / "different_identity.npy", rng.random((n, k)) < 0.5)
+    cfg = DensityConfig(epochs=1, latent_dim=2, hidden_dim=8, elbo_samples=2, distributed_min_rows=1)
+    d = fit_text_density(column[:SCORE_BLOCK_ROWS], cfg)
+    assert uses_cluster(n, cfg, None)  # the tiny threshold: Ray tasks on an embedded cluster, through connect
+    results = {}
+    for distributed in (False, uses_cluster(n, cfg, None)):
+        with rows_output(tmp_path / f"nll-{distributed}.npy", (n,), np.float32) as nll:
+            map_row_ranges(nll_rows, n, nll, (d, column), distributed=distributed, device="cpu",
+                           rows_per_task=SCORE_BLOCK_ROWS)
+        nll = np.load(tmp_path / f"nll-{distributed}.npy", mmap_mode="r")
+        with rows_output(tmp_path / f"psi-{distributed}.npy", (n, k), np.float32) as psi:
+            map_row_ranges(psi_rows, n, psi, (str(table), 1.0, 2.0, True, d, nll, 1.0), distributed=distributed,
+                           rows_per_task=SCORE_BLOCK_ROWS)
+        results[distributed] = tuple(np.load(tmp_path / f"{name}-{distributed}.npy") for name in ("nll", "psi"))
+    np.testing.assert_array_equal(results[True][0], results[False][0])
+    np.testing.assert_array_equal(results[True][1], results[False][1])
+    # psi per range is psi_table of the whole table (Eq. 12 unchanged)
+    whole = NeighbourTable(*(torch.from_numpy(np.load(table / f"{name}.npy"))
+                             for name in ("ids", "sims", "different_identity")))
+    expected = psi_table(whole, d.log_psi_inv_from_nll(torch.from_numpy(results[False][0])), 1.0, 2.0)
+    np.testing.assert_array_equal(results[True][1], expected.numpy())
+    assert (results[True][1][:, 0] > 0).any() and (results[True][1] == 0).any()

@@ -132,22 +132,199 @@ def test_sampling_is_deterministic(tiny_pipe):
     assert all(np.abs(mixed[i].astype(int) - a[i]).max() <= 1 for i in prompts)
 
 
-def test_samples_file_round_trip(tmp_path, tiny_pipe):
+def test_streamed_metrics_are_the_in_memory_metrics_exactly(tmp_path):
+    """compute_metrics one identity at a time on memory-mapped embeddings (written in batches that
+    interleave identities) = pogdiff.eval.metrics on the whole in-memory embeddings."""
+    from pogdiff.eval import IdentityEmbeddings, write_grouped
+    from pogdiff.eval import metrics as M
+
+    rng = np.random.default_rng(0)
+    sizes = {0: 30, 1: 12, 2: 2, 3: 3, 4: 2}
+    train = {i: rng.normal(size=(n, 8)).astype(np.float32) for i, n in sizes.items()}
+    heldout = {i: rng.normal(size=(3, 8)).astype(np.float32) for i in (0, 1)}
+    gen = {i: (train[i][:1] + rng.normal(scale=0.6, size=(4, 8))).astype(np.float32) for i in sizes}
+
+    def stored(name: str, per_id: dict) -> IdentityEmbeddings:
+        queues, rows = {i: list(block) for i, block in per_id.items()}, []
+        while any(queues.values()):  # identities interleaved at random, each one's rows in order
+            i = int(rng.choice([i for i, q in queues.items() if q]))
+            rows.append((i, queues[i].pop(0)))
+        batches = [([i for i, _ in rows[k:k + 5]], np.stack([e for _, e in rows[k:k + 5]])) for k in range(0, len(rows), 5)]
+        out = write_grouped(tmp_path / f"{name}.npy", {i: len(b) for i, b in per_id.items()}, iter(batches))
+        assert IdentityEmbeddings.load(tmp_path / f"{name}.npy").ranges == out.ranges
+        assert all(np.array_equal(out[i], per_id[i]) for i in per_id)
+        return out
+
+    real = {"training": stored("training", train), "heldout": stored("heldout", heldout)}
+    got = compute_metrics(stored("generated", gen), real, few=[2, 3, 4], threshold=0.5, fid_eps=1e-6)
+    fid_real = {i: np.concatenate([train[i], heldout[i]]) if i in heldout else train[i] for i in train}
+    want = {"fid": M.fid_per_id(gen, fid_real, 1e-6),
+            "dino": M.dino_score_per_id(gen, {i: heldout.get(i, train[i]) for i in train}),
+            "grecall": M.grecall_per_id(gen, train, 0.5)}
+    assert got["per_id"] == {k: {str(i): v for i, v in d.items()} for k, d in want.items()}
+    assert got["summary"]["grecall_all"] == M.grecall(gen, train, 0.5)
+    assert got["summary"]["fid_few"] == float(np.mean([want["fid"][i] for i in (2, 3, 4)]))
+    assert 0 < got["summary"]["grecall_all"] < 1 and got["dino_reference"]["heldout"] == [0, 1]
+
+
+def _eval_scale():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("eval_scale", Path(__file__).resolve().parents[1] / "benchmarks" / "eval_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A prepared dataset with PNGs in its shards (3 identities of 12 images and 5 of 2; 3 held out
+    per majority identity; 10 rows a shard) and a tiny random-init pipeline as the run's export."""
+    from pogdiff.runs import load_run_config
+
+    bench = _eval_scale()
+    work = tmp_path_factory.mktemp("run")
+    bench.write_prepared(work / "dataset", [12] * 3 + [2] * 5, per_shard=10)
+    bench.write_prepared(work / "dataset" / "heldout", [3] * 3, first_image=12)
+    cfg = load_run_config(None, [f"output_dir={work}", f"data.source={work / 'dataset'}", "sample.steps=1",
+                                 "sample.images_per_id=3", "sample.batch_size=2", "eval.recognizer_steps=40",
+                                 "data.minority_images=2", "train.device=cpu"])
+    bench.export_tiny_pipeline(cfg)
+    return cfg
+
+
+def test_samples_stream_into_shards_and_a_rerun_continues(run):
+    import dataclasses
+    import json
+
+    from pogdiff.eval.sampling import generate, load_pipeline, load_samples, sample_run
+
+    samples = sample_run(run, progress=False)
+    folder = samples.folder
+    # 8 identities x 3 images in shards of 2 x BATCHES_PER_SHARD = 16: identity 5 straddles the two
+    assert (len(samples), samples.num_images, samples.plan["shards"]) == (8, 24, 2)
+    assert [(i, j) for i, j, _ in samples.records()] == [(i, j) for i in range(8) for j in range(3)]
+    pipe = load_pipeline(folder.parent / "pipeline", torch.device("cpu"))
+    want = generate(pipe, samples.prompts, 3, steps=1, guidance_scale=run.sample.guidance_scale, seed=run.sample.seed,
+                    batch_size=2)
+    assert all(samples[i].shape == (3, 32, 32, 3) and np.array_equal(samples[i], want[i]) for i in range(8))
+    assert sorted(p.name for p in folder.glob("id*.png")) == [f"id{i:06d}.png" for i in range(8)]
+
+    # interrupted after the first shard: the rerun makes the second only
+    plan = json.loads((folder / "samples.json").read_text())
+    (folder / "samples.json").write_text(json.dumps({**plan, "complete": False}))
+    (folder / "shard-000001.json").unlink()
+    first = (folder / "shard-000000-00.tar").stat().st_mtime_ns
+    assert load_samples(run) is None
+    again = sample_run(run, progress=False)
+    assert (folder / "shard-000000-00.tar").stat().st_mtime_ns == first and (folder / "shard-000001.json").is_file()
+    assert all(np.array_equal(again[i], want[i]) for i in range(8))
+    assert load_samples(run) is not None
+    assert load_samples(dataclasses.replace(run, sample=dataclasses.replace(run.sample, seed=5))) is None  # other settings
+
+
+def test_eval_streams_features_and_scores_like_the_in_memory_reference(run):
+    """evaluate_run (shards -> memory-mapped embeddings -> per-identity metrics) = metrics.py on
+    embeddings of every image decoded and encoded in memory; the recogniser trained from the shard
+    stream tells the identities apart."""
+    import io
+
     from PIL import Image
 
-    from pogdiff.eval.sampling import generate, read_samples, save_samples
+    from pogdiff.data.dataset import resolve_dataset
+    from pogdiff.eval import evaluate_run
+    from pogdiff.eval import metrics as M
+    from pogdiff.eval.recognizer import eval_encoder, to_pil
+    from pogdiff.eval.sampling import load_samples
 
-    images = generate(tiny_pipe, {2: "An image of lukas brandt.", 0: "An image of mira okafor."}, n=2, steps=1,
-                      guidance_scale=5.0, seed=3, batch_size=2)
-    save_samples(tmp_path / "s.safetensors", images, {"settings": "{}"})
-    back, meta = read_samples(tmp_path / "s.safetensors")
-    assert meta == {"settings": "{}"} and sorted(back) == [0, 2]
-    for i in images:  # pixel for pixel, as PIL sees them (a layout mix-up scrambles channels)
-        assert np.array_equal(back[i], images[i])
-        assert np.array_equal(np.asarray(Image.fromarray(back[i][1])), np.asarray(Image.fromarray(images[i][1])))
-    strided = {7: np.random.default_rng(0).integers(0, 256, (2, 3, 8, 8), dtype=np.uint8).transpose(0, 2, 3, 1)}
-    save_samples(tmp_path / "t.safetensors", strided, {})
-    assert np.array_equal(read_samples(tmp_path / "t.safetensors")[0][7], strided[7])
+    result = evaluate_run(run, progress=False)
+    ds = resolve_dataset(run, progress=False)
+    encode, info = eval_encoder(run, ds, progress=False)
+    assert info["source"] == "dataset" and info["heldback_images"] == 9 and info["heldback_accuracy"] >= 0.8
+    assert result["valid"] and result["few_ids"] == [3, 4, 5, 6, 7]
+
+    def in_memory(index) -> dict[int, np.ndarray]:
+        rows = [(identity, Image.open(io.BytesIO(png)).convert("RGB")) for _, identity, png in index.images()]
+        emb, ids = encode([im for _, im in rows]).numpy(), np.array([i for i, _ in rows])
+        return {int(i): emb[ids == i] for i in np.unique(ids)}
+
+    train, heldout = in_memory(ds.index), in_memory(ds.heldout)
+    samples = load_samples(run)
+    emb = encode(to_pil(np.concatenate([samples[i] for i in samples]))).numpy()
+    gen = {i: emb[3 * k:3 * k + 3] for k, i in enumerate(samples)}
+    fid_real = {i: np.concatenate([train[i], heldout[i]]) if i in heldout else train[i] for i in train}
+    want = {"fid": M.fid_per_id(gen, fid_real, run.eval.fid_eps),
+            "dino": M.dino_score_per_id(gen, {i: heldout.get(i, train[i]) for i in train}),
+            "grecall": M.grecall_per_id(gen, train, run.eval.grecall_threshold)}
+    assert result["per_id"] == {k: {str(i): v for i, v in d.items()} for k, d in want.items()}
+    assert result["summary"]["dino_all"] == M.mean_over(want["dino"], train)
+
+
+def test_recognizer_stream_holds_back_the_last_image_of_each_identity(tmp_path):
+    """Own data without a held-out split: the last row of every identity with >= 3 images is held
+    back; the training stream draws every other labelled image (and only those) from the shards."""
+    import io
+
+    from PIL import Image
+
+    from pogdiff.data.dataset import Dataset
+    from pogdiff.data.encode import images_to_tensor
+    from pogdiff.eval.recognizer import BATCH, _training_stream, held_back_rows
+
+    bench = _eval_scale()
+    bench.write_prepared(tmp_path / "d", [5, 5, 2, 4], per_shard=4)
+    ds = Dataset(tmp_path / "d")
+    held = held_back_rows(ds.index)
+    assert held == {4, 9, 15}
+    pixels = {row: images_to_tensor([Image.open(io.BytesIO(png)).convert("RGB")])[0]
+              for row, _, png in ds.index.images()}
+    identity_of = dict(enumerate(np.asarray(ds.index.identities).tolist()))
+    seen = set()
+    for _, (x, y) in zip(range(3), _training_stream(ds, held)):
+        assert x.shape == (BATCH, 3, 32, 32)
+        for image, label in zip(x, y.tolist()):
+            [row] = [r for r, p in pixels.items() if torch.equal(p, image)]
+            assert row not in held and identity_of[row] == label
+            seen.add(row)
+    assert seen == set(pixels) - held  # 3 x 64 draws of 13 images: every one
+
+
+def test_ray_actors_sample_and_embed_what_this_process_does(run, tmp_path):
+    """sample.ray_workers > 0: the same shards from an actor pool, and the same features, in order
+    (one actor: a 2-core test machine; the shard plan does not depend on the number)."""
+    import dataclasses
+
+    import ray
+
+    from pogdiff.data.dataset import resolve_dataset
+    from pogdiff.dist.cluster import connect
+    from pogdiff.eval import feature_extractor
+    from pogdiff.eval.recognizer import eval_encoder
+    from pogdiff.eval.sampling import sample_run
+
+    here = sample_run(run, progress=False)
+    on_ray = dataclasses.replace(run, output_dir=str(tmp_path), sample=dataclasses.replace(run.sample, ray_workers=1))
+    _eval_scale().export_tiny_pipeline(on_ray)
+    started = connect(num_cpus=2)
+    try:
+        samples = sample_run(on_ray, progress=False)
+        assert samples.plan["shards"] == 2 and all(np.array_equal(samples[i], here[i]) for i in here)
+        ds = resolve_dataset(run, progress=False)
+        encoder = eval_encoder(run, ds, progress=False)
+        items = [(i, png) for i, _, png in samples.records()]
+        with feature_extractor(dataclasses.replace(on_ray, eval=dataclasses.replace(run.eval, batch_size=5)), ds,
+                               encoder) as embed:
+            batches = list(embed(items))
+        with feature_extractor(dataclasses.replace(run, eval=dataclasses.replace(run.eval, batch_size=5)), ds,
+                               encoder) as embed:
+            reference = list(embed(items))
+        assert [ids for ids, _ in batches] == [ids for ids, _ in reference] == [[i for i, _ in items[k:k + 5]]
+                                                                                 for k in range(0, 24, 5)]
+        assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(batches, reference))
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _looks(caption: str) -> str:

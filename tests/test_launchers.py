@@ -189,6 +189,15 @@ def test_slurm_script_derives_workers_from_the_allocation(slurm_vars, overrides,
     assert out.returncode == rc and line in out.stdout + out.stderr, out.stdout + out.stderr
 
 
+@pytest.mark.parametrize("verb, driver", [([], "train-dist (python -m pogdiff.dist.ray_driver)"),
+                                          (["prepare"], "prepare (python -m pogdiff.cli prepare)"),
+                                          (["eval"], "eval (python -m pogdiff.cli eval)")])
+def test_slurm_script_runs_any_verb(verb, driver):
+    env = {k: v for k, v in base_env().items() if not k.startswith("SLURM_")} | {"SLURM_JOB_NUM_NODES": "2"}
+    out = run(["bash", "slurm/pogdiff_multinode.sh", "--print-derived", *verb, "configs/demo.yaml"], env)
+    assert out.returncode == 0 and f"verb: {driver}" in out.stdout, out.stdout + out.stderr
+
+
 def test_slurm_derived_workers_reach_the_config_check_and_the_driver(slurm, tmp_path, ray_tmp):
     """On the CPU-only test cluster (2 nodes, --cpus-per-task=2, demo's dist.cpus_per_worker=1) the
     script derives 4 CPU workers, and passes them to the config check and to the driver, here a

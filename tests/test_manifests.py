@@ -90,3 +90,4 @@ def test_csv_stray_quote_is_reported_with_its_lines(tmp_path, capsys):
     records = json.loads(open(f"{result['output']}/dataset.json").read())["summary"]["skipped_records"]
     assert [r["record"].split(":")[-1] for r in records] == ["4", "5", "6", "7", "8"]
     assert all("unbalanced quote" in r["detail"] and "lines 4-8" in r["detail"] for r in records)
+

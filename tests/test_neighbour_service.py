@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from pogdiff.config import IndexConfig, IndexType, load_config
+from pogdiff.config import ConfigError, IndexConfig, IndexType, load_config
 from pogdiff.dist.knn_graph import ArraySource, build_knn_graph, clustered_embeddings
-from pogdiff.dist.neighbour_service import NeighbourService, choose_index
+from pogdiff.dist.neighbour_service import GiB, NeighbourService, NodeResources, choose_index, cluster_nodes, plan_shards
 from pogdiff.method.neighbours import exact_knn
 
 ray = pytest.importorskip("ray")
@@ -26,13 +26,14 @@ def one_faiss_thread():
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # two logical GPUs: Ray schedules GPU shard actors on them; faiss-cpu inside runs the index on the CPU
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
 
 def actor_cfg(name: str, **kw) -> IndexConfig:
-    return IndexConfig(name=name, actor_min_n=0, cpus_per_shard=0.5, **kw)
+    return IndexConfig(name=name, actor_min_n=0, cpus_per_shard=0.5, gpus_per_shard=0, **kw)
 
 
 def numpy_knn(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +98,43 @@ def test_dataset_artifact_and_cli_use_the_builder(tmp_path):
     torch.testing.assert_close(written.sims, ref.sims)
 
 
+def test_table_goes_to_memory_mapped_files_batch_by_batch(tmp_path):
+    """With an output folder, the graph's (N, k) columns are never allocated in this process: the
+    batches are written into memory-mapped files (tracemalloc sees numpy's allocations, not maps)."""
+    import tracemalloc
+
+    n, k = 10_000, 40
+    x, labels = clustered_embeddings(n, 8, seed=7)
+    src = ArraySource(x, labels)
+    table_bytes = n * k * (8 + 4 + 1)
+    icfg = IndexConfig(batch_size=100)  # per-batch arrays: ~100 x (k+1) x 8 B, each
+    peaks, tables = {}, {}
+    for name, out in (("memory", None), ("files", tmp_path / "table")):
+        tracemalloc.start()
+        tables[name], stats = build_knn_graph(src, k, icfg, root=tmp_path / name, out=out, progress=False)
+        peaks[name] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert stats["kind"] == "flat"
+    assert peaks["memory"] >= table_bytes and peaks["files"] < table_bytes / 4, (peaks, table_bytes)
+    for column in ("ids", "sims", "different_identity"):
+        assert torch.equal(getattr(tables["memory"], column), getattr(tables["files"], column))
+    rows = np.arange(0, n, 50)  # every 50th row against all, by numpy: the exact top-k similarities
+    z = x / np.linalg.norm(x, axis=1, keepdims=True)
+    s = z[rows] @ z.T
+    s[np.arange(len(rows)), rows] = -np.inf
+    np.testing.assert_allclose(tables["files"].sims[rows].numpy(), -np.sort(-s, axis=1)[:, :k], atol=1e-5)
+
+
+def test_missing_faiss_names_the_extras():
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['faiss'] = None\nimport pogdiff.dist.neighbour_service"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "FAISS is not installed: pip install 'pogdiff[cpu]', or 'pogdiff[gpu]'" in out.stderr
+
+
 def test_index_choice_follows_faiss_guidelines():
     icfg = IndexConfig()
     assert choose_index(50_000, 768, icfg, gpu=False).factory == "Flat"
@@ -108,6 +146,95 @@ def test_index_choice_follows_faiss_guidelines():
     pq = choose_index(20_000_000, 768, IndexConfig(memory_gb=16), num_shards=2, gpu=True)  # 28.6 GiB per shard
     assert pq.factory == "IVF32768,PQ96np" and pq.kind == IndexType.ivfpq
     assert choose_index(1000, 768, IndexConfig(type=IndexType.ivf, nlist=256)).factory == "IVF25,Flat"  # >= 39 per list
+
+
+# made-up clusters: Ray's logical CPUs and GPUs per node, its schedulable memory, each GPU's memory
+def gpu_node(gpus: int = 8, gpu_gib: float = 80, cpus: int = 64, gib: float = 900) -> NodeResources:
+    return NodeResources(cpus=cpus, gpus=gpus, memory=gib * GiB, gpu_memory=gpu_gib * GiB)
+
+
+def cpu_node(cpus: int = 32, gib: float = 200) -> NodeResources:
+    return NodeResources(cpus=cpus, gpus=0, memory=gib * GiB)
+
+
+def fits(plan, nodes) -> bool:
+    """Whether the plan's actors can all be placed: per node, how many fit by each resource (the reference)."""
+    per_node = [min(nd.gpus // plan.gpus if plan.gpus else 10**9, nd.cpus // plan.cpus if plan.cpus else 10**9,
+                    nd.memory // plan.memory) for nd in nodes]
+    return sum(per_node) >= plan.shards
+
+
+def test_shards_follow_the_gpus_each_node_has():
+    n, dim = 10**8, 768
+    four_by_eight = [gpu_node() for _ in range(4)]
+    plan = plan_shards(four_by_eight, n, dim, IndexConfig())
+    assert (plan.shards, plan.gpus, plan.cpus) == (4, 8, 64) and fits(plan, four_by_eight)
+    # 10^8 x 768 over 4 shards of 8 x 80 GiB GPUs: full vectors (2.5e7 x 3080 B = 72 GiB) fit: IVF
+    assert plan.index.kind == IndexType.ivf and plan.memory >= plan.index.bytes_per_shard
+    # one actor per node at most 8 GPUs, whatever the cluster's total (32)
+    assert plan_shards(four_by_eight, n, dim, IndexConfig(shards=1)).gpus == 8
+    six = plan_shards(four_by_eight, n, dim, IndexConfig(shards=6))
+    assert (six.shards, six.gpus, six.cpus) == (6, 4, 32) and fits(six, four_by_eight)
+    # mixed nodes: parts as large as the smallest GPU node; a CPU-only node takes no GPU shard
+    mixed = [gpu_node(8), gpu_node(4, cpus=16), cpu_node()]
+    plan = plan_shards(mixed, 10**6, dim, IndexConfig())
+    assert (plan.shards, plan.gpus, plan.cpus) == (3, 4, 16) and fits(plan, mixed)
+    # more shards than GPUs: they share GPUs in fractions Ray accepts
+    shared = plan_shards([gpu_node(2)], 10**5, dim, IndexConfig(shards=3))
+    assert shared.shards == 3 and shared.gpus == 0.5 and fits(shared, [gpu_node(2)])
+    # CPU nodes: one shard per node; CPU shards on GPU nodes when asked (a service beside training)
+    cpu = plan_shards([cpu_node(32), cpu_node(32)], 10**6, dim, IndexConfig())
+    assert (cpu.shards, cpu.gpus, cpu.cpus) == (2, 0, 32)
+    beside = plan_shards(four_by_eight, 10**6, dim, IndexConfig(gpus_per_shard=0, cpus_per_shard=4))
+    assert (beside.shards, beside.gpus, beside.cpus) == (4, 0, 4)
+    uneven = [cpu_node(32), cpu_node(4)]
+    plan = plan_shards(uneven, 10**6, dim, IndexConfig())
+    assert plan.shards == 2 and fits(plan, uneven) and plan.cpus == 16  # both on the big node beats 4 CPUs each
+
+
+def test_index_type_follows_the_memory_a_shard_has():
+    n, dim = 10**8, 768
+    one_node = [gpu_node(8, gpu_gib=40)]  # 320 GiB of GPU memory < 10^8 x 768 fp32 (286 GiB) / 0.75
+    plan = plan_shards(one_node, n, dim, IndexConfig())
+    assert plan.index.kind == IndexType.ivfpq and plan.index.factory.endswith(",PQ96np")
+    assert plan.index.bytes_per_shard == pytest.approx(n * (96 + 8), rel=0.03)  # codes and ids: ~10 GB
+    big_cpu = [cpu_node(64, gib=256)]
+    assert plan_shards(big_cpu, n, dim, IndexConfig()).index.kind == IndexType.ivfpq
+    small = plan_shards(big_cpu, 20_000, dim, IndexConfig())
+    assert small.index.kind == IndexType.flat and small.memory < GiB  # the actor reserves what its index needs
+    assert plan_shards(big_cpu, 10**6, dim, IndexConfig()).index.kind == IndexType.ivf  # 2.9 GiB fits
+
+
+def test_requests_larger_than_the_nodes_are_config_errors():
+    nodes = [gpu_node() for _ in range(4)]
+    n, dim = 10**6, 768
+    with pytest.raises(ConfigError, match=r"index\.gpus_per_shard=16 is more GPUs than any node has \(4 alive nodes: 4 x \(8 GPUs"):
+        plan_shards(nodes, n, dim, IndexConfig(gpus_per_shard=16))
+    with pytest.raises(ConfigError, match=r"index\.cpus_per_shard=128 is more CPUs than any node has .*64 CPUs"):
+        plan_shards(nodes, n, dim, IndexConfig(cpus_per_shard=128))
+    with pytest.raises(ConfigError, match=r"index\.shards=5, index\.gpus_per_shard=8: 5 shard actors .* which take 4"):
+        plan_shards(nodes, n, dim, IndexConfig(shards=5, gpus_per_shard=8))
+    with pytest.raises(ConfigError, match=r"index\.memory_gb=2000 is more than a shard has"):
+        plan_shards(nodes, n, dim, IndexConfig(memory_gb=2000))
+    with pytest.raises(ConfigError, match=r"index\.type=flat does not fit"):
+        plan_shards([cpu_node(gib=8)], 10**7, dim, IndexConfig(type=IndexType.flat))
+    with pytest.raises(ConfigError, match=r"even as IVF-PQ codes"):
+        plan_shards([cpu_node(gib=1)], 10**9, dim, IndexConfig())
+
+
+def test_cluster_nodes_read_the_embedded_ray_and_a_gpu_shard_actor_builds(tmp_path, ray_local):
+    """The nodes as Ray reports them (2 logical GPUs declared here), and a build whose shard actor
+    asks for those GPUs: scheduled, and the same graph as in-process."""
+    (node,) = cluster_nodes()
+    assert (node.cpus, node.gpus) == (2, 2) and node.memory == ray.nodes()[0]["Resources"]["memory"]
+    x, labels = clustered_embeddings(1500, 16, seed=6)
+    planned, st = build_knn_graph(ArraySource(x, labels), 5, IndexConfig(name="nb-gpu", actor_min_n=0), root=tmp_path / "gpu",
+                                  progress=False)
+    assert st["actors"] and st["shards"] == 1 and st["gpus"] == 2 and st["kind"] == "flat"
+    assert torch.equal(planned.ids, exact_knn(torch.from_numpy(x), 5).ids)
+    with pytest.raises(ConfigError, match=r"index\.gpus_per_shard=4 is more GPUs than any node has \(1 alive node: 1 x \(2 GPUs"):
+        build_knn_graph(ArraySource(x, labels), 5, IndexConfig(name="nb-gpu", actor_min_n=0, gpus_per_shard=4),
+                        root=tmp_path / "gpu", progress=False)
 
 
 def test_ivf_recall_meets_target_on_clustered_data(tmp_path):
@@ -151,9 +278,13 @@ def test_sharded_equals_unsharded(tmp_path, ray_local):
     src = ArraySource(x, labels)
     for kind in (IndexType.flat, IndexType.ivf):
         one, st1 = build_knn_graph(src, 8, IndexConfig(type=kind), root=tmp_path / f"one-{kind.value}", progress=False)
-        three, st3 = build_knn_graph(src, 8, actor_cfg("nb-sharded", type=kind, shards=3),
-                                     root=tmp_path / f"three-{kind.value}", progress=False)
-        assert not st1["actors"] and st3["actors"]
+        table = tmp_path / f"table-{kind.value}"
+        three, st3 = build_knn_graph(src, 8, actor_cfg("nb-sharded", type=kind, shards=3, batch_size=700),
+                                     root=tmp_path / f"three-{kind.value}", out=table, progress=False)
+        assert not st1["actors"] and st3["actors"] and st3["shards"] == 3
+        # written into the table's files (temp names renamed), and read back memory-mapped
+        assert sorted(p.name for p in table.iterdir()) == ["different_identity.npy", "ids.npy", "sims.npy"]
+        assert isinstance(np.load(table / "ids.npy", mmap_mode="r"), np.memmap)
         assert torch.equal(three.ids, one.ids), kind
         torch.testing.assert_close(three.sims, one.sims)
         assert torch.equal(three.different_identity, one.different_identity)

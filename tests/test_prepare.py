@@ -77,19 +77,29 @@ def test_synthetic_shards_hold_what_the_encoders_give(tmp_path):
     assert (root / "label_distribution.png").is_file()
 
 
-def test_process_backend_gives_the_serial_result(tmp_path):
+def test_the_ray_data_pipeline_gives_the_same_dataset_for_any_number_of_workers(tmp_path):
     serial = prepare(cfg_for(tmp_path, *SMALL, name="serial"), progress=False)
     # the same frozen encoders, now given as a local diffusers directory (the tiny tokenizer's BPE
     # training is not deterministic, so a second tiny build would number tokens differently)
-    parallel = prepare(cfg_for(tmp_path, *SMALL, "prepare.backend=process", "prepare.workers=2",
-                               f"model.name={tmp_path / 'serial' / 'model'}", name="par"), progress=False)
-    assert [p["samples"] for p in serial["shards"]] == [p["samples"] for p in parallel["shards"]]
-    a, b = shard_samples(tmp_path / "serial"), shard_samples(tmp_path / "par")
-    assert list(a) == list(b)
-    for key in a:
-        np.testing.assert_allclose(a[key]["latent.npy"].astype(np.float32), b[key]["latent.npy"].astype(np.float32),
-                                   atol=2e-3)
-        assert np.array_equal(a[key]["tokens.npy"], b[key]["tokens.npy"])
+    model = f"model.name={tmp_path / 'serial' / 'model'}"
+    import ray
+
+    from pogdiff.dist.cluster import session
+
+    with session(num_cpus=3):  # one embedded cluster for both runs
+        one = prepare(cfg_for(tmp_path, *SMALL, "prepare.backend=ray", "prepare.workers=1", model, name="one"),
+                      progress=False)
+        two = prepare(cfg_for(tmp_path, *SMALL, "prepare.backend=ray", "prepare.workers=2", model, name="two"),
+                      progress=False)
+        assert ray.is_initialized()  # prepare joined the session rather than starting its own
+    for name, dataset in (("one", one), ("two", two)):
+        assert dataset["shards"] == serial["shards"], name  # the same parts, sizes and sha256
+        for part in serial["shards"]:
+            assert (tmp_path / name / part["url"]).read_bytes() == (tmp_path / "serial" / part["url"]).read_bytes()
+        for column in ("index.jsonl", "tokens.npy", "pooled.npy", "image_emb.npy", "identities.npy",
+                       "row_of_ordinal.npy", "heldout/index.jsonl"):
+            assert (tmp_path / name / column).read_bytes() == (tmp_path / "serial" / column).read_bytes(), (name, column)
+        assert dataset["summary"] == serial["summary"]
 
 
 BAD_CASES = {  # reason -> manifest row (the images are written by the fixture)
@@ -154,29 +164,27 @@ def test_strict_makes_each_bad_record_an_error(tmp_path, image_dir, case):
         prepare(cfg_for(tmp_path, f"data.source={manifest}", "prepare.strict=true"), progress=False)
 
 
-def test_resume_redoes_only_unfinished_shards(tmp_path, monkeypatch):
-    ran, real_run_task = [], prep.run_task
+def test_resume_redoes_only_unfinished_shards(tmp_path):
+    ran = []
 
     def crash_at_task_2(task):
         if task.index == 2:
             (tmp_path / "ds" / "shards" / ".shard-000002-00.tar.tmp").write_bytes(b"half a shard")
             raise KeyboardInterrupt("killed")
         ran.append(task.index)
-        return real_run_task(task)
+        return prep.decode_task(task)
 
-    monkeypatch.setattr(prep, "run_task", crash_at_task_2)
     cfg = cfg_for(tmp_path, *SMALL)
     with pytest.raises(KeyboardInterrupt):
-        prepare(cfg, progress=False)
+        prepare(cfg, progress=False, stages=prep.Stages(decode=crash_at_task_2))
     assert ran == [0, 1] and not (tmp_path / "ds" / "dataset.json").exists()
 
     def record(task):
         ran.append((Path(task.folder).parent.name, task.index))
-        return real_run_task(task)
+        return prep.decode_task(task)
 
     ran.clear()
-    monkeypatch.setattr(prep, "run_task", record)
-    resumed = prepare(cfg, progress=False)
+    resumed = prepare(cfg, progress=False, stages=prep.Stages(decode=record))
     # finished shards are not redone; then the held-out split (4 identities x 4 images, 5 per shard)
     assert ran == [("ds", 2), ("ds", 3)] + [("heldout", t) for t in range(4)], ran
     assert not list((tmp_path / "ds" / "shards").glob(".*"))
@@ -319,3 +327,15 @@ def test_local_hugging_face_image_encoders(tmp_path):
         load_image_encoder(str(tmp_path / "missing"))
     dataset = prepare(cfg_for(tmp_path, *SMALL, f"data.image_encoder={tmp_path / 'dino'}"), progress=False)
     assert dataset["image_emb_dim"] == 32 and dataset["image_encoder"] == str(tmp_path / "dino")
+
+
+@pytest.mark.parametrize("overrides, resources, pool", [
+    ([], {"CPU": 64.0, "GPU": 32.0}, (32, 1.0)),  # 4 nodes x 8 GPUs: one encoder actor per GPU
+    ([], {"CPU": 3.0}, (2, 0.0)),  # the embedded cluster of a 2-core machine: 2 actors, a CPU for decoding
+    (["prepare.device=cpu"], {"CPU": 64.0, "GPU": 8.0}, (63, 0.0)),
+    (["prepare.gpus_per_worker=0.5"], {"CPU": 64.0, "GPU": 8.0}, (16, 0.5)),
+    (["prepare.workers=4"], {"CPU": 64.0, "GPU": 8.0}, (4, 1.0)),
+    (["prepare.workers=3", "prepare.gpus_per_worker=0"], {"CPU": 8.0, "GPU": 8.0}, (3, 0.0)),
+])
+def test_the_encoder_pool_follows_the_cluster(overrides, resources, pool):
+    assert prep.encoder_pool(load_config(None, overrides).prepare, resources) == pool

@@ -76,12 +76,14 @@ def test_a_killed_prepare_leaves_no_worker(sig, tmp_path):
     parent = psutil.Process(proc.pid)
     deadline = time.monotonic() + 120
     workers: list[int] = []
-    while len(workers) < 2:
+    while len(workers) < 2:  # the pipeline's two encoder actors (Ray workers of the embedded cluster)
         assert proc.poll() is None and time.monotonic() < deadline, "prepare ended before its workers started"
-        workers = [c.pid for c in parent.children(recursive=True) if "multiprocessing" in " ".join(c.cmdline())]
+        tree = parent.children(recursive=True)
+        workers = [c.pid for c in tree if "ShardEncoder" in " ".join(c.cmdline())]
         time.sleep(0.2)
     time.sleep(1.0)  # the workers are encoding now
+    tree = [c.pid for c in parent.children(recursive=True)]  # raylet, GCS, decode tasks, actors
     proc.send_signal(sig)
     proc.wait(120)
-    left = gone(workers, "\0never\0", timeout=20)
+    left = gone(tree, "\0never\0", timeout=30)
     assert not left, f"prepare workers still running after {sig.name}:\n" + "\n".join(left)

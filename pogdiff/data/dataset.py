@@ -35,8 +35,8 @@ import torch
 from pogdiff.config import Config
 from pogdiff.data.shards import DatasetIndex, EmbeddingSource
 from pogdiff.method.density import TextDensity, fit_text_density
-from pogdiff.method.neighbours import NeighbourTable, psi_table, summarize_psi
-from pogdiff.runs import atomic_path, fingerprint, write_json
+from pogdiff.method.neighbours import NeighbourTable, summarize_psi
+from pogdiff.runs import atomic_path, fingerprint, is_uri, write_json
 
 log = logging.getLogger("pogdiff.data")
 
@@ -48,6 +48,30 @@ def is_prepared(path: str | Path) -> bool:
 @dataclass
 class Dataset:
     root: Path
+    uri: Optional[str] = None  # a dataset in object storage: root is this node's cached copy (pogdiff.storage)
+
+    @classmethod
+    def at(cls, location: str | Path) -> "Dataset":
+        """The prepared dataset at a folder or a URI; of one in object storage, the memory-mapped files are
+        cached on this node and the shards streamed from the bucket."""
+        if is_uri(str(location)):
+            from pogdiff.storage import local_copy
+
+            return cls(local_copy(str(location)), str(location))
+        return cls(Path(location).resolve())
+
+    @property
+    def location(self) -> str:
+        """What names the dataset on every node: its URI, else its folder."""
+        return self.uri or str(self.root)
+
+    def publish_artifacts(self) -> None:
+        """Artifacts built here go to the bucket, where other nodes fetch them (``Dataset.at``); a
+        folder's are already where every node reads them."""
+        if self.uri is not None:
+            from pogdiff.storage import upload_artifacts
+
+            upload_artifacts(self.artifacts, f"{self.uri}/artifacts")
 
     @cached_property
     def index(self) -> DatasetIndex:
@@ -78,12 +102,18 @@ class Dataset:
 
 def resolve_dataset(cfg: Config, progress: bool = True) -> Dataset:
     """``data.source`` as a prepared dataset: a prepared directory as it is; any other source
-    prepared once (``pogdiff prepare``) and reused while its fingerprint holds."""
-    from pogdiff.data.prepare import output_dir, prepare, source_fingerprint
+    prepared once (``pogdiff prepare``) and reused while its fingerprint holds. In object storage
+    (``data.source`` or ``prepare.output`` a URI) it is read through a node-local copy (``Dataset.at``)."""
+    from pogdiff.data.prepare import output_dir, output_location, prepare, source_fingerprint
 
     source = cfg.data.source
+    if is_uri(source):
+        return Dataset.at(source)
     if source != "synthetic" and is_prepared(source):
         return Dataset(Path(source).resolve())
+    if is_uri(location := output_location(cfg)):
+        prepare(cfg, progress=progress)  # returns at once when the bucket holds it complete
+        return Dataset.at(location)
     out = output_dir(cfg)
     if is_prepared(out) and json.loads((out / "dataset.json").read_text()).get("source_fingerprint") == source_fingerprint(cfg):
         return Dataset(out.resolve())
@@ -95,11 +125,6 @@ def _load(path: Path) -> np.ndarray:
     return np.load(path, mmap_mode="c")
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
-
-
 # --------------------------------------------------------------------------------- neighbours (Eq. 8)
 
 def neighbours_dir(cfg: Config, ds: Dataset) -> Path:
@@ -108,16 +133,13 @@ def neighbours_dir(cfg: Config, ds: Dataset) -> Path:
 
 def build_neighbours(cfg: Config, ds: Dataset, progress: bool = True) -> dict:
     """The kNN graph of the dataset's image embeddings with the FAISS service (pogdiff.dist.knn_graph)
-    -> ``neighbours-k<k>/``; returns the build's stats."""
+    -> ``neighbours-k<k>/`` (replaced once complete), written batch by batch into memory-mapped files;
+    returns the build's stats."""
     from pogdiff.dist.knn_graph import build_knn_graph
 
     out = neighbours_dir(cfg, ds)
-    table, stats = build_knn_graph(EmbeddingSource(ds.root), cfg.method.k, cfg.index, root=ds.artifacts / "faiss",
-                                   progress=progress)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, array in (("ids", table.ids.numpy()), ("sims", table.sims.numpy()),
-                        ("different_identity", table.different_identity.numpy())):
-        _save_npy(out / f"{name}.npy", array)
+    _, stats = build_knn_graph(EmbeddingSource(ds.root), cfg.method.k, cfg.index, root=ds.artifacts / "faiss", out=out,
+                               progress=progress)
     stats["table"] = str(out)
     write_json(out / "stats.json", stats)  # last: the table is complete
     return stats
@@ -136,18 +158,19 @@ def neighbour_table(cfg: Config, ds: Dataset, progress: bool = True) -> Neighbou
 def density_dir(cfg: Config, ds: Dataset) -> Path:
     dc = asdict(cfg.density)
     dc.pop("temperature"), dc.pop("log_clip")  # applied when psi_inv is read, not when the VAE is fitted
+    dc.pop("device"), dc.pop("distributed_min_rows")  # where it is computed, not what
     return ds.artifacts / f"density-{fingerprint(dc, 12)}"
 
 
 def text_density(cfg: Config, ds: Dataset, progress: bool = True) -> tuple[TextDensity, np.ndarray]:
-    """(the fitted text VAE with this config's temperature and clip, -ELBO of every row (N,))."""
+    """(the fitted text VAE with this config's temperature and clip, -ELBO of every row (N,), memory-mapped)."""
     out = density_dir(cfg, ds)
-    if not (out / "nll.npy").is_file():
-        density = fit_text_density(torch.from_numpy(np.array(ds.index.pooled)), cfg.density, progress=progress)
+    if not ((out / "nll.npy").is_file() and (out / "density.safetensors").is_file()):
         out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "density.safetensors") as tmp:
+        density = fit_text_density(ds.index.pooled, cfg.density, progress=progress, nll_path=out / "nll.npy",
+                                   ray_address=cfg.dist.ray_address)
+        with atomic_path(out / "density.safetensors") as tmp:  # after nll.npy: the two are complete
             density.save(tmp)
-        _save_npy(out / "nll.npy", density.nll(torch.from_numpy(np.array(ds.index.pooled))).numpy())
     density = TextDensity.load(out / "density.safetensors")
     density.temperature = float(cfg.density.temperature) if cfg.density.temperature is not None else density.temperature
     density.log_clip = cfg.density.log_clip
@@ -169,16 +192,19 @@ def psi_table_for(cfg: Config, ds: Dataset, progress: bool = True) -> tuple[np.n
     path = psi_path(cfg, ds)
     stats_path = path.with_suffix(".json")
     if not stats_path.is_file():
+        from pogdiff.method.density import map_row_ranges, psi_rows, rows_output, uses_cluster
+
         m = cfg.method
-        table = neighbour_table(cfg, ds, progress)
-        log_inv = None
+        n, k = neighbour_table(cfg, ds, progress).ids.shape
+        density = nll = None
         if m.psi_inv:
             density, nll = text_density(cfg, ds, progress)
-            log_inv = density.log_psi_inv_from_nll(torch.from_numpy(np.asarray(nll)), m.a3)
-        psi = psi_table(table, log_inv, m.a1, m.a2, use_psi_img=m.psi_img)
         ds.artifacts.mkdir(parents=True, exist_ok=True)
-        _save_npy(path, psi.numpy())
-        stats = summarize_psi(psi, ds.index.is_minority(cfg.data.minority_images))
+        with rows_output(path, (n, k), np.float32) as psi:
+            map_row_ranges(psi_rows, n, psi, (str(neighbours_dir(cfg, ds)), m.a1, m.a2, m.psi_img, density, nll, m.a3),
+                           distributed=uses_cluster(n, cfg.density, cfg.dist.ray_address),
+                           ray_address=cfg.dist.ray_address, progress=progress)
+        stats = summarize_psi(_load(path), ds.index.is_minority(cfg.data.minority_images))
         write_json(stats_path, stats)
         ratio = stats.get("tail_over_head")
         if ratio is not None and ratio < 1:
@@ -192,11 +218,13 @@ def prepare_artifacts(cfg: Config, ds: Dataset, progress: bool = True) -> dict:
     from pogdiff.config import Method
 
     name = cfg.method.name
+    stats = {}
     if name == Method.pogdiff:
-        return psi_table_for(cfg, ds, progress)[1]
-    if name == Method.t2h:
+        stats = psi_table_for(cfg, ds, progress)[1]
+    elif name == Method.t2h:
         text_density(cfg, ds, progress)
-    return {}
+    ds.publish_artifacts()
+    return stats
 
 
 def clear_artifacts(ds: Dataset) -> None:

@@ -21,13 +21,14 @@ import io
 import json
 import logging
 import os
+import pickle
 import re
-import sys
+import shutil
 import stat
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +38,8 @@ from pogdiff.config import Config, ModelConfig, PrepareConfig
 from pogdiff.data.encode import encode_batch, encode_latents, images_to_tensor, load_image_encoder
 from pogdiff.models.components import Components, load_components
 from pogdiff.data.shards import Sample, damaged_parts, read_task_record, write_index, write_task
-from pogdiff.runs import atomic_path, atomic_write, derive_seed
+from pogdiff.runs import atomic_path, atomic_write, derive_seed, is_uri
+from pogdiff.storage import read_json, upload_dataset
 from pogdiff.data.synthetic import Record, identity_name, iter_records, profile_counts
 from pogdiff.models.components import resolve_device
 
@@ -140,9 +142,110 @@ def read_manifest(path: Path) -> Iterator[tuple[str, Optional[dict], str]]:
                            f"{orig[end - 1]} into one record; fix the quoting")
                 continue
             yield f"{path}:{orig[end - 1]}", row, ""
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+            raise PrepareError(f"data.source '{path}' is not a readable Parquet file: {e}") from None
+        row_no = 0
+        for batch in table.iter_batches(batch_size=65536):
+            for row in batch.to_pylist():
+                row_no += 1
+                yield f"{path}:row {row_no}", row, ""
     else:
-        raise PrepareError(f"data.source '{path}': a manifest is a .jsonl or .csv file, an image folder with "
-                           "metadata.jsonl, a prepared dataset directory, or 'synthetic'")
+        raise PrepareError(f"data.source '{path}': a manifest is a .jsonl, .csv or .parquet file, an image folder "
+                           "with metadata.jsonl, a directory (or brace pattern) of WebDataset .tar shards, a prepared "
+                           "dataset directory, or 'synthetic'")
+
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # what img2dataset writes
+TAR_MEMBER = "tar://"  # an image inside a source shard: tar://<shard path>#<offset>+<size>
+
+
+def webdataset_shards(source: str) -> Optional[list[Path]]:
+    """The shards of a WebDataset source (a directory of .tar files, a brace pattern such as
+    ``shards/{00000..00009}.tar``, or one .tar), in order; None for other sources."""
+    if source.endswith(".tar") or ("{" in source and ".." in source):
+        from braceexpand import braceexpand
+
+        paths = [Path(p).expanduser() for p in braceexpand(source)]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise PrepareError(f"data.source '{source}': {len(missing)} of its {len(paths)} shards do not exist "
+                               f"(first: {missing[0]})")
+        return paths
+    path = Path(source).expanduser()
+    if path.is_dir() and not any((path / name).is_file() for name in IMAGEFOLDER_METADATA):
+        tars = sorted(path.glob("*.tar"))
+        return tars or None
+    return None
+
+
+def read_webdataset(shards: Sequence[Path]) -> Iterator[tuple[str, Optional[dict], str]]:
+    """(where, row or None, why unusable) per sample of WebDataset shards, as img2dataset writes
+    them: ``<key>.jpg|png|webp`` + ``<key>.txt`` + ``<key>.json``. A row is the json's fields plus
+    ``__image__`` (a TAR_MEMBER reference: the image is read at its offset by the encoder stage, so
+    this pass reads only headers, captions and json) and ``__txt__``."""
+    import tarfile
+
+    for shard in shards:
+        samples: dict[str, dict] = {}
+        try:
+            with tarfile.open(shard, "r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    folder, _, base = member.name.rpartition("/")
+                    stem, _, ext = base.partition(".")
+                    key = f"{folder}/{stem}" if folder else stem
+                    sample = samples.setdefault(key, {"key": key})
+                    ext = ext.lower()
+                    if ext in IMAGE_EXTENSIONS:
+                        sample["__image__"] = f"{TAR_MEMBER}{shard.resolve()}#{member.offset_data}+{member.size}"
+                    elif ext in ("txt", "json"):
+                        sample[f"__{ext}__"] = tar.extractfile(member).read()
+        except (tarfile.TarError, OSError) as e:
+            yield f"{shard}", None, f"not a readable tar shard ({e}); its samples are skipped"
+            continue
+        for key, sample in samples.items():
+            where = f"{shard}:{key}"
+            row = {}
+            if "__json__" in sample:
+                try:
+                    row = json.loads(sample["__json__"])
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    yield where, None, f"{key}.json is not valid JSON ({e})"
+                    continue
+                if not isinstance(row, dict):
+                    yield where, None, f"{key}.json is not a JSON object"
+                    continue
+            if "__txt__" in sample:
+                try:
+                    row["__txt__"] = sample["__txt__"].decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield where, None, f"{key}.txt is not UTF-8 text ({e.reason} at byte {e.start})"
+                    continue
+            row["key"], row["__image__"] = key, sample.get("__image__", "")
+            yield where, row, "" if row["__image__"] else f"no image member ({'/'.join(IMAGE_EXTENSIONS)})"
+
+
+def read_source_bytes(path: str) -> bytes:
+    """An image file's bytes, or a TAR_MEMBER's."""
+    if path.startswith(TAR_MEMBER):
+        shard, _, span = path[len(TAR_MEMBER):].rpartition("#")
+        offset, size = (int(v) for v in span.split("+"))
+        with open(shard, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"{shard} ends inside this member (truncated shard)")
+        return data
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):  # a FIFO would block forever, a device read forever
+        raise OSError(f"'{path}' is not a regular file")
+    return Path(path).read_bytes()
 
 
 IMAGEFOLDER_METADATA = ("metadata.jsonl", "metadata.csv")  # Hugging Face's imagefolder convention
@@ -155,8 +258,9 @@ def manifest_path(source: str) -> tuple[Path, bool]:
         for name in IMAGEFOLDER_METADATA:
             if (path / name).is_file():
                 return path / name, True
-        raise PrepareError(f"data.source '{source}' is a directory without dataset.json (a prepared dataset) or "
-                           f"{' / '.join(IMAGEFOLDER_METADATA)} (a Hugging Face imagefolder)")
+        raise PrepareError(f"data.source '{source}' is a directory without dataset.json (a prepared dataset), "
+                           f"{' / '.join(IMAGEFOLDER_METADATA)} (a Hugging Face imagefolder) or .tar files (WebDataset "
+                           "shards)")
     if not path.is_file():
         raise PrepareError(f"data.source '{source}' is neither 'synthetic' nor an existing manifest file or directory")
     return path, False
@@ -275,14 +379,28 @@ class Plan:
 
 
 def plan_manifest(cfg: Config, path: Path) -> Plan:
+    root = Path(cfg.prepare.image_root) if cfg.prepare.image_root else path.parent
+    return plan_rows(cfg, read_manifest(path), root)
+
+
+def plan_webdataset(cfg: Config, shards: Sequence[Path]) -> Plan:
+    """The samples of WebDataset shards; the caption is the ``txt`` member, or the json field
+    ``data.caption_column``."""
+    return plan_rows(cfg, read_webdataset(shards), None, ("__image__", cfg.data.caption_column or "__txt__"))
+
+
+def plan_rows(cfg: Config, source_rows: Iterator[tuple[str, Optional[dict], str]], root: Optional[Path],
+              fixed_columns: Optional[tuple[str, str]] = None) -> Plan:
+    """The plan of a manifest's (or shards') rows. ``root``: what image paths are relative to (None:
+    the rows give complete references); ``fixed_columns``: (image, caption) columns, else found
+    from the first row."""
     pc, d = cfg.prepare, cfg.data
-    root = Path(pc.image_root) if pc.image_root else path.parent
     skipped: list[dict] = []
     rows: list[dict] = []
     seen: dict[str, str] = {}
-    image_col = caption_col = None
+    image_col, caption_col = fixed_columns or (None, None)
     rows_in = 0
-    for where, row, problem in read_manifest(path):
+    for where, row, problem in source_rows:
         rows_in += 1
         if row is not None and image_col is None:
             image_col, caption_col = columns(cfg, row)
@@ -292,9 +410,9 @@ def plan_manifest(cfg: Config, path: Path) -> Plan:
             continue
         image = str(row[image_col]).strip()
         key = sanitize_key(str(row.get("key") or Path(image).with_suffix("").as_posix()))
-        where = f"{where} (key={key}, image={image})"
-        full = (root / image).resolve()
-        if not pc.allow_outside_root and not full.is_relative_to(root.resolve()):
+        where = f"{where} (key={key}, image={image})" if root is not None else f"{where} (key={key})"
+        full = (root / image).resolve() if root is not None else None
+        if full is not None and not pc.allow_outside_root and not full.is_relative_to(root.resolve()):
             skip_record(skipped, pc.strict, where, "outside_image_root",
                         f"'{image}' resolves to '{full}', outside '{root}' (set prepare.allow_outside_root=true to allow)")
             continue
@@ -309,7 +427,8 @@ def plan_manifest(cfg: Config, path: Path) -> Plan:
         label = row.get(d.identity_column)
         label = "" if label is None else str(label).strip()
         name = str(row.get(d.name_column) or "").strip() or label.replace("_", " ")
-        rows.append(dict(where=where, key=key, image=str(root / image), caption=caption, label=label, name=name))
+        rows.append(dict(where=where, key=key, image=str(root / image) if root is not None else image, caption=caption,
+                         label=label, name=name))
 
     labelled = pc.imbalance or pc.mask_names or any(r["label"] for r in rows)
     if labelled:
@@ -379,6 +498,8 @@ def make_plan(cfg: Config) -> Plan:
         heldout = [d.heldout_images] * len(counts) if d.heldout_images else None
         return Plan(sum(counts), None, (counts, d.seed, d.image_size, [0] * len(counts)), [], {}, {},
                     heldout_synthetic=(heldout, d.seed, d.image_size, counts) if heldout else None)
+    if (shards := webdataset_shards(d.source)) is not None:
+        return plan_webdataset(cfg, shards)
     return plan_manifest(cfg, manifest_path(d.source)[0])
 
 
@@ -399,8 +520,11 @@ class Task:
     keep_images: bool = True
     crop_seed: Optional[int] = None  # None: centre crops; else random crops drawn per record from it
     random_flip: bool = False  # also encode each image's mirror
+    precision: str = "auto"  # the encoders' autocast on a GPU (prepare.precision)
     items: Optional[list[Item]] = None
-    synthetic: Optional[tuple] = None  # counts, seed, size, first image indices, start, stop
+    # the identities it touches: counts, seed, size, first image indices, start, stop (in them), the
+    # first's identity, the first record's ordinal (synthetic_task)
+    synthetic: Optional[tuple] = None
 
 
 class BadRecord(Exception):
@@ -413,10 +537,7 @@ def load_image(path: str, size: int, crop_seed: Optional[int] = None) -> Image.I
     """Decode fully (a truncated file fails here, not later), then resize the shorter side to
     ``size`` and crop ``size`` x ``size``: centred, or at a random offset drawn from ``crop_seed``."""
     try:
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):  # a FIFO would block forever, a device read forever
-            raise BadRecord("unreadable_file", f"'{path}' is not a regular file")
-        data = Path(path).read_bytes()
+        data = read_source_bytes(path)
     except OSError as e:
         raise BadRecord("unreadable_file", f"cannot read '{path}': {e.strerror or e}") from None
     try:
@@ -453,22 +574,33 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def synthetic_slice(counts: Sequence[int], seed: int, size: int, bases: Sequence[int], start: int,
-                    stop: int) -> Iterator[Record]:
-    """Records ``start .. stop`` of the synthetic stream (identity after identity; identity ``i``'s
-    images from ``bases[i]`` on), rendered on the spot."""
+                    stop: int, first_identity: int = 0) -> Iterator[Record]:
+    """Records ``start .. stop`` of the synthetic stream (identity after identity, from identity
+    ``first_identity``; its ``i``-th identity's images from ``bases[i]`` on), rendered on the spot."""
     sub, starts, offset = [], [], 0
     for c, base in zip(counts, bases):
         a, b = max(start - offset, 0), min(stop - offset, c)
         sub.append(max(b - a, 0))
         starts.append(base + (a if b > a else 0))
         offset += c
-    return iter_records(sub, seed, size, starts)
+    return iter_records(sub, seed, size, starts, first_identity)
+
+
+def synthetic_task(synthetic: tuple, offsets: np.ndarray, a: int, b: int) -> tuple:
+    """Records ``a .. b`` of a synthetic split as a task's slice: the counts and bases of just the
+    identities it touches (a task stays O(its records) however many identities the split has).
+    ``offsets``: the split's first record of each identity, and its size last."""
+    counts, seed, size, bases = synthetic
+    first, last = int(np.searchsorted(offsets, a, "right")) - 1, int(np.searchsorted(offsets, b, "left"))
+    base = int(offsets[first])
+    return (list(counts[first:last]), seed, size, list(bases[first:last]), a - base, b - base, first, a)
 
 
 def task_records(task: Task) -> Iterator[tuple[Item, Image.Image | BadRecord]]:
     if task.synthetic is not None:
-        counts, seed, size, bases, start, stop = task.synthetic
-        for ordinal, rec in enumerate(synthetic_slice(counts, seed, size, bases, start, stop), start):
+        counts, seed, size, bases, start, stop, first_identity, first_ordinal = task.synthetic
+        for ordinal, rec in enumerate(synthetic_slice(counts, seed, size, bases, start, stop, first_identity),
+                                      first_ordinal):
             yield Item(ordinal, rec.key, "", rec.caption, rec.identity, rec.name, f"synthetic:{rec.key}"), rec.image
         return
     for item in task.items:
@@ -493,20 +625,61 @@ def frozen_encoders(model: str, image_encoder: str, device: torch.device) -> tup
     return _ENCODERS[key]
 
 
-def run_task(task: Task) -> dict:
-    """Encode one task's records and write its shard parts and sidecar. Returns its summary."""
+@dataclass
+class DecodedTask:
+    """A task after the read/decode stage: its usable records with their images (and PNGs), and the
+    records it skipped (already counted in ``skipped``)."""
+
+    task: Task
+    items: list[Item]
+    images: list[np.ndarray]  # (H, W, 3) uint8 each
+    pngs: list[Optional[bytes]]
+    skipped: list[dict]
+
+
+def decode_task(task: Task) -> DecodedTask:
+    """Stage 1 (CPU): read and decode the task's records, skip the bad ones, and make the PNG the
+    shard keeps, so the encoder stage does only the frozen encoders and the write."""
+    items, images, pngs, skipped = [], [], [], []
+    for item, image in task_records(task):
+        if isinstance(image, BadRecord):
+            skip_record(skipped, task.strict, item.where, image.reason, image.detail)
+            continue
+        items.append(item)
+        images.append(np.asarray(image, dtype=np.uint8))
+        pngs.append(png_bytes(image) if task.keep_images else None)
+    return DecodedTask(task, items, images, pngs, skipped)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16/fp16 autocast for the frozen encoders on a GPU (``prepare.precision``); fp32 elsewhere."""
+    import contextlib
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get("bf16" if precision == "auto" else precision)
+    if device.type != "cuda" or dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def encode_and_write(decoded: DecodedTask) -> dict:
+    """Stage 2: the frozen encoders over the task's records in batches of ``batch_size``, then its
+    shard parts and sidecar. Returns the task's summary."""
+    task = decoded.task
     device = resolve_device(task.device)
     components, image_encoder = frozen_encoders(task.model, task.image_encoder, device)
-    skipped: list[dict] = []
+    skipped = list(decoded.skipped)
 
-    def encoded(chunk: list[tuple[Item, Image.Image]]) -> Iterator[Sample]:
-        enc = encode_batch(components, [im for _, im in chunk], [it.caption for it, _ in chunk], device, image_encoder)
-        latents = (enc.latents * components.vae_scale).half()
-        flipped = None
-        if task.random_flip:
-            mirrored = [ImageOps.mirror(im) for _, im in chunk]
-            flipped = (encode_latents(components, mirrored, device) * components.vae_scale).half()
-        for j, (item, _) in enumerate(chunk):
+    def encoded(lo: int, hi: int) -> Iterator[Sample]:
+        chunk = [Image.fromarray(a) for a in decoded.images[lo:hi]]
+        items = decoded.items[lo:hi]
+        with autocast(device, task.precision):
+            enc = encode_batch(components, chunk, [it.caption for it in items], device, image_encoder)
+            latents = (enc.latents.float() * components.vae_scale).half()
+            flipped = None
+            if task.random_flip:
+                mirrored = [ImageOps.mirror(im) for im in chunk]
+                flipped = (encode_latents(components, mirrored, device).float() * components.vae_scale).half()
+        for j, item in enumerate(items):
             fields = {"latent": latents[j], "pooled text embedding": enc.pooled[j], "image embedding": enc.image_emb[j]}
             if flipped is not None:
                 fields["mirror image latent"] = flipped[j]
@@ -514,24 +687,28 @@ def run_task(task: Task) -> dict:
                 skip_record(skipped, task.strict, item.where, "nan_embedding", f"non-finite {', '.join(bad)}")
                 continue
             yield Sample(item.key, item.ordinal, item.identity, item.name, item.caption, latents[j].numpy(),
-                         enc.tokens[j].numpy(), enc.pooled[j].numpy(), enc.image_emb[j].numpy(),
-                         png_bytes(chunk[j][1]) if task.keep_images else None,
-                         None if flipped is None else flipped[j].numpy())
+                         enc.tokens[j].numpy(), enc.pooled[j].float().numpy(), enc.image_emb[j].float().numpy(),
+                         decoded.pngs[lo + j], None if flipped is None else flipped[j].numpy())
 
     def samples() -> Iterator[Sample]:
-        chunk: list[tuple[Item, Image.Image]] = []
-        for item, image in task_records(task):
-            if isinstance(image, BadRecord):
-                skip_record(skipped, task.strict, item.where, image.reason, image.detail)
-                continue
-            chunk.append((item, image))
-            if len(chunk) == task.batch_size:
-                yield from encoded(chunk)
-                chunk = []
-        if chunk:
-            yield from encoded(chunk)
+        for lo in range(0, len(decoded.items), task.batch_size):
+            yield from encoded(lo, lo + task.batch_size)
 
     return write_task(Path(task.folder), task.index, samples(), task.max_samples, task.max_bytes, skipped)
+
+
+@dataclass(frozen=True)
+class Stages:
+    """What the pipeline runs per task; benchmarks/prepare_scale.py swaps in zero-cost stages to
+    measure the orchestration alone."""
+
+    decode: Callable[[Task], DecodedTask] = decode_task
+    encode_and_write: Callable[[DecodedTask], dict] = encode_and_write
+
+
+def run_task(task: Task, stages: Stages = Stages()) -> dict:
+    """One task in this process: both stages, one after the other."""
+    return stages.encode_and_write(stages.decode(task))
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -540,101 +717,111 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _process_init(threads: int, log_path: Optional[str] = None) -> None:
+def _in_ray_worker(log_path: str) -> None:
+    """First in every function the pipeline runs: the worker imports the installed pogdiff and
+    logs to the run's log file."""
     from pogdiff import console
+    from pogdiff.dist.cluster import drop_source_checkout_from_sys_path
 
-    if log_path:  # the parent's console rules and log file
+    drop_source_checkout_from_sys_path()
+    if log_path and console.log_path() != log_path:
         console.setup(Path(log_path))
-    torch.set_num_threads(threads)
-    die_with_parent()
 
 
-def die_with_parent() -> None:
-    """Linux: this process gets SIGKILL when the process that started it dies, however it dies
-    (a pool worker would otherwise go on encoding, and writing, as an orphan)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() == 1:  # the parent died before the call
-            os._exit(1)
+def _decode_row(row: dict, decode: Callable[[Task], DecodedTask]) -> dict:
+    """A user's error (prepare.strict) travels as a result: Ray Data's wrapping of a raised one
+    loses the original exception on its way to the driver."""
+    _in_ray_worker(row["log"])
+    try:
+        decoded = pickle.dumps(decode(pickle.loads(row["task"])), protocol=pickle.HIGHEST_PROTOCOL)
+        return {"decoded": decoded, "error": "", "log": row["log"]}
+    except PrepareError as e:
+        return {"decoded": b"", "error": str(e), "log": row["log"]}
 
 
-def run_tasks(tasks: list[Task], pc: PrepareConfig, progress: bool, total: int) -> None:
-    """Run the tasks on the configured backend; progress in records, skipped records logged as they come."""
+class ShardEncoder:
+    """The encoder stage's actor: the frozen encoders load once per actor (``frozen_encoders``) and
+    serve every task routed to it; one row is one task."""
+
+    def __init__(self, encode_and_write: Callable[[DecodedTask], dict]):
+        self.encode_and_write = encode_and_write
+
+    def __call__(self, batch: dict) -> dict:
+        summaries = []
+        for decoded, error, log_path in zip(batch["decoded"], batch["error"], batch["log"]):
+            _in_ray_worker(log_path)
+            try:
+                summaries.append(json.dumps({"error": error} if error else self.encode_and_write(pickle.loads(decoded))))
+            except PrepareError as e:
+                summaries.append(json.dumps({"error": str(e)}))
+        return {"summary": summaries}
+
+
+def run_tasks(tasks: list[Task], pc: PrepareConfig, progress: bool, total: int, ray_address: Optional[str],
+              stages: Stages = Stages()) -> None:
+    """Run the tasks, in this process (``prepare.backend=serial``) or as a Ray Data pipeline; progress
+    in records, skipped records logged as each task finishes."""
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc="prepare", unit="rec", disable=not progress)
-
-    def done(result: dict, task: Task) -> None:
-        log_skipped(result["skipped"])
-        bar.update(task_size(task))
-        bar.set_postfix(shards=result["task"], skipped=len(result["skipped"]))
-
     try:
-        if pc.backend == "serial" or not tasks:
-            for t in tasks:
-                done(run_task(t), t)
-        elif pc.backend == "process":
-            import multiprocessing as mp
-            from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-
-            from pogdiff import console
-
-            threads = max(1, (os.cpu_count() or 1) // pc.workers)
-            with ProcessPoolExecutor(pc.workers, mp_context=mp.get_context("spawn"), initializer=_process_init,
-                                     initargs=(threads, console.log_path())) as pool:
-                pending = {pool.submit(run_task, t): t for t in tasks}
-                try:
-                    while pending:
-                        finished, _ = wait(pending, return_when=FIRST_EXCEPTION)
-                        for f in finished:
-                            t = pending.pop(f)
-                            if f.exception() is not None:
-                                raise f.exception()
-                            done(f.result(), t)
-                except BaseException:  # a failed task, Ctrl-C: queued tasks are dropped, not run to the end
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
-        else:
-            run_ray(tasks, pc, done)
+        results = (run_task(t, stages) for t in tasks) if pc.backend == "serial" else \
+            run_pipeline(tasks, pc, ray_address, stages)
+        for result in results:
+            log_skipped(result["skipped"])
+            bar.update(result["samples"] + len(result["skipped"]))
+            bar.set_postfix(shards=result["task"], skipped=len(result["skipped"]))
     finally:
         bar.close()
 
 
-def run_ray(tasks: list[Task], pc: PrepareConfig, done) -> None:
-    """One Ray task per shard task: on the cluster at RAY_ADDRESS if set, else a local Ray. The
-    output folder must be on storage every node sees."""
+def encoder_pool(pc: PrepareConfig, resources: dict) -> tuple[int, float]:
+    """(encoder actors, GPUs each): ``prepare.workers`` / ``prepare.gpus_per_worker``, else one actor
+    per GPU of the cluster when it has GPUs (and prepare.device is not cpu), else one per CPU but
+    the one the decode stage needs."""
+    gpus = pc.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if resources.get("GPU", 0) >= 1 and pc.device != "cpu" else 0.0
+    workers = pc.workers or (int(resources.get("GPU", 0) // gpus) if gpus else int(resources.get("CPU", 2)) - 1)
+    return max(1, workers), gpus
+
+
+def run_pipeline(tasks: list[Task], pc: PrepareConfig, ray_address: Optional[str], stages: Stages) -> Iterator[dict]:
+    """The tasks through Ray Data: read the task list -> decode (CPU tasks) -> the frozen encoders
+    (an actor pool of ``prepare.workers`` actors, ``prepare.gpus_per_worker`` GPUs each) -> the shard
+    write, streaming; yields each task's summary as it finishes. Where the two stages ask for the
+    same resources (a CPU cluster) Ray Data fuses them into the actors. Runs on the cluster at
+    ``dist.ray_address`` / $RAY_ADDRESS, else on the embedded one (the output folder must be on
+    storage every node sees). One row is one shard task, so a task's records stay together and its
+    shard is the same whichever worker encodes it."""
     import ray
+    import ray.data
 
-    from pogdiff.dist.cluster import connect
+    from pogdiff import console
+    from pogdiff.dist.cluster import session
 
-    started = connect(num_cpus=pc.workers)
-    try:
-        remote = ray.remote(num_cpus=1, num_gpus=pc.ray_gpus_per_task, max_retries=2)(run_ray_task)
-        pending = {remote.remote(t): t for t in tasks}
-        while pending:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            t = pending.pop(ref)
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayTaskError as e:
-                for other in pending:
-                    ray.cancel(other)
-                raise e.as_instanceof_cause() from None
-            done(result, t)
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def run_ray_task(task: Task) -> dict:
-    from pogdiff.dist.cluster import drop_source_checkout_from_sys_path
-
-    drop_source_checkout_from_sys_path()
-    return run_task(task)
+    if not tasks:
+        return
+    # the encoder actors hold a CPU each; the decode stage needs one more to ever run beside them
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    with session(ray_address, num_cpus=(pc.workers or cpus) + 1):
+        console.route_ray_logs()
+        workers, gpus = encoder_pool(pc, ray.cluster_resources())
+        log.info("prepare: %d encoder actors with %g GPUs each, %d tasks", workers, gpus, len(tasks))
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # the driver draws its own bar, in records
+        ctx.print_on_execution_start = False
+        rows = ray.data.from_items([{"task": pickle.dumps(t, protocol=pickle.HIGHEST_PROTOCOL),
+                                     "log": console.log_path() or ""} for t in tasks], override_num_blocks=len(tasks))
+        decoded = rows.map(_decode_row, fn_kwargs={"decode": stages.decode}, num_cpus=1)
+        summaries = decoded.map_batches(ShardEncoder, fn_constructor_kwargs={"encode_and_write": stages.encode_and_write},
+                                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(workers, len(tasks))),
+                                        num_cpus=1, num_gpus=gpus or None)
+        for row in summaries.iter_rows():
+            result = json.loads(row["summary"])
+            if "error" in result:
+                raise PrepareError(result["error"])
+            yield result
 
 
 def task_size(task: Task) -> int:
@@ -652,7 +839,7 @@ def source_fingerprint(cfg: Config) -> str:
                      "image_encoder": d.image_encoder, "image_size": d.image_size, "heldout_images": d.heldout_images,
                      "minority_images": d.minority_images, "prepare": {k: getattr(pc, k) for k in (
                          "image_root", "samples_per_shard", "max_shard_bytes", "mask_names", "imbalance", "seed",
-                         "keep_images")}}
+                         "keep_images", "precision")}}
     if d.source == "synthetic" or pc.imbalance:
         content["counts"] = profile_counts(d.profile, d.majority_ids, d.minority_ids, d.majority_images, d.minority_images)
     if d.source == "synthetic":
@@ -660,6 +847,9 @@ def source_fingerprint(cfg: Config) -> str:
 
         content["synthetic_seed"] = d.seed
         content["synthetic_version"] = GENERATOR_VERSION
+    elif (shards := webdataset_shards(d.source)) is not None:  # names, sizes and times: not GBs of bytes
+        content.update(shards=[[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in shards],
+                       columns=[d.caption_column, d.identity_column, d.name_column])
     else:
         path, _ = manifest_path(d.source)
         h = hashlib.sha256()
@@ -672,15 +862,25 @@ def source_fingerprint(cfg: Config) -> str:
 
 
 def output_dir(cfg: Config) -> Path:
-    """``prepare.output``, else ``<output_dir>/datasets/<source name>-<fingerprint>``."""
-    if cfg.prepare.output:
+    """Where prepare writes: ``prepare.output``, else ``<output_dir>/datasets/<source name>-<fingerprint>``.
+    For a ``prepare.output`` in object storage, that default folder + ``.staging``: written like any
+    output, uploaded at the end (pogdiff.storage.upload_dataset), then removed."""
+    if cfg.prepare.output and not is_uri(cfg.prepare.output):
         return Path(cfg.prepare.output).expanduser()
     if cfg.data.source == "synthetic":
         name = f"synthetic-{cfg.data.profile}"
+    elif (shards := webdataset_shards(cfg.data.source)) is not None:
+        name = shards[0].parent.name or "shards"
     else:
         path, imagefolder = manifest_path(cfg.data.source)
         name = path.parent.name if imagefolder else path.stem
-    return Path(cfg.output_dir).expanduser() / "datasets" / f"{sanitize_key(name)[:40]}-{source_fingerprint(cfg)}"
+    folder = Path(cfg.output_dir).expanduser() / "datasets" / f"{sanitize_key(name)[:40]}-{source_fingerprint(cfg)}"
+    return folder.with_name(f"{folder.name}.staging") if cfg.prepare.output else folder
+
+
+def output_location(cfg: Config) -> str:
+    """Where the prepared dataset lives: ``prepare.output`` when it is a URI, else ``output_dir``."""
+    return cfg.prepare.output if cfg.prepare.output and is_uri(cfg.prepare.output) else str(output_dir(cfg))
 
 
 def calibration_images(plan: Plan, size: int) -> list[Image.Image]:
@@ -724,15 +924,14 @@ def frozen_model(cfg: Config, out: Path, plan: Plan) -> str:
     return str(target)
 
 
-def plot_label_distribution(identities: np.ndarray, path: Path, title: str) -> list[int]:
-    """Images per identity, identities sorted by count (the paper's Fig. 4), as a PNG. Returns the
+def plot_label_distribution(counts: list[int], path: Path, title: str) -> list[int]:
+    """Images per identity (``counts``, largest first), as the paper's Fig. 4, in a PNG. Returns the
     plotted counts."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    counts = np.sort(np.unique(identities, return_counts=True)[1])[::-1]
     fig, ax = plt.subplots(figsize=(6, 3), dpi=120)
     ax.bar(np.arange(len(counts)), counts, width=1.0, color="#3b6ea8")
     ax.set_xlabel(f"identities, sorted by images ({len(counts)})")
@@ -743,17 +942,38 @@ def plot_label_distribution(identities: np.ndarray, path: Path, title: str) -> l
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
-    return counts.tolist()
+    return counts
 
 
-def run_split(shards: Path, items: Optional[list[Item]], synthetic: Optional[tuple], num_records: int, common: dict,
-              pc: PrepareConfig, progress: bool) -> tuple[int, list[dict]]:
-    """Run the unfinished shard tasks of one split; returns (tasks, their sidecar records)."""
+@dataclass
+class SplitTally:
+    """What one split's finished tasks hold, counted one sidecar at a time."""
+
+    tasks: int
+    samples: int
+    skipped: list[dict]
+    identities: Counter
+
+
+def tally_split(shards: Path, num_tasks: int) -> SplitTally:
+    tally = SplitTally(num_tasks, 0, [], Counter())
+    for t in range(num_tasks):
+        record = read_task_record(shards, t)
+        tally.samples += len(record["samples"])
+        tally.skipped += record["skipped"]
+        tally.identities.update(s["identity"] for s in record["samples"])
+    return tally
+
+
+def pending_tasks(shards: Path, items: Optional[list[Item]], synthetic: Optional[tuple], num_records: int,
+                  common: dict, pc: PrepareConfig) -> tuple[int, list[Task]]:
+    """(the split's number of tasks, those not finished yet); damaged finished ones are redone."""
     shards.mkdir(parents=True, exist_ok=True)
     for tmp in shards.glob(".*.tmp"):  # parts of tasks an earlier run did not finish
         tmp.unlink()
     per = pc.samples_per_shard
     num_tasks = -(-num_records // per)
+    offsets = np.concatenate([[0], np.cumsum(synthetic[0])]) if synthetic is not None else None
     tasks = []
     for t in range(num_tasks):
         a, b = t * per, min((t + 1) * per, num_records)
@@ -768,16 +988,21 @@ def run_split(shards: Path, items: Optional[list[Item]], synthetic: Optional[tup
         if items is not None:
             tasks.append(Task(t, folder=str(shards), items=items[a:b], **common))
         else:
-            tasks.append(Task(t, folder=str(shards), synthetic=(*synthetic, a, b), **common))
+            tasks.append(Task(t, folder=str(shards), synthetic=synthetic_task(synthetic, offsets, a, b), **common))
     log.info("%s: %d records in %d shard tasks, %d to do", shards, num_records, num_tasks, len(tasks))
-    run_tasks(tasks, pc, progress, total=sum(task_size(t) for t in tasks))
-    return num_tasks, [read_task_record(shards, t) for t in range(num_tasks)]
+    return num_tasks, tasks
 
 
-def prepare(cfg: Config, progress: bool = True) -> dict:
+def prepare(cfg: Config, progress: bool = True, stages: Stages = Stages()) -> dict:
     """Plan, run the unfinished shard tasks (training split, then the held-out split), write the
-    indexes. Returns dataset.json's content. Rows in = samples + skipped records (+ held out)."""
+    indexes. Returns dataset.json's content. Rows in = samples + skipped records (+ held out).
+    Into object storage: a dataset.json there means complete (written last by the upload)."""
     pc, d = cfg.prepare, cfg.data
+    if is_uri(location := output_location(cfg)) and (done := read_json(f"{location}/dataset.json")) is not None:
+        if done.get("source_fingerprint") != source_fingerprint(cfg):
+            raise PrepareError(f"'{location}' holds another prepared dataset (other source, model or prepare "
+                               "settings); use another prepare.output or delete it")
+        return done
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     plan = make_plan(cfg)
@@ -794,23 +1019,28 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
     common = dict(model=model, image_encoder=d.image_encoder, image_size=d.image_size, device=pc.device,
                   batch_size=pc.batch_size, max_samples=pc.samples_per_shard, max_bytes=pc.max_shard_bytes,
                   strict=pc.strict, keep_images=pc.keep_images, random_flip=d.random_flip,
-                  crop_seed=None if d.center_crop else d.seed)
-    num_tasks, records = run_split(out / "shards", plan.items, plan.synthetic, plan.num_records, common, pc, progress)
+                  crop_seed=None if d.center_crop else d.seed, precision=pc.precision)
     heldout_n = len(plan.heldout_items) if plan.heldout_items else \
         (sum(plan.heldout_synthetic[0]) if plan.heldout_synthetic else 0)
+    train_tasks, todo = pending_tasks(out / "shards", plan.items, plan.synthetic, plan.num_records, common, pc)
+    if heldout_n:  # one pipeline for both splits
+        heldout_tasks, heldout_todo = pending_tasks(out / "heldout" / "shards", plan.heldout_items or None,
+                                                    plan.heldout_synthetic, heldout_n, common, pc)
+        todo += heldout_todo
+    run_tasks(todo, pc, progress, sum(task_size(t) for t in todo), cfg.dist.ray_address, stages)
+    train = tally_split(out / "shards", train_tasks)
     heldout_skipped: list[dict] = []
     if heldout_n:
-        h_tasks, h_records = run_split(out / "heldout" / "shards", plan.heldout_items or None, plan.heldout_synthetic,
-                                       heldout_n, common, pc, progress)
-        heldout_skipped = [s for r in h_records for s in r["skipped"]]
-        if sum(len(r["samples"]) for r in h_records):
-            write_index(out / "heldout", h_tasks, heldout_n, {"model": os.path.relpath(model, out / "heldout")
-                                                              if Path(model).is_relative_to(out) else model,
-                                                              "split": "heldout"})
+        held = tally_split(out / "heldout" / "shards", heldout_tasks)
+        heldout_skipped = held.skipped
+        if held.samples:
+            write_index(out / "heldout", held.tasks, heldout_n, {"model": os.path.relpath(model, out / "heldout")
+                                                                 if Path(model).is_relative_to(out) else model,
+                                                                 "split": "heldout"})
 
-    skipped = plan.skipped + [s for r in records for s in r["skipped"]] + heldout_skipped
+    skipped = plan.skipped + train.skipped + heldout_skipped
     if plan.selection.get("target_counts"):  # bad images found after the selection leave an identity short of its count
-        have = Counter(s["identity"] for r in records for s in r["samples"])
+        have = train.identities
         want = Counter(item.identity for item in plan.items)
         plan.selection["short_identities"] = {str(i): [have[i], n] for i, n in sorted(want.items()) if have[i] < n}
         if plan.selection["short_identities"]:
@@ -819,7 +1049,7 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
     heldout_samples = 0
     if (out / "heldout" / "dataset.json").is_file():
         heldout_samples = json.loads((out / "heldout" / "dataset.json").read_text())["num_samples"]
-    samples = sum(len(r["samples"]) for r in records)
+    samples = train.samples
     rows_in = plan.rows_in if plan.rows_in is not None else plan.num_records + heldout_n
     sel = plan.selection
     not_selected = sel.get("records_before", 0) - sel.get("records_selected", 0) + sel.get("left_out_by_max_train_samples", 0)
@@ -838,13 +1068,16 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
             "heldout": {"samples": heldout_samples, "per_identity": d.heldout_images} if heldout_samples else None,
             "synthetic": {"counts": plan.synthetic[0], "seed": plan.synthetic[1], "image_size": plan.synthetic[2],
                           "heldout_images": d.heldout_images} if plan.synthetic is not None else None}
-    dataset = write_index(out, num_tasks, plan.num_records, meta)
+    dataset = write_index(out, train.tasks, plan.num_records, meta)
     if plan.name_map:
         atomic_write(out / "name_map.json", json.dumps(plan.name_map, indent=1))
-    identities = np.load(out / "identities.npy")
-    if (identities >= 0).any():
-        plot_label_distribution(identities[identities >= 0], out / "label_distribution.png",
-                                f"{Path(d.source).name}: {len(identities)} images")
+    counts = sorted((n for i, n in train.identities.items() if i >= 0), reverse=True)
+    if counts:
+        plot_label_distribution(counts, out / "label_distribution.png", f"{Path(d.source).name}: {samples} images")
     log.info("prepared %d samples (+%d held out) in %d shards under %s; skipped %d records %s", dataset["num_samples"],
              heldout_samples, len(dataset["shards"]), out, len(skipped), summary["skipped"] or "")
+    if is_uri(location):
+        upload_dataset(out, location)
+        shutil.rmtree(out)  # the bucket holds the dataset now
+        log.info("uploaded to %s", location)
     return dataset

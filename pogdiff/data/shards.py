@@ -34,7 +34,7 @@ from typing import BinaryIO, Iterable, Iterator, Optional
 
 import numpy as np
 
-from pogdiff.runs import atomic_write, file_sha256
+from pogdiff.runs import atomic_path, atomic_write, file_sha256
 
 FORMAT = "pogdiff-shards/1"
 LATENT, TOKENS, POOLED, IMAGE_EMB, META = "latent.npy", "tokens.npy", "pooled.npy", "imgemb.npy", "json"
@@ -271,9 +271,14 @@ def write_task(folder: Path, task: int, samples: Iterable[Sample], max_samples: 
         rows.append({**s.meta, "shard": writer.write(s.key, encode_sample(s))})
         for name in COLUMNS:
             columns[name].append(getattr(s, name))
-    parts = writer.close()
+    return write_sidecar(folder, task, writer.close(), rows, columns, skipped)
+
+
+def write_sidecar(folder: Path, task: int, parts: list[dict], rows: list[dict], columns: dict[str, list],
+                  skipped: list[dict]) -> dict:
+    """A task's columns (.npz), then its JSON: the commit marker, written last."""
     buf = io.BytesIO()
-    np.savez(buf, **{name: np.stack(v).astype(COLUMNS[name]) if v else np.zeros((0, 0), COLUMNS[name])
+    np.savez(buf, **{name: np.stack(v).astype(COLUMNS[name]) if len(v) else np.zeros((0, 0), COLUMNS[name])
                      for name, v in columns.items()})
     atomic_write(folder / f"{task_name(task)}.npz", buf.getvalue())
     record = {"task": task, "parts": parts, "samples": rows, "skipped": skipped}
@@ -293,49 +298,52 @@ def read_task_record(folder: Path, task: int) -> Optional[dict]:
 
 
 def write_index(root: Path, num_tasks: int, num_records: int, meta: dict) -> dict:
-    """Merge the finished tasks' sidecars into the dataset index; ``dataset.json`` last."""
+    """Merge the finished tasks' sidecars into the dataset index, one task at a time (memory
+    O(one task + number of shards)); ``dataset.json`` last."""
     shards = root / "shards"
-    records = [read_task_record(shards, t) for t in range(num_tasks)]
-    missing = [t for t, r in enumerate(records) if r is None]
+    sizes, parts, missing = [], [], []
+    for t in range(num_tasks):
+        record = read_task_record(shards, t)
+        if record is None:
+            missing.append(t)
+            continue
+        sizes.append(len(record["samples"]))
+        parts += [{**p, "url": f"shards/{p['url']}"} for p in record["parts"]]
     if missing:
         raise RuntimeError(f"tasks {missing[:10]} have not finished; run prepare again to complete them")
-    n = sum(len(r["samples"]) for r in records)
+    n = sum(sizes)
     if n == 0:
         raise RuntimeError("no record survived prepare (see the skipped records above): nothing to index")
-    filled = [t for t, r in enumerate(records) if r["samples"]]
-    columns = {}
-    for name, dtype in COLUMNS.items():
-        with np.load(shards / f"{task_name(filled[0])}.npz") as first:
-            width = first[name].shape[1:]
-        out = np.lib.format.open_memmap(root / f".{name}.npy.tmp", mode="w+", dtype=dtype, shape=(n, *width))
-        row = 0
+    filled = [t for t, size in enumerate(sizes) if size]
+    with np.load(shards / f"{task_name(filled[0])}.npz") as first:
+        widths = {name: first[name].shape[1:] for name in COLUMNS}
+    tmp = {name: root / f".{name}.npy.tmp" for name in (*COLUMNS, "identities", "row_of_ordinal")}
+    columns = {name: np.lib.format.open_memmap(tmp[name], mode="w+", dtype=dtype, shape=(n, *widths[name]))
+               for name, dtype in COLUMNS.items()}
+    identities = np.lib.format.open_memmap(tmp["identities"], mode="w+", dtype=np.int64, shape=(n,))
+    row_of_ordinal = np.lib.format.open_memmap(tmp["row_of_ordinal"], mode="w+", dtype=np.int64, shape=(num_records,))
+    row_of_ordinal[:] = -1
+    row = 0
+    with atomic_path(root / "index.jsonl") as index_tmp, open(index_tmp, "w") as lines:
         for t in filled:
+            record = read_task_record(shards, t)
             with np.load(shards / f"{task_name(t)}.npz") as z:
-                block = z[name]
-            out[row:row + len(block)] = block
-            row += len(block)
-        out.flush()
-        del out
-        columns[name] = width
-    row_of_ordinal = np.full(num_records, -1, dtype=np.int64)
-    identities = np.empty(n, dtype=np.int64)
-    lines, row = [], 0
-    for r in records:
-        for s in r["samples"]:
-            row_of_ordinal[s["ordinal"]] = row
-            identities[row] = s["identity"]
-            lines.append(json.dumps({"key": s["key"], "shard": f"shards/{s['shard']}", "ordinal": s["ordinal"],
-                                     "identity": s["identity"], "name": s["name"], "caption": s["caption"]}))
-            row += 1
-    atomic_write(root / "index.jsonl", "\n".join(lines) + ("\n" if lines else ""))
-    atomic_write(root / "identities.npy", npy_bytes(identities))
-    atomic_write(root / "row_of_ordinal.npy", npy_bytes(row_of_ordinal))
-    for name in COLUMNS:
-        os.replace(root / f".{name}.npy.tmp", root / f"{name}.npy")
-    parts = [{**p, "url": f"shards/{p['url']}"} for r in records for p in r["parts"]]
+                for name in COLUMNS:
+                    columns[name][row:row + sizes[t]] = z[name]
+            for s in record["samples"]:
+                row_of_ordinal[s["ordinal"]] = row
+                identities[row] = s["identity"]
+                lines.write(json.dumps({"key": s["key"], "shard": f"shards/{s['shard']}", "ordinal": s["ordinal"],
+                                        "identity": s["identity"], "name": s["name"], "caption": s["caption"]}) + "\n")
+                row += 1
+    for array in (*columns.values(), identities, row_of_ordinal):
+        array.flush()
+    del columns, identities, row_of_ordinal
+    for name, path in tmp.items():
+        os.replace(path, root / f"{name}.npy")
     dataset = {"format": FORMAT, "num_samples": n, "num_records": num_records, "shards": parts,
-               "token_length": int(columns["tokens"][0]), "pooled_dim": int(columns["pooled"][0]),
-               "image_emb_dim": int(columns["image_emb"][0]), **meta}
+               "token_length": int(widths["tokens"][0]), "pooled_dim": int(widths["pooled"][0]),
+               "image_emb_dim": int(widths["image_emb"][0]), **meta}
     atomic_write(root / "dataset.json", json.dumps(dataset, indent=1))
     return dataset
 
@@ -379,7 +387,11 @@ class DatasetIndex:
 
     @property
     def shard_urls(self) -> list[str]:
-        return [str(self.root / p["url"]) for p in self.meta["shards"]]
+        """The shard files, or for a cached copy of a dataset in object storage, their URLs in the bucket."""
+        from pogdiff.storage import shard_root
+
+        base = shard_root(self.root)
+        return [f"{base}/{p['url']}" for p in self.meta["shards"]]
 
     def identity_counts(self) -> dict[int, int]:
         ids, counts = np.unique(np.asarray(self.identities), return_counts=True)
@@ -394,20 +406,28 @@ class DatasetIndex:
     def identity_names(self) -> dict[int, str]:
         """identity -> its name (the manifest's name column, else the identity label), first row wins."""
         out: dict[int, str] = {}
-        for i, name in zip(self.identities.tolist(), self.names):
-            if i >= 0 and i not in out:
-                out[i] = name or str(i)
+        with open(self.root / "index.jsonl") as lines:  # a line at a time: O(identities), not O(rows)
+            for line in lines:
+                row = json.loads(line)
+                if row["identity"] >= 0 and row["identity"] not in out:
+                    out[row["identity"]] = row["name"] or str(row["identity"])
         return dict(sorted(out.items()))
 
     def images(self) -> Iterator[tuple[int, int, bytes]]:
         """(row, identity, PNG bytes) of every row, shard after shard (needs prepare.keep_images)."""
-        row_of = {k: r for r, k in enumerate(self.keys)}
+        from pogdiff.storage import open_read
+
+        # a sample's json (its plan ordinal) comes before its image; the memory-mapped ordinal -> row
+        # table names the row, so no per-row table is held here
+        row_of_ordinal = np.load(self.root / "row_of_ordinal.npy", mmap_mode="r")
         for url in self.shard_urls:
-            with open(url, "rb") as f:
+            with open_read(url) as f:
+                row, row_key = -1, None
                 for member in read_tar(f, url):
                     key, _, ext = member["fname"].partition(".")
-                    if ext == IMAGE and key in row_of:
-                        row = row_of[key]
+                    if ext == META:
+                        row, row_key = int(row_of_ordinal[json.loads(member["data"])["ordinal"]]), key
+                    elif ext == IMAGE and key == row_key and row >= 0:
                         yield row, int(self.identities[row]), member["data"]
 
     @classmethod

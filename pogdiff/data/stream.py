@@ -17,7 +17,9 @@
 
 ``make_train_loader(shards, batch_size, rank, world_size, num_workers, seed, epoch_len, ...)``:
 ``shards`` is a prepared dataset directory (pogdiff/shards.py) or a list / brace pattern of shard
-URLs (then ``index_dir`` names the dataset directory; a local URL's ``../..`` is tried).
+URLs (then ``index_dir`` names the dataset directory; a local URL's ``../..`` is tried). The
+cached copy of a dataset in object storage (pogdiff.storage.local_copy) streams its shards from
+the bucket; any ``scheme://`` URL is opened through fsspec (ranged reads, never a whole download).
 Rank and world size come from the arguments, else RANK/WORLD_SIZE, else SLURM_PROCID/SLURM_NTASKS,
 else an initialised torch.distributed, else 0/1.
 
@@ -66,6 +68,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pogdiff.data.shards import LATENT, LATENT_FLIP, META, TOKENS, UnsupportedTar, npy_load, read_tar
 from pogdiff.runs import derive_seed
+from pogdiff.storage import open_read, shard_root
 
 log = logging.getLogger("pogdiff.stream")
 
@@ -117,7 +120,7 @@ def tar_samples(urls: Iterator[str], handler: SkipAndLog, expected: Optional[dic
 
     def shard_members(url: str) -> Iterator[dict]:
         done = 0  # members yielded, as WebDataset's reader counts them: it skips "__name__" files
-        with wds.gopen(url) as stream:
+        with open_read(url) as stream:
             try:
                 for member in read_tar(stream, url):
                     fname = member["fname"]
@@ -126,7 +129,7 @@ def tar_samples(urls: Iterator[str], handler: SkipAndLog, expected: Optional[dic
                 return
             except UnsupportedTar as exn:
                 log.info("%s; reading the shard with webdataset's tar reader from member %d on", exn, done)
-        with wds.gopen(url) as stream:
+        with open_read(url) as stream:
             yield from itertools.islice(wds.tariterators.tar_file_iterator(stream, skip_meta=None), done, None)
 
     def members() -> Iterator[dict]:
@@ -284,7 +287,8 @@ def make_train_loader(shards: str | Path | Sequence[str], batch_size: int, rank:
         if not (index_dir / "dataset.json").is_file():
             raise FileNotFoundError(f"'{index_dir}' is not a prepared dataset (no dataset.json): run `pogdiff prepare`")
         meta = json.loads((index_dir / "dataset.json").read_text())
-        urls = urls if urls is not None else [str(index_dir / p["url"]) for p in meta["shards"]]
+        base = shard_root(index_dir)  # the bucket, for a cached copy of a dataset in object storage
+        urls = urls if urls is not None else [f"{base}/{p['url']}" for p in meta["shards"]]
     if not urls:
         raise ValueError(f"no shards in {shards!r}")
     if random_flip and meta is not None and not meta.get("random_flip"):
@@ -298,6 +302,6 @@ def make_train_loader(shards: str | Path | Sequence[str], batch_size: int, rank:
                          str(index_dir / "row_of_ordinal.npy") if index_dir is not None else None,
                          random_flip=random_flip)
     if meta is not None:
-        stream.expected = {str(index_dir / p["url"]): p["samples"] for p in meta["shards"]}
+        stream.expected = {f"{base}/{p['url']}": p["samples"] for p in meta["shards"]}
     return TrainLoader(stream, num_workers, epoch_len, index_dir / "tokens.npy" if index_dir is not None else None,
                        pin_memory)

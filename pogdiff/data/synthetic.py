@@ -217,14 +217,15 @@ def profile_counts(profile: str, majority_ids: int = 1, minority_ids: int = 1,
 
 
 def iter_records(counts: Sequence[int], seed: int = 0, size: int = 32,
-                 starts: Sequence[int] | None = None) -> Iterator[Record]:
-    """Stream images ``starts[i] .. starts[i] + counts[i]`` of every identity ``i`` (starts default 0).
+                 starts: Sequence[int] | None = None, first_identity: int = 0) -> Iterator[Record]:
+    """Stream images ``starts[i] .. starts[i] + counts[i]`` of every identity ``first_identity + i``
+    (starts default 0).
 
     Held-out images of the same identities are ``iter_records(per_id, starts=train_counts)``.
     """
-    for index, count in enumerate(counts):
+    for index, count in enumerate(counts, first_identity):
         ident = make_identity(index, seed)
-        first = starts[index] if starts is not None else 0
+        first = starts[index - first_identity] if starts is not None else 0
         for j in range(first, first + count):
             image, caption = render(ident, j, seed, size)
             yield Record(key=f"id{index:06d}_img{j:04d}", identity=index, name=ident.name, caption=caption, image=image)

@@ -9,22 +9,38 @@ Real image sets per identity, read from the prepared dataset's shards (prepare.k
 All embeddings come from ``eval.encoder`` (pogdiff.eval.recognizer), never from the neighbours'
 encoder. "All" averages over every identity, "Few" over the minority identities (at most
 ``data.minority_images`` training images).
+
+Features are extracted a batch at a time, streaming over the dataset's shards and the run's
+sample shards, in this process or (``sample.ray_workers`` > 0) by a pool of Ray actors, one encoder
+each (a GPU each on a cluster with GPUs). They go into memory-mapped (n, d) float32 files grouped
+by identity: the real ones in the dataset's eval cache (``artifacts/eval-<encoder fp>/``, shared by
+every run scored with that encoder), the generated ones beside the samples. The metrics are then
+computed one identity at a time from that identity's rows, so no process holds more than a batch
+of images and one identity's embeddings. Embeddings rather than per-identity sufficient
+statistics, because gRecall needs every training embedding (which of them a generated image
+covers), and because the metrics then come from the same arithmetic on the same arrays as
+pogdiff.eval.metrics on in-memory embeddings: the same values.
 """
 from __future__ import annotations
 
-import io
+import contextlib
+import functools
+import json
+from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 
 from pogdiff.config import Config
 from pogdiff.eval import metrics as M
-from pogdiff.runs import RunFiles, write_json
+from pogdiff.runs import RunFiles, atomic_path, fingerprint, write_json
 
 METRICS = ("fid", "dino", "grecall")
+
+Batches = Iterator[tuple[list[int], np.ndarray]]  # (identities, (B, d) float32 embeddings) per batch
 
 
 def few_ids(cfg: Config, index) -> list[int]:
@@ -35,77 +51,233 @@ def few_ids(cfg: Config, index) -> list[int]:
     return [i for i in evaluated_identities(cfg, index) if counts[i] <= cfg.data.minority_images]
 
 
-def restrict(real: dict[str, dict[int, np.ndarray]], ids) -> dict[str, dict[int, np.ndarray]]:
-    """The real embeddings of the evaluated identities only."""
-    ids = set(ids)
-    return {name: {i: e for i, e in per_id.items() if i in ids} for name, per_id in real.items()}
+class IdentityEmbeddings(Mapping):
+    """identity -> its (n, d) float32 embeddings: rows ``ranges[identity]`` of a memory-mapped .npy,
+    read when asked for."""
+
+    def __init__(self, path: Optional[Path], ranges: dict[int, tuple[int, int]]):
+        self.path, self.ranges = path, ranges
+        self._rows = np.load(path, mmap_mode="r") if path is not None else None
+
+    def __getitem__(self, identity: int) -> np.ndarray:
+        start, stop = self.ranges[identity]
+        return np.array(self._rows[start:stop])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.ranges)
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+    def restrict(self, ids: Iterable[int]) -> "IdentityEmbeddings":
+        ids = set(ids)
+        return IdentityEmbeddings(self.path, {i: r for i, r in self.ranges.items() if i in ids})
+
+    @classmethod
+    def load(cls, path: Path) -> Optional["IdentityEmbeddings"]:
+        """The embeddings written by ``write_grouped`` if complete (their ranges file is written last)."""
+        ranges = path.with_suffix(".json")
+        if not ranges.is_file():
+            return None
+        table = json.loads(ranges.read_text())["ranges"]
+        return cls(path if table else None, {i: (a, b) for i, a, b in table})
 
 
-def _by_identity(images, identities, encode) -> dict[int, np.ndarray]:
-    if not images:
-        return {}
-    emb = encode(images).numpy()
-    ids = np.asarray(identities)
-    return {int(i): emb[ids == i] for i in np.unique(ids)}
+def write_grouped(path: Path, counts: Mapping[int, int], batches: Batches) -> IdentityEmbeddings:
+    """The embeddings of ``batches`` into ``path`` (temp + rename), (sum(counts), d) float32, each
+    identity's rows together in the order they came; then their ranges (``.json``, the completion marker)."""
+    offsets, total = {}, 0
+    for identity, count in counts.items():
+        offsets[identity], total = total, total + count
+    filled = dict.fromkeys(counts, 0)
+    if total:
+        with atomic_path(path) as tmp:
+            out = None
+            for identities, emb in batches:
+                if out is None:
+                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, emb.shape[1]))
+                slots = []
+                for identity in identities:
+                    slots.append(offsets[identity] + filled[identity])
+                    filled[identity] += 1
+                out[slots] = emb
+            if filled != dict(counts):
+                wrong = {i: (filled[i], c) for i, c in counts.items() if filled[i] != c}
+                raise RuntimeError(f"{path.name}: identity -> (images read, images the index lists): "
+                                   f"{dict(list(wrong.items())[:5])}")
+            out.flush()
+            del out
+    ranges = {i: (offsets[i], offsets[i] + c) for i, c in counts.items() if c}
+    write_json(path.with_suffix(".json"), {"ranges": [[i, a, b] for i, (a, b) in ranges.items()]})
+    return IdentityEmbeddings(path if ranges else None, ranges)
 
 
-def dataset_images(index) -> tuple[list[Image.Image], list[int]]:
-    """Every labelled image of a prepared split, with its identity."""
-    images, ids = [], []
-    for _, identity, png in index.images():
-        if identity >= 0:
-            images.append(Image.open(io.BytesIO(png)).convert("RGB"))
-            ids.append(identity)
-    if not images and len(index):
+def cached_grouped(path: Path, counts: Mapping[int, int], batches: Callable[[], Batches]) -> IdentityEmbeddings:
+    cached = IdentityEmbeddings.load(path)
+    if cached is not None:
+        return cached
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_grouped(path, counts, batches())
+
+
+def embed_pngs(encode, pngs) -> np.ndarray:
+    """The per-batch step of every feature extraction: PNG bytes -> (B, d) float32 embeddings."""
+    from pogdiff.eval.recognizer import decode_pngs
+
+    return encode(decode_pngs(pngs)).numpy().astype(np.float32, copy=False)
+
+
+class FeatureWorker:
+    """A Ray actor holding one ``eval.encoder`` (the cached recogniser, or the local HF model)."""
+
+    def __init__(self, device: str, cfg: Config, dataset_root: str):
+        from pogdiff.dist.cluster import drop_source_checkout_from_sys_path
+
+        drop_source_checkout_from_sys_path()
+        from pogdiff.data.dataset import Dataset
+        from pogdiff.eval.recognizer import eval_encoder
+
+        if device == "cpu":
+            torch.set_num_threads(1)  # one CPU per actor
+        self.encode = eval_encoder(cfg, Dataset.at(dataset_root), progress=False, device=device)[0]
+
+    def embed(self, pngs: list[bytes]) -> np.ndarray:
+        return embed_pngs(self.encode, pngs)
+
+
+@contextlib.contextmanager
+def feature_extractor(cfg: Config, ds, encoder) -> Iterator[Callable[[Iterable[tuple[int, bytes]]], Batches]]:
+    """``embed(items)``: (identity, PNG) items -> their embeddings, ``eval.batch_size`` at a time, in
+    order; here, or on ``sample.ray_workers`` Ray actors (started on first use, stopped with the
+    block) with at most two batches per actor in flight."""
+    from pogdiff.eval.recognizer import png_batches
+
+    def here(items: Iterable[tuple[int, bytes]]) -> Batches:
+        return ((ids, embed_pngs(encoder[0], pngs)) for ids, pngs in png_batches(items, cfg.eval.batch_size))
+
+    if cfg.sample.ray_workers <= 0:
+        yield here
+        return
+    from pogdiff.eval.sampling import ray_actor_pool
+
+    with contextlib.ExitStack() as stack:
+        pools = []  # the one pool, once started
+
+        def on_actors(items: Iterable[tuple[int, bytes]]) -> Batches:
+            if not pools:
+                pools.append(stack.enter_context(ray_actor_pool(FeatureWorker, cfg.sample.ray_workers,
+                                                                cfg.train.device, cfg, ds.location)))
+            pool, actors = pools[0]
+            # ActorPool.map would queue every batch's PNGs in this process: submit as results return.
+            waiting: deque[list[int]] = deque()
+            for ids, pngs in png_batches(items, cfg.eval.batch_size):
+                if len(waiting) >= 2 * actors:
+                    yield waiting.popleft(), pool.get_next()
+                pool.submit(lambda actor, batch: actor.embed.remote(batch), pngs)
+                waiting.append(ids)
+            while waiting:
+                yield waiting.popleft(), pool.get_next()
+
+        yield on_actors
+
+
+def dataset_embeddings(index, path: Path, embed) -> IdentityEmbeddings:
+    """Every labelled image of a prepared split, streamed shard after shard, embedded per identity."""
+    if index.meta.get("keep_images") is False:
         raise ValueError(f"dataset '{index.root}' has no images in its shards: prepare it with prepare.keep_images=true "
                          "(and identity labels) to evaluate on it")
-    return images, ids
+    labelled = ((identity, png) for _, identity, png in index.images() if identity >= 0)
+    counts = {i: c for i, c in index.identity_counts().items() if i >= 0}
+    return cached_grouped(path, counts, lambda: embed(labelled))
 
 
-def real_embeddings(cfg: Config, ds, encode, reference_images: int = 0) -> dict[str, dict[int, np.ndarray]]:
-    """Embeddings of the training and held-out images per identity. For synthetic datasets and with
-    ``reference_images``, also that many fresh real images per identity ("reference": what a perfect
-    generator would produce) and the same images through the dataset's VAE ("reference_vae")."""
-    out = {"training": _by_identity(*dataset_images(ds.index), encode),
-           "heldout": _by_identity(*dataset_images(ds.heldout), encode) if ds.heldout is not None else {}}
+def eval_cache(ds, info: dict) -> Path:
+    """Where the real images' embeddings by this encoder live, beside the dataset."""
+    return ds.artifacts / f"eval-{fingerprint(info, 12)}"
+
+
+def real_embeddings(cfg: Config, ds, encoder, reference_images: int = 0) -> dict[str, IdentityEmbeddings]:
+    """Embeddings of the training and held-out images per identity (``encoder`` = (encode, info)).
+    For synthetic datasets and with ``reference_images``, also that many fresh real images per
+    identity ("reference": what a perfect generator would produce) and the same images through the
+    dataset's VAE ("reference_vae")."""
+    encode, info = encoder
+    cache = eval_cache(ds, info)
+    with feature_extractor(cfg, ds, encoder) as embed:
+        out = {"training": dataset_embeddings(ds.index, cache / "training.npy", embed),
+               "heldout": dataset_embeddings(ds.heldout, cache / "heldout.npy", embed) if ds.heldout is not None
+               else IdentityEmbeddings(None, {})}
     synthetic = ds.meta.get("synthetic")
     if reference_images and synthetic:
-        from pogdiff.data.synthetic import iter_records
-
-        counts = synthetic["counts"]
-        starts = [c + synthetic["heldout_images"] for c in counts]
-        records = list(iter_records([reference_images] * len(counts), synthetic["seed"], synthetic["image_size"],
-                                    starts=starts))
-        out["reference"] = _by_identity([r.image for r in records], [r.identity for r in records], encode)
-        vae = vae_roundtrip(ds.model_dir, [r.image for r in records])
-        out["reference_vae"] = _by_identity(vae, [r.identity for r in records], encode)
+        out.update(reference_embeddings(cfg, ds, encode, cache, reference_images, synthetic))
     return out
+
+
+def reference_embeddings(cfg: Config, ds, encode, cache: Path, n: int, synthetic: dict) -> dict[str, IdentityEmbeddings]:
+    """``n`` fresh renders per identity of the synthetic dataset (past its training and held-out
+    images), embedded as they are and through the dataset's VAE, a batch at a time."""
+    from pogdiff.data.synthetic import iter_records
+
+    counts = synthetic["counts"]
+    starts = [c + synthetic["heldout_images"] for c in counts]
+
+    def batches(through_vae: bool) -> Batches:
+        records = iter_records([n] * len(counts), synthetic["seed"], synthetic["image_size"], starts=starts)
+        while batch := [r for _, r in zip(range(cfg.eval.batch_size), records)]:
+            images = [r.image for r in batch]
+            yield [r.identity for r in batch], encode(vae_roundtrip(ds.model_dir, images) if through_vae else images).numpy()
+
+    wanted = dict.fromkeys(range(len(counts)), n)
+    return {name: cached_grouped(cache / f"{name}-{n}.npy", wanted, lambda v=through_vae: batches(v))
+            for name, through_vae in (("reference", False), ("reference_vae", True))}
+
+
+@functools.lru_cache(maxsize=1)
+def frozen_vae(model_dir: str):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(model_dir, subfolder="vae").eval()
 
 
 @torch.no_grad()
 def vae_roundtrip(model_dir: str, images: list) -> list:
     """The images replaced by decode(encode(image)) through the frozen VAE of ``model_dir``."""
-    from diffusers import AutoencoderKL
-
     from pogdiff.data.encode import images_to_tensor
     from pogdiff.eval.recognizer import to_pil
 
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").eval()
+    vae = frozen_vae(model_dir)
     y = vae.decode(vae.encode(images_to_tensor(images)).latent_dist.mean).sample
     return to_pil(((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
 
 
-def compute_metrics(generated: dict[int, np.ndarray], real: dict[str, dict[int, np.ndarray]], few: list[int],
-                    threshold: float, fid_eps: float) -> dict:
-    """Per-identity metrics and their All / Few means, from embeddings."""
+def generated_embeddings(cfg: Config, ds, samples, encoder) -> IdentityEmbeddings:
+    """The run's samples (pogdiff.eval.sampling.Samples), streamed from their shards and embedded;
+    cached beside them (``embeddings-<encoder fp>.npy``) until they are sampled again."""
+    path = samples.folder / f"embeddings-{fingerprint(encoder[1], 12)}.npy"
+    items = ((identity, png) for identity, _, png in samples.records())
+    with feature_extractor(cfg, ds, encoder) as embed:
+        return cached_grouped(path, dict.fromkeys(samples, samples.images_per_id), lambda: embed(items))
+
+
+def restrict(real: dict[str, IdentityEmbeddings], ids) -> dict[str, IdentityEmbeddings]:
+    """The real embeddings of the evaluated identities only."""
+    return {name: per_id.restrict(ids) for name, per_id in real.items()}
+
+
+def compute_metrics(generated: Mapping[int, np.ndarray], real: Mapping[str, Mapping[int, np.ndarray]],
+                    few: list[int], threshold: float, fid_eps: float) -> dict:
+    """Per-identity metrics and their All / Few means, from embeddings (dicts, or IdentityEmbeddings
+    read one identity at a time)."""
     train, heldout = real["training"], real["heldout"]
-    fid_real = {i: np.concatenate([train[i], heldout[i]]) if i in heldout else train[i] for i in train}
-    dino_real = {i: heldout[i] if i in heldout else train[i] for i in train}
-    per_id = {
-        "fid": M.fid_per_id(generated, fid_real, fid_eps),
-        "dino": M.dino_score_per_id(generated, dino_real),
-        "grecall": M.grecall_per_id(generated, train, threshold),
-    }
+    per_id: dict[str, dict[int, float]] = {name: {} for name in METRICS}
+    for i in train:
+        generated_i = {i: generated[i]} if i in generated else {}
+        train_i = {i: train[i]}
+        heldout_i = heldout[i] if i in heldout else None
+        fid_real = {i: np.concatenate([train_i[i], heldout_i]) if heldout_i is not None else train_i[i]}
+        per_id["fid"].update(M.fid_per_id(generated_i, fid_real, fid_eps))
+        per_id["dino"].update(M.dino_score_per_id(generated_i, {i: heldout_i if heldout_i is not None else train_i[i]}))
+        per_id["grecall"].update(M.grecall_per_id(generated_i, train_i, threshold))
     summary = {}
     for name, values in per_id.items():
         summary[f"{name}_all"] = M.mean_over(values, train)
@@ -133,17 +305,17 @@ def evaluate_run(cfg: Config, progress: bool = True, encoder=None, real=None, ds
     """Sample (cached) and score one trained run; writes ``<method>/metrics.json``. ``encoder`` /
     ``real`` / ``ds`` let a caller that scores many runs compute them once."""
     from pogdiff.data.dataset import resolve_dataset
-    from pogdiff.eval.recognizer import eval_encoder, to_pil
+    from pogdiff.eval.recognizer import eval_encoder
     from pogdiff.eval.sampling import evaluated_identities, sample_run
 
     ds = ds or resolve_dataset(cfg, progress)
-    encode, info = encoder or eval_encoder(cfg, ds, progress)
-    real = real or real_embeddings(cfg, ds, encode)
-    images = sample_run(cfg, progress)
-    generated = {i: encode(to_pil(ims)).numpy() for i, ims in images.items()}
+    encoder = encoder or eval_encoder(cfg, ds, progress)
+    real = real or real_embeddings(cfg, ds, encoder)
+    generated = generated_embeddings(cfg, ds, sample_run(cfg, progress), encoder)
     few = few_ids(cfg, ds.index)
     result = compute_metrics(generated, restrict(real, evaluated_identities(cfg, ds.index)), few,
                              cfg.eval.grecall_threshold, cfg.eval.fid_eps)
+    info = encoder[1]
     valid, why = validity(cfg, info)
     result.update(method=RunFiles(cfg).method.name, seed=cfg.train.seed, encoder=info, valid=valid,
                   invalid_reason=why, dataset=str(ds.root), images_per_id=cfg.sample.images_per_id, few_ids=few)
@@ -165,7 +337,7 @@ def evaluate_reference(cfg: Config, ds, encoder, real: Optional[dict] = None) ->
     decoding with this VAE."""
     encode, info = encoder
     if real is None or "reference" not in real:
-        real = real_embeddings(cfg, ds, encode, cfg.sample.images_per_id)
+        real = real_embeddings(cfg, ds, encoder, cfg.sample.images_per_id)
     from pogdiff.eval.sampling import evaluated_identities
 
     real = restrict(real, evaluated_identities(cfg, ds.index))

@@ -11,9 +11,10 @@ do not reward a method for matching the very features that picked its neighbours
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
-from typing import Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +32,8 @@ log = logging.getLogger("pogdiff.eval")
 
 COSINE_SCALE = 16.0  # NormFace logit scale
 BATCH = 64
+SHUFFLE_BUFFER = 1000  # own data: PNGs mixed across the shards the training stream draws
+ROWS_PER_READ = 1 << 20  # rows of the memory-mapped identity column read at once
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -67,87 +70,161 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def _settings(cfg: Config, ds) -> dict:
     """What the recogniser depends on (its cache key). Synthetic datasets: disjoint identities of the
-    generator; any other dataset: its own training images."""
+    generator; any other dataset: its own training images, streamed through a shuffle buffer."""
     e, synthetic = cfg.eval, ds.meta.get("synthetic")
     base = dict(steps=e.recognizer_steps, dim=e.recognizer_dim, lr=e.recognizer_lr, blur_augment=True,
                 image_size=ds.meta["image_size"])
     if synthetic:
         return dict(base, source="disjoint-synthetic", ids=e.recognizer_ids, per_id=e.recognizer_images_per_id,
                     data_seed=synthetic["seed"], exclude_ids=len(synthetic["counts"]))
-    return dict(base, source="dataset", dataset=ds.meta.get("source_fingerprint") or str(ds.root))
+    return dict(base, source="dataset", dataset=ds.meta.get("source_fingerprint") or str(ds.root),
+                shuffle_buffer=SHUFFLE_BUFFER)
 
 
-def _training_set(cfg: Config, ds, s: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(images in [-1, 1], labels, held-back mask, classes). Held back: every identity's last image
-    (synthetic), or the dataset's held-out split, else one image of each identity with >= 3 (own data)."""
-    if s["source"] == "disjoint-synthetic":
-        fine_tuning = [make_identity(i, s["data_seed"]) for i in range(s["exclude_ids"])]
-        records = list(disjoint_records(s["ids"], s["per_id"], s["data_seed"], s["image_size"], salt=2,
-                                        exclude=fine_tuning))
-        last = torch.tensor([(i + 1) % s["per_id"] == 0 for i in range(len(records))])
-        return images_to_tensor([r.image for r in records]), torch.tensor([r.identity for r in records]), last, s["ids"]
-    train = [(ident, png) for _, ident, png in ds.index.images() if ident >= 0]
-    if not train:
+def _disjoint_synthetic_set(s: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(images in [-1, 1], labels, held-back mask, classes) of the generator's identities disjoint from
+    the fine-tuning set (a size the settings fix, not the dataset); every identity's last image is held back."""
+    fine_tuning = [make_identity(i, s["data_seed"]) for i in range(s["exclude_ids"])]
+    records = list(disjoint_records(s["ids"], s["per_id"], s["data_seed"], s["image_size"], salt=2,
+                                    exclude=fine_tuning))
+    last = torch.tensor([(i + 1) % s["per_id"] == 0 for i in range(len(records))])
+    return images_to_tensor([r.image for r in records]), torch.tensor([r.identity for r in records]), last, s["ids"]
+
+
+def decode_pngs(pngs: Sequence[bytes]) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(png)).convert("RGB") for png in pngs]
+
+
+def png_batches(items: Iterable[tuple[int, bytes]], size: int) -> Iterator[tuple[list[int], list[bytes]]]:
+    """(identities, PNGs) of ``size`` (identity, PNG) items at a time."""
+    import webdataset as wds
+
+    for batch in wds.filters.batched(size, collation_fn=None)(iter(items)):
+        identities, pngs = zip(*batch)
+        yield list(identities), list(pngs)
+
+
+def labelled_batches(items: Iterable[tuple[int, bytes]], size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images in [-1, 1], identities) of ``size`` (identity, PNG) items at a time."""
+    for identities, pngs in png_batches(items, size):
+        yield images_to_tensor(decode_pngs(pngs)), torch.tensor(identities)
+
+
+def held_back_rows(index) -> set[int]:
+    """Own data without a held-out split: the last row of every identity with at least 3 images
+    (read from the memory-mapped identity column a block at a time)."""
+    counts, last = index.identity_counts(), {}
+    for start in range(0, len(index), ROWS_PER_READ):
+        block = np.asarray(index.identities[start:start + ROWS_PER_READ])
+        ids, from_end = np.unique(block[::-1], return_index=True)
+        last.update(zip(ids.tolist(), (start + len(block) - 1 - from_end).tolist()))
+    return {row for i, row in last.items() if i >= 0 and counts[i] >= 3}
+
+
+def _training_stream(ds, held: set[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless BATCH-sized batches of the dataset's labelled training images but ``held``: shards
+    drawn at random with replacement (as training draws them), mixed by a shuffle buffer of PNGs."""
+    import random
+
+    import webdataset as wds
+
+    from pogdiff.data.shards import IMAGE, META
+    from pogdiff.data.stream import SkipAndLog, tar_samples
+    from pogdiff.runs import derive_seed
+
+    urls, draw = ds.index.shard_urls, random.Random(derive_seed(0, 1))
+    row_of_ordinal = np.load(ds.root / "row_of_ordinal.npy", mmap_mode="r") if held else None
+    samples = tar_samples((draw.choice(urls) for _ in itertools.count()), SkipAndLog(100))
+    samples = wds.filters.shuffle(SHUFFLE_BUFFER, min(SHUFFLE_BUFFER, 100), rng=random.Random(derive_seed(0, 2)))(samples)
+
+    def labelled() -> Iterator[tuple[int, bytes]]:
+        for sample in samples:
+            meta = json.loads(sample[META])
+            if meta["identity"] >= 0 and IMAGE in sample and \
+                    (row_of_ordinal is None or int(row_of_ordinal[meta["ordinal"]]) not in held):
+                yield meta["identity"], sample[IMAGE]
+
+    return labelled_batches(labelled(), BATCH)
+
+
+def _fit_on_dataset(cfg: Config, ds, s: dict, progress: bool) -> tuple[Recognizer, dict]:
+    """Own data: trained on its training images, streamed from the shards; measured on the held-out
+    split, else on one image of each identity with >= 3 (held back from training)."""
+    counts = {i: c for i, c in ds.index.identity_counts().items() if i >= 0}
+    if not counts or ds.meta.get("keep_images") is False:
         raise ValueError(f"dataset '{ds.root}' has no labelled images in its shards (prepare.keep_images=true and an "
                          "identity column are needed) to train the evaluation's recogniser on")
-    classes = max(i for i, _ in train) + 1
-    if ds.heldout is not None:
-        held = [(ident, png) for _, ident, png in ds.heldout.images() if ident >= 0]
-        mask = [False] * len(train) + [True] * len(held)
-        train += held
-    else:
-        seen: dict[int, int] = {}
-        counts = ds.index.identity_counts()
-        mask = []
-        for ident, _ in train:
-            seen[ident] = seen.get(ident, 0) + 1
-            mask.append(counts[ident] >= 3 and seen[ident] == counts[ident])
-    images = [Image.open(io.BytesIO(png)).convert("RGB") for _, png in train]
-    return images_to_tensor(images), torch.tensor([i for i, _ in train]), torch.tensor(mask), classes
+    held = set() if ds.heldout is not None else held_back_rows(ds.index)
+
+    def heldback() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if ds.heldout is not None:
+            items = ((identity, png) for _, identity, png in ds.heldout.images() if identity >= 0)
+        else:
+            items = ((identity, png) for row, identity, png in ds.index.images() if row in held)
+        return labelled_batches(items, cfg.eval.batch_size)
+
+    return fit_on_batches(_training_stream(ds, held), heldback, max(counts) + 1, s, torch.Generator().manual_seed(0),
+                          progress)
 
 
 def train_recognizer(cfg: Config, ds, progress: bool = True) -> tuple[Recognizer, dict]:
     s = _settings(cfg, ds)
-    return fit_recognizer(*_training_set(cfg, ds, s), s, progress)
+    if s["source"] == "disjoint-synthetic":
+        return fit_recognizer(*_disjoint_synthetic_set(s), s, progress)
+    return _fit_on_dataset(cfg, ds, s, progress)
 
 
 def fit_recognizer(x: torch.Tensor, y: torch.Tensor, held: torch.Tensor, classes: int, s: dict,
                    progress: bool = True) -> tuple[Recognizer, dict]:
-    """Train on images ``x`` (in [-1, 1]) labelled ``y`` except the ``held`` ones, which measure it;
-    ``s`` holds dim, lr and steps."""
+    """Train on images ``x`` (in [-1, 1], in memory) labelled ``y`` except the ``held`` ones, which
+    measure it: batches drawn at random with replacement."""
+    g = torch.Generator().manual_seed(0)
+    train_idx = (~held).nonzero().flatten()
+
+    def draws() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            idx = train_idx[torch.randint(len(train_idx), (BATCH,), generator=g)]
+            yield x[idx], y[idx]
+
+    return fit_on_batches(draws(), lambda: [(x[held], y[held])] if held.any() else [], classes, s, g, progress)
+
+
+def fit_on_batches(batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+                   heldback: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], classes: int, s: dict,
+                   g: torch.Generator, progress: bool = True) -> tuple[Recognizer, dict]:
+    """``s["steps"]`` steps on the next batch of ``batches`` each (images in [-1, 1], labels), then
+    the accuracy on ``heldback()``'s batches; ``s`` holds dim, lr and steps, ``g`` draws the augmentation."""
     from tqdm import tqdm
 
     torch.manual_seed(0)
     model = Recognizer(s["dim"], classes)
     opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, s["lr"], total_steps=max(1, s["steps"]))
-    g = torch.Generator().manual_seed(0)
-    train_idx = (~held).nonzero().flatten()
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in tqdm(range(s["steps"]), desc="recognizer", unit="step", disable=not progress):
-        idx = train_idx[torch.randint(len(train_idx), (BATCH,), generator=g)]
-        xb = x[idx]
-        flip = torch.rand(len(idx), generator=g) < 0.5
+        xb, yb = next(batches)
+        flip = torch.rand(len(yb), generator=g) < 0.5
         xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
         # Generated images come through a small VAE and are blurrier than renders: half of each
         # batch is blurred so that identity, not sharpness, decides the embedding.
-        half = len(idx) // 2
+        half = len(yb) // 2
         xb[half:] = gaussian_blur(xb[half:], 0.3 + 1.2 * float(torch.rand(1, generator=g)))
-        loss = F.cross_entropy(model(xb), y[idx])
+        loss = F.cross_entropy(model(xb), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
     model.eval()
-    accuracy = None
-    if held.any():
-        with torch.no_grad():
-            accuracy = float((model(x[held]).argmax(1) == y[held]).float().mean())
-    stats = {**s, "classes": classes, "heldback_images": int(held.sum()), "heldback_accuracy": accuracy,
+    correct = total = 0
+    with torch.no_grad():
+        for xh, yh in heldback():
+            correct += int((model(xh).argmax(1) == yh).sum())
+            total += len(yh)
+    accuracy = correct / total if total else None
+    stats = {**s, "classes": classes, "heldback_images": total, "heldback_accuracy": accuracy,
              "final_loss": loss.item()}
-    log.info("recognizer: accuracy %s on %d held-back images of its %d training identities", accuracy,
-             int(held.sum()), classes)
+    log.info("recognizer: accuracy %s on %d held-back images of its %d training identities", accuracy, total, classes)
     return model, stats
 
 
@@ -172,16 +249,17 @@ def load_or_train_recognizer(cfg: Config, ds, progress: bool = True) -> tuple[Re
     return model, stats
 
 
-def eval_encoder(cfg: Config, ds, progress: bool = True) -> tuple[ImageEncoder, dict]:
-    """(images -> (B, d) embeddings, a description) for the metrics."""
+def eval_encoder(cfg: Config, ds, progress: bool = True, device: str = "cpu") -> tuple[ImageEncoder, dict]:
+    """(images -> (B, d) fp32 embeddings on the CPU, a description) for the metrics; the encoder runs on ``device``."""
     name = cfg.eval.encoder  # never the neighbours' encoder (config validation)
     if name != "recognizer":
-        return load_image_encoder(name), {"encoder": name}
+        return load_image_encoder(name, device), {"encoder": name}
     model, stats = load_or_train_recognizer(cfg, ds, progress)
+    model.to(device)
 
     @torch.no_grad()
     def encode(images: Sequence[Image.Image]) -> torch.Tensor:
-        out = [model.embed(images_to_tensor(images[i:i + cfg.eval.batch_size]))
+        out = [model.embed(images_to_tensor(images[i:i + cfg.eval.batch_size]).to(device)).cpu()
                for i in range(0, len(images), cfg.eval.batch_size)]
         return torch.cat(out).float()
 

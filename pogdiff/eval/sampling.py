@@ -4,25 +4,45 @@ The run's exported StableDiffusionPipeline (DDIM scheduler, classifier-free guid
 empty caption, which is also what caption dropout trained) generates ``sample.images_per_id``
 images per identity from the prompt ``sample.prompt_template`` (the paper's "An image of {p}.").
 Each image starts from noise seeded by (sample.seed, identity, index) and DDIM with eta = 0 is
-deterministic, so a rerun, or a different split over Ray workers, gives the same images.
+deterministic, so a rerun, or a different split over workers, gives the same images.
 
-Output, under the method's run directory: ``images.safetensors`` (uint8 (N, H, W, 3),
-identity and index per image) and one PNG grid per identity, under ``generated/``.
+The work, every (identity, index) in identity-major order, is planned as shards of
+``sample.batch_size * BATCHES_PER_SHARD`` images. The shards are generated in this process
+(``sample.ray_workers=0``) or by a pool of Ray actors, one pipeline each (one GPU each on a cluster
+with GPUs, in bf16 there); either way the same ``write_shard`` makes one shard from the same
+batches, so the images do not depend on how many workers there are. A shard is written as it is
+made (no process holds more than a batch of images) and a rerun continues from the finished ones.
+
+Output, under the method's run directory, ``generated/``:
+    samples.json            the plan: sample settings, prompts, shard size; "complete" once all is written
+    shard-SSSSSS-00.tar     shard S (WebDataset): ``id<identity>_<index>.png`` + ``.json`` {identity, index}
+    shard-SSSSSS.json       shard S's record, written last: the shard is finished
+    id<identity>.png        one grid per identity
+Readers get a ``Samples`` (identity -> that identity's images, read from its shards on access, and
+a stream of every image), never all images at once.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import itertools
 import json
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.numpy import load_file, save_file
 
 from pogdiff.config import Config
-from pogdiff.runs import RunFiles, atomic_path
+from pogdiff.data.shards import IMAGE, META, ShardWriter, read_tar, task_name
+from pogdiff.runs import RunFiles, atomic_path, atomic_write, write_json
+
+BATCHES_PER_SHARD = 8
+MAX_SHARD_BYTES = 1 << 30  # a part rolls over past this (ShardWriter); a shard is one part at any usual size
 
 
 def image_seed(seed: int, identity: int, index: int) -> int:
@@ -36,14 +56,19 @@ def initial_noise(shape: tuple[int, ...], seed: int, identity: int, indices: ran
 
 
 def load_pipeline(pipeline_dir: str | Path, device: torch.device):
+    """The exported pipeline with a DDIM scheduler on ``device``: fp32 on the CPU, bf16 on a GPU
+    (fp16 on one without bf16)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipeline_dir = Path(pipeline_dir)
     if not (pipeline_dir / "model_index.json").is_file():
         raise FileNotFoundError(f"no trained pipeline at '{pipeline_dir}': run `pogdiff train` or `pogdiff train-dist` "
                                 "with this config (method, seed, run_name, output_dir) first")
+    dtype = None
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_dir), safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False)
+                                                   requires_safety_checker=False, torch_dtype=dtype)
     # Latents are scaled to unit variance, so clipping the predicted x0 to [-1, 1] (the DDIM default
     # when a config does not say) would distort them; SD's own scheduler config sets it off too.
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
@@ -52,54 +77,35 @@ def load_pipeline(pipeline_dir: str | Path, device: torch.device):
 
 
 @torch.no_grad()
-def generate(pipe, prompts: dict[int, str], n: int, steps: int, guidance_scale: float, seed: int,
-             batch_size: int, progress: bool = False) -> dict[int, np.ndarray]:
-    """``n`` images per identity, (n, H, W, 3) uint8 each. A batch may hold several identities:
-    each image starts from its own (seed, identity, index) noise, so which batch or worker it lands
-    in changes it only by the float rounding of a batched kernel."""
-    from tqdm import tqdm
-
+def generate_batches(pipe, jobs: Sequence[tuple[int, int]], prompts: Mapping[int, str], steps: int,
+                     guidance_scale: float, seed: int, batch_size: int) -> Iterator[tuple[list, np.ndarray]]:
+    """(the batch's (identity, index) jobs, their (B, H, W, 3) uint8 images), ``batch_size`` jobs at
+    a time. A batch may hold several identities: each image starts from its own (seed, identity,
+    index) noise, so which batch it lands in changes it only by the float rounding of a batched kernel."""
     unet = pipe.unet
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    for start in range(0, len(jobs), batch_size):
+        batch = list(jobs[start:start + batch_size])
+        latents = torch.cat([initial_noise(shape, seed, identity, range(index, index + 1)) for identity, index in batch])
+        result = pipe(prompt=[prompts[identity] for identity, _ in batch],  # unconditional: the empty caption
+                      num_inference_steps=steps, guidance_scale=guidance_scale,
+                      latents=latents.to(pipe.device, unet.dtype), eta=0.0, output_type="np")
+        yield batch, (np.clip(result.images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def generate(pipe, prompts: dict[int, str], n: int, steps: int, guidance_scale: float, seed: int,
+             batch_size: int, progress: bool = False) -> dict[int, np.ndarray]:
+    """``n`` images per identity, (n, H, W, 3) uint8 each, in memory (for a few identities)."""
+    from tqdm import tqdm
+
     jobs = [(identity, index) for identity in prompts for index in range(n)]
     images: dict[int, list[np.ndarray]] = {identity: [] for identity in prompts}
     with tqdm(total=len(jobs), desc="sample", unit="img", disable=not progress) as bar:
-        for start in range(0, len(jobs), batch_size):
-            batch = jobs[start:start + batch_size]
-            latents = torch.cat([initial_noise(shape, seed, identity, range(index, index + 1)) for identity, index in batch])
-            result = pipe(prompt=[prompts[identity] for identity, _ in batch],  # unconditional: the empty caption
-                          num_inference_steps=steps, guidance_scale=guidance_scale,
-                          latents=latents.to(pipe.device, unet.dtype), eta=0.0, output_type="np")
-            for (identity, _), image in zip(batch, result.images):
-                images[identity].append((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+        for batch, batch_images in generate_batches(pipe, jobs, prompts, steps, guidance_scale, seed, batch_size):
+            for (identity, _), image in zip(batch, batch_images):
+                images[identity].append(image)
             bar.update(len(batch))
     return {identity: np.stack(ims) for identity, ims in images.items()}
-
-
-def _ray_generate(pipeline_dir: str, prompts: dict[int, str], n: int, steps: int, guidance_scale: float,
-                  seed: int, batch_size: int, workers: int) -> dict[int, np.ndarray]:
-    """The identities split into ``workers`` Ray tasks, each loading the pipeline once."""
-    import ray
-
-    from pogdiff.dist.cluster import connect, drop_source_checkout_from_sys_path
-
-    started = connect(num_cpus=workers, log_to_driver=False)
-    try:
-        @ray.remote(num_cpus=1)
-        def task(chunk: dict[int, str]) -> dict[int, np.ndarray]:
-            drop_source_checkout_from_sys_path()
-            torch.set_num_threads(1)
-            return generate(load_pipeline(pipeline_dir, torch.device("cpu")), chunk, n, steps, guidance_scale, seed, batch_size)
-
-        items = list(prompts.items())
-        chunks = [dict(items[w::workers]) for w in range(workers) if items[w::workers]]
-        out: dict[int, np.ndarray] = {}
-        for part in ray.get([task.remote(c) for c in chunks]):
-            out.update(part)
-        return {i: out[i] for i in prompts}
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def evaluated_identities(cfg: Config, index) -> list[int]:
@@ -141,55 +147,211 @@ def _settings(cfg: Config) -> dict:
                 model=index.stat().st_mtime_ns if index.is_file() else None)
 
 
-def save_samples(path: Path, images: dict[int, np.ndarray], metadata: dict[str, str]) -> None:
-    """identity -> (n, H, W, 3) uint8 into one safetensors file (temp + rename)."""
-    ids = np.concatenate([np.full(len(v), i, dtype=np.int64) for i, v in images.items()])
-    index = np.concatenate([np.arange(len(v), dtype=np.int64) for v in images.values()])
-    # safetensors writes the raw buffer: the stacked images must be C-ordered
-    stacked = np.ascontiguousarray(np.concatenate(list(images.values())))
-    with atomic_path(path) as tmp:
-        save_file({"images": stacked, "identities": ids, "index": index}, str(tmp), metadata=metadata)
+# --------------------------------------------------------------------------------------- the shards
+
+def sample_key(identity: int, index: int) -> str:
+    return f"id{identity:06d}_{index:06d}"
 
 
-def read_samples(path: Path) -> tuple[dict[int, np.ndarray], dict[str, str]]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "np") as f:
-        metadata = f.metadata()
-    t = load_file(str(path))
-    return {int(i): t["images"][t["identities"] == i] for i in np.unique(t["identities"])}, metadata
+def shard_jobs(plan: dict, shard: int) -> list[tuple[int, int]]:
+    """The (identity, index) images of ``shard``: positions [shard * S, (shard + 1) * S) of the
+    identity-major list of every identity's ``images_per_id`` images."""
+    n, size, identities = plan["images_per_id"], plan["images_per_shard"], plan["identities"]
+    return [(identities[p // n], p % n) for p in range(shard * size, min((shard + 1) * size, len(identities) * n))]
 
 
-def load_samples(cfg: Config) -> Optional[dict[int, np.ndarray]]:
-    """The run's samples if they exist and were made with the current sample settings."""
-    path = samples_dir(cfg) / "images.safetensors"
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shard(pipe, folder: Path, plan: dict, shard: int) -> int:
+    """Generate one shard of the plan into ``folder``, image by image into its tar; its record last.
+    Returns the number of images."""
+    s, prompts = plan["settings"], dict(zip(plan["identities"], plan["prompts"]))
+    jobs = shard_jobs(plan, shard)
+    writer = ShardWriter(folder, shard, max_samples=len(jobs), max_bytes=MAX_SHARD_BYTES)
+    for batch, images in generate_batches(pipe, jobs, prompts, s["steps"], s["guidance_scale"], s["seed"],
+                                          plan["batch_size"]):
+        for (identity, index), image in zip(batch, images):
+            writer.write(sample_key(identity, index), {IMAGE: png_bytes(image),
+                                                       META: json.dumps({"identity": identity, "index": index}).encode()})
+    atomic_write(folder / f"{task_name(shard)}.json", json.dumps({"shard": shard, "parts": writer.close()}))
+    return len(jobs)
+
+
+def shard_record(folder: Path, shard: int) -> Optional[dict]:
+    """The shard's record if it is finished (record and parts present), else None."""
+    path = folder / f"{task_name(shard)}.json"
     if not path.is_file():
         return None
-    images, metadata = read_samples(path)
-    return images if json.loads(metadata["settings"]) == _settings(cfg) else None
+    record = json.loads(path.read_text())
+    return record if all((folder / p["url"]).is_file() for p in record["parts"]) else None
 
 
-def sample_run(cfg: Config, progress: bool = True) -> dict[int, np.ndarray]:
-    """Generate (or load the cached) samples of the run's method; writes images + grids."""
+class Samples(Mapping):
+    """A run's finished samples: identity -> its (n, H, W, 3) uint8 images, decoded from the shards
+    that hold them when asked for; ``records()`` streams every image, shard after shard."""
+
+    def __init__(self, folder: Path, plan: dict):
+        self.folder, self.plan = Path(folder), plan
+        self._position = {identity: p for p, identity in enumerate(plan["identities"])}
+
+    @property
+    def prompts(self) -> dict[int, str]:
+        return dict(zip(self.plan["identities"], self.plan["prompts"]))
+
+    @property
+    def images_per_id(self) -> int:
+        return self.plan["images_per_id"]
+
+    @property
+    def num_images(self) -> int:
+        return len(self) * self.images_per_id
+
+    def __len__(self) -> int:
+        return len(self._position)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.plan["identities"])
+
+    def __contains__(self, identity) -> bool:
+        return identity in self._position
+
+    def _records(self, shards: range) -> Iterator[tuple[int, int, bytes]]:
+        import webdataset as wds
+
+        for shard in shards:
+            record = shard_record(self.folder, shard)
+            if record is None:
+                raise FileNotFoundError(f"sample shard {shard} under '{self.folder}' is missing: run `pogdiff sample` again")
+            for part in record["parts"]:
+                url = str(self.folder / part["url"])
+                with open(url, "rb") as f:
+                    for sample in wds.tariterators.group_by_keys({**m, "__url__": url} for m in read_tar(f, url)):
+                        meta = json.loads(sample[META])
+                        yield meta["identity"], meta["index"], sample[IMAGE]
+
+    def records(self) -> Iterator[tuple[int, int, bytes]]:
+        """(identity, index, PNG bytes) of every image, identity-major."""
+        return self._records(range(self.plan["shards"]))
+
+    def __getitem__(self, identity: int) -> np.ndarray:
+        p, n, size = self._position[identity], self.images_per_id, self.plan["images_per_shard"]
+        pngs = sorted((index, png) for i, index, png in self._records(range(p * n // size, ((p + 1) * n - 1) // size + 1))
+                      if i == identity)
+        return np.stack([np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for _, png in pngs])
+
+
+def read_plan(folder: Path) -> Optional[dict]:
+    path = folder / "samples.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_samples(cfg: Config) -> Optional[Samples]:
+    """The run's samples if they are complete (every shard still there) and were made with the
+    current sample settings."""
+    folder = samples_dir(cfg)
+    plan = read_plan(folder)
+    if plan is None or not plan["complete"] or plan["settings"] != _settings(cfg) or \
+            any(shard_record(folder, shard) is None for shard in range(plan["shards"])):
+        return None
+    return Samples(folder, plan)
+
+
+def write_grids(samples: Samples) -> None:
+    """``id<identity>.png``: each identity's images in a grid of rows of 8, scaled 2x."""
+    from pogdiff.models.export import image_grid
+
+    for identity, records in itertools.groupby(samples.records(), key=lambda r: r[0]):
+        ims = [Image.open(io.BytesIO(png)).convert("RGB") for _, _, png in records]
+        grid = image_grid(ims, rows=max(1, len(ims) // 8))
+        with atomic_path(samples.folder / f"id{identity:06d}.png") as tmp:
+            grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(tmp, format="PNG")
+
+
+# ------------------------------------------------------------------------------ workers and the run
+
+@contextlib.contextmanager
+def ray_actor_pool(actor_class, workers: int, device: str, *args):
+    """(a ray.util.ActorPool, its size) of ``workers`` actors ``actor_class(device, *args)`` on the
+    cluster of pogdiff.dist.cluster.connect: one GPU each when ``device`` (train.device) is cuda, or
+    auto on a cluster with GPUs (then at most one actor per GPU), else one CPU each."""
+    import ray
+    from ray.util import ActorPool
+
+    from pogdiff.dist.cluster import connect
+
+    started = connect(num_cpus=workers, log_to_driver=False)
+    actors = []
+    try:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        gpu = device == "cuda" or (device == "auto" and gpus > 0)
+        if gpu and gpus == 0:
+            raise RuntimeError("train.device=cuda, but the Ray cluster has no GPU")
+        remote = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(actor_class)
+        actors = [remote.remote("cuda" if gpu else "cpu", *args) for _ in range(min(workers, gpus) if gpu else workers)]
+        yield ActorPool(actors), len(actors)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if started:
+            ray.shutdown()
+
+
+class SampleWorker:
+    """A Ray actor holding one pipeline; writes the shards it is handed."""
+
+    def __init__(self, device: str, pipeline_dir: str):
+        from pogdiff.dist.cluster import drop_source_checkout_from_sys_path
+
+        drop_source_checkout_from_sys_path()
+        if device == "cpu":
+            torch.set_num_threads(1)  # one CPU per actor
+        self.pipe = load_pipeline(pipeline_dir, torch.device(device))
+
+    def write_shard(self, folder: str, plan: dict, shard: int) -> int:
+        return write_shard(self.pipe, Path(folder), plan, shard)
+
+
+def sample_run(cfg: Config, progress: bool = True) -> Samples:
+    """Generate the run's samples (or continue them, or return the finished ones); writes the
+    shards, then the grids, then marks the plan complete."""
     cached = load_samples(cfg)
     if cached is not None:
         return cached
-    from pogdiff.models.components import resolve_device
-    from pogdiff.models.export import image_grid
+    from tqdm import tqdm
 
-    s = cfg.sample
-    files = RunFiles(cfg)
+    s, files, folder = cfg.sample, RunFiles(cfg), samples_dir(cfg)
     prompts = identity_prompts(cfg)
-    args = (prompts, s.images_per_id, s.steps, s.guidance_scale, s.seed, s.batch_size)
-    if s.ray_workers > 0:
-        images = _ray_generate(str(files.pipeline), *args, workers=s.ray_workers)
-    else:
-        images = generate(load_pipeline(files.pipeline, resolve_device(cfg.train.device)), *args, progress=progress)
-    out = samples_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    for identity, ims in images.items():
-        grid = image_grid([Image.fromarray(im) for im in ims], rows=max(1, len(ims) // 8))
-        grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(out / f"id{identity:06d}.png")
-    save_samples(out / "images.safetensors", images,
-                 {"settings": json.dumps(_settings(cfg)), "prompts": json.dumps(prompts)})
-    return images
+    plan = read_plan(folder)
+    if plan is None or plan["settings"] != _settings(cfg) or plan["identities"] != list(prompts):
+        shutil.rmtree(folder, ignore_errors=True)  # samples of other settings (or of an older format)
+        folder.mkdir(parents=True)
+        size = s.batch_size * BATCHES_PER_SHARD
+        plan = {"settings": _settings(cfg), "identities": list(prompts), "prompts": list(prompts.values()),
+                "images_per_id": s.images_per_id, "batch_size": s.batch_size, "images_per_shard": size,
+                "shards": -(-len(prompts) * s.images_per_id // size), "complete": False}
+        write_json(folder / "samples.json", plan)
+    todo = [shard for shard in range(plan["shards"]) if shard_record(folder, shard) is None]
+    with tqdm(total=len(prompts) * s.images_per_id, desc="sample", unit="img", disable=not progress or not todo,
+              initial=len(prompts) * s.images_per_id - sum(len(shard_jobs(plan, t)) for t in todo)) as bar:
+        if todo and s.ray_workers > 0:
+            import ray
+
+            with ray_actor_pool(SampleWorker, s.ray_workers, cfg.train.device, str(files.pipeline)) as (pool, _):
+                plan_ref = ray.put(plan)
+                for images in pool.map_unordered(lambda a, t: a.write_shard.remote(str(folder), plan_ref, t), todo):
+                    bar.update(images)
+        elif todo:
+            from pogdiff.models.components import resolve_device
+
+            pipe = load_pipeline(files.pipeline, resolve_device(cfg.train.device))
+            for shard in todo:
+                bar.update(write_shard(pipe, folder, plan, shard))
+    samples = Samples(folder, plan)
+    write_grids(samples)
+    plan["complete"] = True
+    write_json(folder / "samples.json", plan)
+    return samples

@@ -15,24 +15,22 @@ from pogdiff.runs import RunFiles, write_json
 
 
 def run_demo(cfg: Config) -> int:
-    import ray
-
     from pogdiff.data.dataset import build_neighbours, neighbours_dir, prepare_artifacts, resolve_dataset, text_density
-    from pogdiff.dist.cluster import connect_for
+    from pogdiff.dist.cluster import session
     from pogdiff.dist.ray_driver import run
     from pogdiff.experiment.experiment import evaluate_runs
 
     t0 = time.perf_counter()
-    ds = resolve_dataset(cfg)
-    if not (neighbours_dir(cfg, ds) / "stats.json").is_file():
-        build_neighbours(cfg, ds)
-    text_density(cfg, ds)
-    counts = ds.index.identity_counts()
-    run_dir = RunFiles(cfg).root
-    summary = {"run_dir": str(run_dir), "dataset": str(ds.root), "samples": len(ds), "identities": len(counts),
-               "workers": cfg.dist.num_workers, "zero_stage": cfg.dist.zero_stage, "methods": {}}
-    started = connect_for(cfg)
-    try:
+    # one embedded cluster for prepare's pipeline, the FAISS actors and every method's training
+    with session(cfg.dist.ray_address, num_cpus=cfg.dist.num_workers * cfg.dist.cpus_per_worker):
+        ds = resolve_dataset(cfg)
+        if not (neighbours_dir(cfg, ds) / "stats.json").is_file():
+            build_neighbours(cfg, ds)
+        text_density(cfg, ds)
+        counts = ds.index.identity_counts()
+        run_dir = RunFiles(cfg).root
+        summary = {"run_dir": str(run_dir), "dataset": str(ds.root), "samples": len(ds), "identities": len(counts),
+                   "workers": cfg.dist.num_workers, "zero_stage": cfg.dist.zero_stage, "methods": {}}
         for method in METHODS:
             mcfg = variant_config(cfg, method, cfg.train.seed)
             psi = prepare_artifacts(mcfg, ds)
@@ -40,9 +38,6 @@ def run_demo(cfg: Config) -> int:
             summary["methods"][method] = {"steps": result.steps, "first_loss": result.losses[0],
                                           "last_loss": result.losses[-1], "seconds": round(result.seconds, 1),
                                           "psi": psi}
-    finally:
-        if started:
-            ray.shutdown()
     report = evaluate_runs(cfg, METHODS, [cfg.train.seed], out=run_dir / "report")
     summary["report"] = str(report)
     for method in METHODS:

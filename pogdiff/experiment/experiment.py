@@ -44,7 +44,7 @@ def evaluate_runs(cfg: Config, variants: Sequence[str], seeds: Sequence[int], ou
 
     ds = resolve_dataset(cfg, progress)
     encoder = eval_encoder(cfg, ds, progress)
-    real = real_embeddings(cfg, ds, encoder[0], cfg.sample.images_per_id)
+    real = real_embeddings(cfg, ds, encoder, cfg.sample.images_per_id)
     evaluate_reference(cfg, ds, encoder, real)
     for seed in seeds:
         for variant in variants:
@@ -66,7 +66,7 @@ def run_experiment(cfg: Config, progress: bool = True) -> Path:
     variants, seeds = list(cfg.experiment.variants), list(cfg.experiment.seeds)
     ds = resolve_dataset(cfg, progress)
     encoder = eval_encoder(cfg, ds, progress)
-    real = real_embeddings(cfg, ds, encoder[0], cfg.sample.images_per_id)
+    real = real_embeddings(cfg, ds, encoder, cfg.sample.images_per_id)
     evaluate_reference(cfg, ds, encoder, real)
     out = report_dir(cfg)
     for seed in seeds:

@@ -11,20 +11,44 @@ exp overflows. We compute, with nll = -ELBO,
   penalty (DESIGN §1); temperature=1 is Eq. 11 exactly;
 * the clip keeps exp() finite for any input, and is monotone, so a caption with lower density
   (a minority caption) never gets a smaller psi_inv than a more typical one.
+
+Memory is flat in N: the VAE trains on minibatches read from the memory-mapped (N, D) column, the
+standardisation, median and spread come from chunked passes, and scoring (-ELBO per row, then psi
+per (row, neighbour)) is a map over row ranges (``map_row_ranges``) into memory-mapped outputs,
+run as Ray tasks on a cluster (``uses_cluster``) and in this process otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pogdiff.config import DensityConfig
-from pogdiff.method.neighbours import check_finite
+from pogdiff.method.neighbours import NeighbourTable, check_finite, psi_table
+from pogdiff.runs import atomic_path, derive_seed
+
+# The scoring noise: one Monte-Carlo seed per block of this many rows, so a row's -ELBO is the same
+# whichever range or task scores it (every range starts on a block). A single noise stream over all
+# rows, as before, cannot be split into ranges without replaying it. Block 0 keeps the density's
+# seed, so a column of at most one block scores as it did with that stream.
+SCORE_BLOCK_ROWS = 4096
+ROWS_PER_TASK = 64 * SCORE_BLOCK_ROWS  # one range of the scoring map
+# Training shuffles blocks of contiguous rows (one sequential read each) and, within a window of
+# blocks drawn from anywhere in the column, the rows: a minibatch mixes 64 distant places even when
+# the rows are sorted by identity, the host holds one window (16 MiB per 64 dims) and the
+# per-epoch order is one integer per block. A full permutation per epoch would be O(N) integers and
+# a random read per row. A column of at most one window is one window: a full shuffle.
+SHUFFLE_BLOCK_ROWS = 1024
+SHUFFLE_WINDOW_ROWS = 64 * SHUFFLE_BLOCK_ROWS
+STATS_CHUNK_ROWS = 1 << 16  # rows per read of the chunked passes (standardisation, median, spread)
 
 
 class TextVAE(nn.Module):
@@ -42,16 +66,20 @@ class TextVAE(nn.Module):
         self.out_logvar = nn.Parameter(torch.zeros(dim))
 
     def elbo(self, y: torch.Tensor, samples: int = 1, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """ELBO per row (N,), averaged over ``samples`` reparameterised draws of z."""
+        """ELBO per row (N,), averaged over ``samples`` reparameterised draws of z (drawn on the
+        generator's device, so a CPU generator gives the same noise to a model on a GPU)."""
         h = self.encoder(y)
         mu, logvar = self.to_mu(h), self.to_logvar(h).clamp(-12, 12)
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
         std = (0.5 * logvar).exp()
-        eps = torch.randn((samples, *mu.shape), generator=generator, device=y.device, dtype=y.dtype)
-        recon = self.decoder(mu + std * eps)  # (S, N, D)
+        eps = torch.randn((samples, *mu.shape), generator=generator, dtype=y.dtype,
+                          device=y.device if generator is None else generator.device).to(y.device)
         var = self.out_logvar.exp()
-        log_lik = -0.5 * ((y - recon).pow(2) / var + self.out_logvar + math.log(2 * math.pi)).sum(-1)
-        return log_lik.mean(0) - kl
+        log_lik = torch.zeros_like(kl)
+        for e in eps:  # one draw at a time: no (samples, N, D) reconstruction
+            recon = self.decoder(mu + std * e)
+            log_lik = log_lik - 0.5 * ((y - recon).pow(2) / var + self.out_logvar + math.log(2 * math.pi)).sum(-1)
+        return log_lik / samples - kl
 
 
 class TextDensity:
@@ -63,12 +91,23 @@ class TextDensity:
         self.median_nll, self.temperature, self.log_clip = median_nll, temperature, log_clip
         self.elbo_samples, self.seed = elbo_samples, seed
 
+    def to(self, device: torch.device | str) -> "TextDensity":
+        self.vae.to(device)
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
     @torch.no_grad()
-    def nll(self, y: torch.Tensor, batch: int = 4096) -> torch.Tensor:
-        """-ELBO per row, deterministic (a fixed Monte-Carlo seed)."""
+    def nll(self, y: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+        """-ELBO per row on the CPU, deterministic: ``y`` is rows ``first_row...`` of the scored column
+        (a multiple of SCORE_BLOCK_ROWS), and each block of rows has its own Monte-Carlo seed."""
+        if first_row % SCORE_BLOCK_ROWS:
+            raise ValueError(f"first_row={first_row} is not a multiple of SCORE_BLOCK_ROWS={SCORE_BLOCK_ROWS}")
         check_finite(y, "text embeddings")
-        g = torch.Generator().manual_seed(self.seed)
-        out = [-self.vae.elbo((c.float() - self.mean) / self.std, self.elbo_samples, g) for c in y.split(batch)]
+        out = []
+        for block, rows in enumerate(y.split(SCORE_BLOCK_ROWS), start=first_row // SCORE_BLOCK_ROWS):
+            g = torch.Generator().manual_seed(derive_seed(self.seed, block) if block else self.seed)
+            ys = (rows.to(self.mean.device).float() - self.mean) / self.std
+            out.append(-self.vae.elbo(ys, self.elbo_samples, g).cpu())
         return torch.cat(out)
 
     def log_psi_inv(self, y: torch.Tensor, a3: float = 1.0) -> torch.Tensor:
@@ -84,8 +123,8 @@ class TextDensity:
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
-        tensors = {f"vae.{k}": v.contiguous() for k, v in self.vae.state_dict().items()}
-        tensors.update(mean=self.mean.contiguous(), std=self.std.contiguous())
+        tensors = {f"vae.{k}": v.detach().cpu().contiguous() for k, v in self.vae.state_dict().items()}
+        tensors.update(mean=self.mean.cpu().contiguous(), std=self.std.cpu().contiguous())
         meta = dict(median_nll=self.median_nll, temperature=self.temperature, log_clip=self.log_clip,
                     elbo_samples=self.elbo_samples, seed=self.seed, dim=int(self.mean.shape[0]),
                     latent_dim=self.vae.to_mu.out_features, hidden_dim=self.vae.to_mu.in_features)
@@ -104,34 +143,256 @@ class TextDensity:
                    meta["elbo_samples"], meta["seed"])
 
 
-def fit_text_density(embeddings: torch.Tensor, cfg: DensityConfig, progress: bool = False) -> TextDensity:
-    """Fit the VAE on the training set's pooled text embeddings (N, D)."""
-    check_finite(embeddings, "text embeddings")
-    y = embeddings.float()
-    n, dim = y.shape
+# ----------------------------------------------------------------------------- chunked column passes
+
+Column = str | np.ndarray  # a column as the path of its .npy, or an array
+
+
+def column_source(column: np.ndarray | torch.Tensor | object) -> Column | object:
+    """How a column is read: a whole memory-mapped .npy by its path, a tensor as its array; any
+    other value as it is. A path travels to a Ray task as it is (a pickled memmap is a copy of
+    its data), and each ``read_rows`` maps the file anew and unmaps it after: the pages it read
+    leave this process's resident set, which a resource manager that counts RSS would otherwise
+    see grow to the whole column."""
+    if isinstance(column, torch.Tensor):
+        return column.detach().cpu().numpy()
+    whole_file = isinstance(column, np.memmap) and column.filename is not None \
+        and np.load(column.filename, mmap_mode="r").shape == column.shape
+    return str(column.filename) if whole_file else column
+
+
+def _open(column: Column) -> np.ndarray:
+    return np.load(column, mmap_mode="r") if isinstance(column, str) else column
+
+
+def read_rows(column: Column, start: int, stop: int, dtype=np.float32) -> np.ndarray:
+    """Rows [start, stop) of a column as a new array (``dtype`` None: the column's)."""
+    return np.array(_open(column)[start:stop], dtype=dtype)
+
+
+def column_stats(column: Column, what: str, chunk_rows: int = STATS_CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (N - 1) per column of an (N, D) or (N,) array, one chunk in
+    memory at a time (Chan et al.'s pairwise update, float64); NaN/inf rows are an error naming them."""
+    shape = _open(column).shape
+    n, dim = shape[0], int(np.prod(shape[1:]))
+    count, mean, m2 = 0, np.zeros(dim), np.zeros(dim)
+    bad_rows, bad = [], 0
+    for start in range(0, n, chunk_rows):
+        chunk = read_rows(column, start, start + chunk_rows, np.float64).reshape(-1, dim)
+        finite = np.isfinite(chunk).all(1)
+        if not finite.all():
+            bad_rows += (start + np.flatnonzero(~finite))[:10 - len(bad_rows)].tolist()
+            bad += int((~finite).sum())
+        if bad:
+            continue
+        n_chunk, mean_chunk = len(chunk), chunk.mean(0)
+        delta, total = mean_chunk - mean, count + n_chunk
+        m2 += ((chunk - mean_chunk) ** 2).sum(0) + delta ** 2 * count * n_chunk / total
+        mean += delta * n_chunk / total
+        count = total
+    if bad:
+        raise ValueError(f"{what} has NaN/inf values in rows {bad_rows} (of {bad}): fix or drop those records")
+    return mean, np.sqrt(m2 / max(count - 1, 1))
+
+
+def kth_smallest(values: Column, k: int, chunk_rows: int = STATS_CHUNK_ROWS) -> float:
+    """The exact k-th smallest (0-based) of a 1-d, possibly memory-mapped, array in chunked passes.
+    numpy's median and partition need the whole array in memory; here each pass counts the values
+    per bin of a range [lo, hi) known to hold the k-th, the range shrinks to the bin that holds it,
+    and once that bin's values fit in one chunk they are partitioned in memory."""
+    n = len(_open(values))
+
+    def chunks() -> Iterator[np.ndarray]:
+        for start in range(0, n, chunk_rows):
+            yield read_rows(values, start, start + chunk_rows, np.float64)
+
+    lo, hi = math.inf, -math.inf
+    for chunk in chunks():
+        lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
+    hi = float(np.nextafter(hi, math.inf))
+    below, inside, bins = 0, n, 4096  # values < lo; values in [lo, hi)
+    while inside > chunk_rows and np.nextafter(lo, math.inf) < hi:
+        edges = np.linspace(lo, hi, bins + 1)  # edges[-1] == hi exactly
+        counts = np.zeros(bins, dtype=np.int64)
+        for chunk in chunks():
+            chunk = chunk[(chunk >= lo) & (chunk < hi)]
+            counts += np.bincount(np.searchsorted(edges, chunk, side="right") - 1, minlength=bins)
+        j = int(np.searchsorted(np.cumsum(counts), k - below, side="right"))  # edges[j] <= k-th < edges[j + 1]
+        below, inside = below + int(counts[:j].sum()), int(counts[j])
+        lo, hi = float(edges[j]), float(edges[j + 1])
+    if np.nextafter(lo, math.inf) >= hi:  # one value left
+        return lo
+    kept = np.concatenate([chunk[(chunk >= lo) & (chunk < hi)] for chunk in chunks()])
+    return float(np.partition(kept, k - below)[k - below])
+
+
+# ------------------------------------------------------------------------------------------ fitting
+
+def _shuffle_windows(n: int, generator: torch.Generator, window_rows: int) -> Iterator[list[tuple[int, int]]]:
+    """One epoch: the row ranges (blocks, in row order) of each shuffle window."""
+    blocks = math.ceil(n / SHUFFLE_BLOCK_ROWS)
+    per_window = max(1, window_rows // SHUFFLE_BLOCK_ROWS)
+    if blocks <= per_window:
+        yield [(0, n)]
+        return
+    for window in torch.randperm(blocks, generator=generator).split(per_window):
+        yield [(b * SHUFFLE_BLOCK_ROWS, min((b + 1) * SHUFFLE_BLOCK_ROWS, n)) for b in sorted(window.tolist())]
+
+
+def train_text_vae(embeddings: np.ndarray | torch.Tensor, cfg: DensityConfig, progress: bool = False,
+                   window_rows: int = SHUFFLE_WINDOW_ROWS) -> TextDensity:
+    """The VAE trained on minibatches streamed from ``embeddings`` (N, D), a memory-mapped column or
+    an array, on ``density.device``; returned unnormalised (median 0, temperature 1), on the CPU."""
+    column = column_source(embeddings)
+    n, dim = _open(column).shape
     if n < 2:
         raise ValueError(f"the text density needs at least 2 captions, got {n}")
-    mean, std = y.mean(0), y.std(0).clamp(min=1e-6)
-    ys = (y - mean) / std
+    from pogdiff.models.components import resolve_device
+
+    device = resolve_device(cfg.device)
+    mean, std = column_stats(column, "text embeddings")
+    mean, std = torch.from_numpy(mean).float(), torch.from_numpy(std).float().clamp(min=1e-6)
     torch.manual_seed(cfg.seed)
-    vae = TextVAE(dim, cfg.latent_dim, cfg.hidden_dim)
+    vae = TextVAE(dim, cfg.latent_dim, cfg.hidden_dim).to(device)
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)  # the order of rows (and the noise, on the CPU)
+    noise = g if device.type == "cpu" else torch.Generator(device).manual_seed(cfg.seed)
+    mean_d, std_d = mean.to(device), std.to(device)
     epochs = range(cfg.epochs)
     if progress:
         from tqdm import tqdm
 
         epochs = tqdm(epochs, desc="density VAE", unit="epoch")
     for _ in epochs:
-        for idx in torch.randperm(n, generator=g).split(cfg.batch_size):
-            loss = -vae.elbo(ys[idx], 1, g).mean() / dim
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    density = TextDensity(vae, mean, std, 0.0, 1.0, cfg.log_clip, cfg.elbo_samples, cfg.seed)
-    nll = density.nll(y)
-    density.median_nll = float(nll.median())
+        for ranges in _shuffle_windows(n, g, window_rows):
+            window = np.concatenate([read_rows(column, a, b) for a, b in ranges])
+            ys = (torch.from_numpy(window).to(device) - mean_d) / std_d
+            for idx in torch.randperm(len(ys), generator=g).split(cfg.batch_size):
+                loss = -vae.elbo(ys[idx.to(device)], 1, noise).mean() / dim
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    return TextDensity(vae.cpu(), mean, std, 0.0, 1.0, cfg.log_clip, cfg.elbo_samples, cfg.seed)
+
+
+def fit_text_density(embeddings: np.ndarray | torch.Tensor, cfg: DensityConfig, progress: bool = False,
+                     nll_path: Optional[Path] = None, ray_address: Optional[str] = None,
+                     window_rows: int = SHUFFLE_WINDOW_ROWS) -> TextDensity:
+    """Fit the VAE on the training set's pooled text embeddings (N, D) and normalise it by the
+    median and spread of the training NLL; -ELBO per row (N,) is written to ``nll_path`` when given."""
+    column = column_source(embeddings)
+    density = train_text_vae(column, cfg, progress, window_rows)
+    n = len(_open(column))
+    with rows_output(nll_path, (n,), np.float32) as out:
+        map_row_ranges(nll_rows, n, out, (density, column), distributed=uses_cluster(n, cfg, ray_address),
+                       ray_address=ray_address, device=cfg.device, progress=progress)
+    nll = out if nll_path is None else str(nll_path)
+    _, spread = column_stats(nll, "the training NLL")
+    density.median_nll = kth_smallest(nll, (n - 1) // 2)  # the lower median, as torch.median
     # the spread of the training NLL: the NLL gap between rare and common captions grows with the
     # embedding dimension, and dividing by D (a per-dimension ratio) shrank it below psi_img's
-    density.temperature = float(cfg.temperature) if cfg.temperature is not None else max(float(nll.std()), 1e-6)
-    return density
+    density.temperature = float(cfg.temperature) if cfg.temperature is not None else max(float(spread[0]), 1e-6)
+    return density.to("cpu")
+
+
+# ------------------------------------------------------------------------------ the map over rows
+
+def nll_rows(start: int, stop: int, density: TextDensity, embeddings: Column, device: str = "cpu") -> np.ndarray:
+    """-ELBO of rows [start, stop) of the embedding column, read one scoring block at a time."""
+    density = density.to(device)
+    return np.concatenate([
+        density.nll(torch.from_numpy(read_rows(embeddings, a, min(a + SCORE_BLOCK_ROWS, stop))), first_row=a).numpy()
+        for a in range(start, stop, SCORE_BLOCK_ROWS)])
+
+
+def psi_rows(start: int, stop: int, neighbours: str, a1: float, a2: float, use_psi_img: bool,
+             density: Optional[TextDensity] = None, nll: Optional[Column] = None, a3: float = 1.0) -> np.ndarray:
+    """Eq. 12 for rows [start, stop): psi per (row, neighbour) from the neighbour table in the folder
+    ``neighbours`` (ids/sims/different_identity.npy) and the rows' -ELBO (None: w/o psi_inv)."""
+    table = NeighbourTable(*(torch.from_numpy(read_rows(str(Path(neighbours) / f"{name}.npy"), start, stop, dtype=None))
+                             for name in ("ids", "sims", "different_identity")))
+    log_inv = None if density is None else \
+        density.log_psi_inv_from_nll(torch.from_numpy(read_rows(nll, start, stop)), a3)
+    return psi_table(table, log_inv, a1, a2, use_psi_img=use_psi_img).numpy()
+
+
+def uses_cluster(n: int, cfg: DensityConfig, ray_address: Optional[str]) -> bool:
+    """Whether the scoring map runs as Ray tasks: on the user's cluster, or from density.distributed_min_rows."""
+    return bool(ray_address or os.environ.get("RAY_ADDRESS")) or n >= cfg.distributed_min_rows
+
+
+@contextlib.contextmanager
+def rows_output(path: Optional[Path], shape: tuple[int, ...], dtype) -> Iterator[np.ndarray]:
+    """An array for ``map_row_ranges`` to fill: in memory, or (``path``) a .npy memory map at a
+    temporary name, moved onto ``path`` once every range is written."""
+    if path is None:
+        yield np.empty(shape, dtype)
+        return
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        yield out
+        out.flush()
+
+
+def _in_ray_task(fn: Callable[..., np.ndarray], start: int, stop: int, *args, **kwargs) -> np.ndarray:
+    from pogdiff.dist.cluster import drop_source_checkout_from_sys_path
+
+    drop_source_checkout_from_sys_path()
+    return fn(start, stop, *args, **kwargs)
+
+
+def map_row_ranges(fn: Callable[..., np.ndarray], n: int, out: np.ndarray, args: tuple, distributed: bool = False,
+                   ray_address: Optional[str] = None, device: Optional[str] = None,
+                   rows_per_task: int = ROWS_PER_TASK, progress: bool = False) -> None:
+    """``out[a:b] = fn(a, b, *args[, device=...])`` for consecutive ranges covering rows [0, n): Ray
+    tasks (through pogdiff.dist.cluster.connect) when ``distributed``, else here, one range at a time.
+
+    ``device`` (auto|cpu|cuda) is where ``fn`` computes: resolved here; a task takes a GPU when it is
+    cuda, or auto on a cluster with GPUs. Results come back to this process, which writes them (the
+    workers need read access to the inputs only); at most twice the cluster's CPUs of them are
+    pending at once (``ray.wait``), so the object store never holds O(N). A memory-mapped column in
+    ``args`` reaches ``fn`` as its path (``column_source``)."""
+    if rows_per_task % SCORE_BLOCK_ROWS:
+        raise ValueError(f"rows_per_task={rows_per_task} must be a multiple of SCORE_BLOCK_ROWS={SCORE_BLOCK_ROWS}")
+    ranges = [(a, min(a + rows_per_task, n)) for a in range(0, n, rows_per_task)]
+    args = tuple(column_source(a) for a in args)
+    from tqdm import tqdm
+
+    bar = tqdm(total=n, desc=fn.__name__, unit="row", disable=not progress)
+    if not distributed:
+        from pogdiff.models.components import resolve_device
+
+        kwargs = {} if device is None else {"device": str(resolve_device(device))}
+        for a, b in ranges:
+            out[a:b] = fn(a, b, *args, **kwargs)
+            bar.update(b - a)
+        bar.close()
+        return
+    import ray
+
+    from pogdiff.dist.cluster import connect
+
+    started = connect(ray_address)
+    try:
+        gpu = device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+        kwargs = {} if device is None else {"device": "cuda" if gpu else "cpu"}
+        task = ray.remote(_in_ray_task).options(num_cpus=1, num_gpus=1 if gpu else 0)
+        shared = [ray.put(a) for a in args]
+        limit = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+        todo, pending = iter(ranges), {}
+        for a, b in todo:
+            pending[task.remote(fn, a, b, *shared, **kwargs)] = (a, b)
+            if len(pending) >= limit:
+                break
+        while pending:
+            [done], _ = ray.wait(list(pending), num_returns=1)
+            a, b = pending.pop(done)
+            out[a:b] = ray.get(done)
+            bar.update(b - a)
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending[task.remote(fn, *nxt, *shared, **kwargs)] = nxt
+        bar.close()
+    finally:
+        if started:
+            ray.shutdown()

@@ -130,13 +130,18 @@ class NeighbourSampler:
         return torch.where(usable, nid, index), torch.where(usable, p, torch.zeros_like(p))
 
 
-def summarize_psi(psi: torch.Tensor, is_minority: np.ndarray | torch.Tensor) -> dict:
-    """Mean psi over usable neighbours, split head (majority) vs tail (minority) samples."""
-    is_minority = torch.as_tensor(is_minority, dtype=torch.bool)
-    per_sample = psi.mean(1)
+def summarize_psi(psi: torch.Tensor | np.ndarray, is_minority: np.ndarray | torch.Tensor, rows: int = 1 << 16) -> dict:
+    """Mean psi over usable neighbours, split head (majority) vs tail (minority) samples; read
+    ``rows`` rows at a time, so ``psi`` (N, k) may be memory-mapped."""
+    sums, counts = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    for start in range(0, len(psi), rows):
+        per_sample = torch.as_tensor(np.array(psi[start:start + rows])).mean(1).double()
+        tail = torch.as_tensor(np.array(is_minority[start:start + rows]), dtype=torch.long)
+        sums += torch.bincount(tail, weights=per_sample, minlength=2)
+        counts += torch.bincount(tail, minlength=2)
     out = {}
-    for name, mask in (("head", ~is_minority), ("tail", is_minority)):
-        out[f"psi_mean_{name}"] = float(per_sample[mask].mean()) if mask.any() else float("nan")
+    for name, i in (("head", 0), ("tail", 1)):
+        out[f"psi_mean_{name}"] = float(sums[i] / counts[i]) if counts[i] else float("nan")
     head, tail = out["psi_mean_head"], out["psi_mean_tail"]
     out["tail_over_head"] = tail / head if head > 0 and tail == tail else None
     return out

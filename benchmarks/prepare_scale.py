@@ -1,0 +1,135 @@
+"""prepare on its Ray Data pipeline: the orchestration's memory and cost at 10^6-10^7 rows, and the
+speed-up from a second encoder worker.
+
+    .venv/bin/python benchmarks/prepare_scale.py null --n 1000000 10000000 [--out r.json]
+    .venv/bin/python benchmarks/prepare_scale.py workers --n 4000 24000 [--out r.json]
+
+``null``: `pogdiff prepare`'s driver (plan, pipeline, tally, index merge) with zero-cost stages: no
+image is rendered, no encoder runs and no tar is written; each task writes only its sidecar, with
+one-wide columns. What is left is what the orchestration costs: the peak RSS of the driver and of
+every worker (polled, as data_scale.py does), and seconds per record. Synthetic identities of 1000
+images, 10,000 records per shard task.
+``workers``: the real tiny encoders on synthetic 32 px records, `prepare.workers=1` then `=2`, side
+by side in one run on this machine (the same records, a fresh output each), each at two sizes:
+records/s of each run, the marginal records/s between the sizes (fixed costs cancel), the ratios.
+Prints one JSON object with the machine it ran on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from data_scale import POGDIFF, ROOT, emit, machine, run_stage
+
+SETTINGS = ["data.profile=custom", "data.minority_ids=0", "data.heldout_images=0", "data.image_size=32",
+            "model.name=tiny", "model.tiny_vae_steps=0", "prepare.backend=ray", "prepare.keep_images=false"]
+
+
+def null_decode(task):
+    """The task's records by key and identity alone."""
+    from pogdiff.data.prepare import DecodedTask, Item
+
+    counts, _, _, bases, start, stop, first_identity, ordinal = task.synthetic
+    items, offset = [], 0
+    for i, (count, base) in enumerate(zip(counts, bases)):
+        for j in range(max(start - offset, 0), min(stop - offset, count)):
+            key = f"id{first_identity + i:06d}_img{base + j:04d}"
+            items.append(Item(ordinal, key, "", "", first_identity + i, "", key))
+            ordinal += 1
+        offset += count
+    return DecodedTask(task, items, [], [], [])
+
+
+def null_write(decoded) -> dict:
+    """Only the task's sidecar: its rows, and columns one value wide."""
+    import numpy as np
+
+    from pogdiff.data.shards import write_sidecar
+
+    n = len(decoded.items)
+    rows = [{"key": it.key, "ordinal": it.ordinal, "identity": it.identity, "name": "", "caption": "", "shard": ""}
+            for it in decoded.items]
+    columns = {"tokens": np.zeros((n, 1), np.int32), "image_emb": np.ones((n, 1), np.float32),
+               "pooled": np.ones((n, 1), np.float32)}
+    return write_sidecar(Path(decoded.task.folder), decoded.task.index, [], rows, columns, [])
+
+
+def child_null(n: int, work: Path) -> None:
+    """The driver process of one null run (what `pogdiff prepare` runs, with null stages)."""
+    from pogdiff import console
+    from pogdiff.config import load_config
+    from pogdiff.data.prepare import Stages, prepare
+
+    cfg = load_config(str(ROOT / "configs" / "demo.yaml"), [
+        f"output_dir={work}", "run_name=nullstages", *SETTINGS, f"data.majority_ids={n // 1000}", "data.majority_images=1000",
+        "prepare.samples_per_shard=10000"])
+    console.setup(work / "nullstages" / "pogdiff.log")
+    dataset = prepare(cfg, progress=False, stages=Stages(decode=null_decode, encode_and_write=null_write))
+    print(json.dumps({"samples": dataset["num_samples"], "output": str(work)}))
+
+
+def null_runs(ns: list[int], tmp: Path) -> dict:
+    runs = {}
+    for n in ns:
+        work = tmp / f"null{n}"
+        work.mkdir()
+        stage = run_stage([sys.executable, __file__, "_child_null", str(n), str(work)], work)
+        assert stage["output"]["samples"] == n, stage
+        stage["us_per_record"] = round(stage["seconds"] / n * 1e6, 2)
+        runs[str(n)] = stage
+        print(json.dumps({f"null {n}": stage}), file=sys.stderr)
+    sizes = sorted(runs, key=int)
+    for small, large in zip(sizes, sizes[1:]):
+        for key in ("peak_rss_mb_driver", "peak_rss_mb_max_process"):
+            runs[f"{key}_growth_{small}_to_{large}"] = round(runs[large][key] / runs[small][key] - 1, 4)
+    return runs
+
+
+def worker_runs(sizes: list[int], tmp: Path) -> dict:
+    """Each worker count at two sizes: the wall rate of each run, and the marginal rate between the
+    two sizes (start-up, the model's load and the index merge cancel out)."""
+    cfg = str(ROOT / "configs" / "demo.yaml")
+    runs: dict = {}
+    for workers in (1, 2):
+        for n in sizes:
+            work = tmp / f"workers{workers}-{n}"
+            work.mkdir()
+            stage = run_stage([POGDIFF, "prepare", cfg, f"output_dir={work}", *SETTINGS, f"data.majority_ids={n // 100}",
+                               "data.majority_images=100", "prepare.samples_per_shard=500", f"prepare.workers={workers}"],
+                              work)
+            stage["records_per_s"] = round(n / stage["seconds"], 1)
+            runs[f"{workers} workers, {n}"] = stage
+            print(json.dumps({f"{workers} workers, {n}": stage}), file=sys.stderr)
+        small, large = runs[f"{workers} workers, {sizes[0]}"], runs[f"{workers} workers, {sizes[-1]}"]
+        runs[f"{workers} workers, marginal records_per_s"] = round(
+            (sizes[-1] - sizes[0]) / (large["seconds"] - small["seconds"]), 1)
+    for what in (f"{sizes[-1]}", "marginal records_per_s"):
+        one, two = runs[f"1 workers, {what}"], runs[f"2 workers, {what}"]
+        rate = (lambda r: r["records_per_s"]) if isinstance(one, dict) else (lambda r: r)
+        runs[f"ratio_2_over_1 ({what})"] = round(rate(two) / rate(one), 3)
+    return runs
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["null", "workers"])
+    parser.add_argument("--n", type=int, nargs="+", default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    report = {"benchmark": f"prepare_scale {args.mode}", "machine": machine()}
+    with tempfile.TemporaryDirectory(prefix="pogdiff-prepare-scale-") as tmp:
+        if args.mode == "null":
+            report["runs"] = null_runs(args.n or [1_000_000, 10_000_000], Path(tmp))
+        else:
+            report["runs"] = worker_runs(sorted(args.n or [4000, 24000]), Path(tmp))
+    return emit(report, args.out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "_child_null":
+        child_null(int(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        main()
