@@ -933,7 +933,8 @@ def plot_label_distribution(counts: list[int], path: Path, title: str) -> list[i
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3), dpi=120)
-    ax.bar(np.arange(len(counts)), counts, width=1.0, color="#3b6ea8")
+    # one artist for all identities (a bar each costs ~10 KB, which 10^4 identities turn into 100 MB)
+    ax.stairs(counts, np.arange(len(counts) + 1) - 0.5, fill=True, color="#3b6ea8")
     ax.set_xlabel(f"identities, sorted by images ({len(counts)})")
     ax.set_ylabel("images per identity")
     ax.set_title(title)

@@ -297,6 +297,28 @@ def read_task_record(folder: Path, task: int) -> Optional[dict]:
     return record
 
 
+class NpyAppender:
+    """A .npy file written front to back, a block of rows at a time. Not a memory map: a map's
+    written pages stay in the writer's resident memory, O(N) for an index of N rows."""
+
+    def __init__(self, path: Path, dtype, shape: tuple):
+        self.path, self.dtype, self.shape, self.rows = path, np.dtype(dtype), shape, 0
+        self.file = open(path, "wb")
+        np.lib.format.write_array_header_1_0(self.file, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                         "fortran_order": False, "shape": shape})
+
+    def append(self, block: np.ndarray) -> None:
+        if self.rows + len(block) > self.shape[0]:
+            raise ValueError(f"{self.path}: more than the {self.shape[0]} rows declared")
+        self.file.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
+        self.rows += len(block)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.rows != self.shape[0]:
+            raise ValueError(f"{self.path}: {self.rows} rows written, {self.shape[0]} declared")
+
+
 def write_index(root: Path, num_tasks: int, num_records: int, meta: dict) -> dict:
     """Merge the finished tasks' sidecars into the dataset index, one task at a time (memory
     O(one task + number of shards)); ``dataset.json`` last."""
@@ -318,27 +340,31 @@ def write_index(root: Path, num_tasks: int, num_records: int, meta: dict) -> dic
     with np.load(shards / f"{task_name(filled[0])}.npz") as first:
         widths = {name: first[name].shape[1:] for name in COLUMNS}
     tmp = {name: root / f".{name}.npy.tmp" for name in (*COLUMNS, "identities", "row_of_ordinal")}
-    columns = {name: np.lib.format.open_memmap(tmp[name], mode="w+", dtype=dtype, shape=(n, *widths[name]))
-               for name, dtype in COLUMNS.items()}
-    identities = np.lib.format.open_memmap(tmp["identities"], mode="w+", dtype=np.int64, shape=(n,))
-    row_of_ordinal = np.lib.format.open_memmap(tmp["row_of_ordinal"], mode="w+", dtype=np.int64, shape=(num_records,))
-    row_of_ordinal[:] = -1
+    columns = {name: NpyAppender(tmp[name], dtype, (n, *widths[name])) for name, dtype in COLUMNS.items()}
+    identities = NpyAppender(tmp["identities"], np.int64, (n,))
+    row_of_ordinal = NpyAppender(tmp["row_of_ordinal"], np.int64, (num_records,))
     row = 0
     with atomic_path(root / "index.jsonl") as index_tmp, open(index_tmp, "w") as lines:
         for t in filled:
             record = read_task_record(shards, t)
             with np.load(shards / f"{task_name(t)}.npz") as z:
                 for name in COLUMNS:
-                    columns[name][row:row + sizes[t]] = z[name]
+                    columns[name].append(z[name])
+            ordinals = np.array([s["ordinal"] for s in record["samples"]], dtype=np.int64)
+            rows = np.arange(row, row + len(ordinals), dtype=np.int64)
+            # the planned records a task did not keep (skipped) are -1; tasks hold ascending ordinal ranges
+            row_of_ordinal.append(np.full(int(ordinals[0]) - row_of_ordinal.rows, -1, np.int64))
+            gaps = np.full(int(ordinals[-1]) + 1 - int(ordinals[0]), -1, np.int64)
+            gaps[ordinals - ordinals[0]] = rows
+            row_of_ordinal.append(gaps)
+            identities.append(np.array([s["identity"] for s in record["samples"]], dtype=np.int64))
             for s in record["samples"]:
-                row_of_ordinal[s["ordinal"]] = row
-                identities[row] = s["identity"]
                 lines.write(json.dumps({"key": s["key"], "shard": f"shards/{s['shard']}", "ordinal": s["ordinal"],
                                         "identity": s["identity"], "name": s["name"], "caption": s["caption"]}) + "\n")
-                row += 1
-    for array in (*columns.values(), identities, row_of_ordinal):
-        array.flush()
-    del columns, identities, row_of_ordinal
+            row += len(ordinals)
+    row_of_ordinal.append(np.full(num_records - row_of_ordinal.rows, -1, np.int64))
+    for writer in (*columns.values(), identities, row_of_ordinal):
+        writer.close()
     for name, path in tmp.items():
         os.replace(path, root / f"{name}.npy")
     dataset = {"format": FORMAT, "num_samples": n, "num_records": num_records, "shards": parts,
