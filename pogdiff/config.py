@@ -606,8 +606,8 @@ PROTOCOL_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs (pip install 'pog
 
 
 def _storage_problems(cfg: Config) -> list[str]:
-    """URIs of a protocol fsspec knows and can load here (a trailing "/" is dropped); storage.options
-    keyed by such protocols."""
+    """URIs of a protocol fsspec knows (a trailing "/" is dropped); storage.options keyed by such
+    protocols. Whether its package is installed here is the storage preflight's (pogdiff.storage)."""
     uris = {key: _value(cfg, key).rstrip("/") for key in URI_KEYS if _value(cfg, key) and "://" in _value(cfg, key)}
     for key, uri in uris.items():
         section, name = key.split(".")
@@ -623,11 +623,6 @@ def _storage_problems(cfg: Config) -> list[str]:
         proto = uri.split("://", 1)[0]
         if proto not in known:
             problems.append(f"{key}='{uri}': '{proto}://' is not a protocol fsspec knows (e.g. s3://, gs://)")
-            continue
-        try:
-            fsspec.get_filesystem_class(proto)
-        except ImportError:
-            problems.append(f"{key}='{uri}': reading {proto}:// needs {PROTOCOL_PACKAGES.get(proto, 'its fsspec package')}")
     return problems
 
 

@@ -64,10 +64,11 @@ def route_ray_logs() -> None:
     after ``import ray`` (and again after ``import ray.data``), before ``ray.init``."""
     if _log_file is None:
         return
-    for name in ("ray", "ray.data"):  # each sets up its own stderr handler
+    for name in ("ray", "ray.data"):  # each sets up its own stderr handler (Ray Data's at DEBUG)
         ray_logger = logging.getLogger(name)
         ray_logger.handlers.clear()
         ray_logger.propagate = True
+        ray_logger.setLevel(logging.INFO)
 
 
 def route_ray_worker_output() -> None:

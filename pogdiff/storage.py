@@ -108,9 +108,18 @@ def check_storage(cfg: "Config") -> None:
 
     from pogdiff.config import URI_KEYS
 
+    import fsspec
+
+    from pogdiff.config import PROTOCOL_PACKAGES
+
     configure(cfg.storage.options)
     uris = {key: value for key in URI_KEYS if (value := reduce(getattr, key.split("."), cfg)) and is_uri(value)}
     for key, uri in uris.items():
+        try:
+            fsspec.get_filesystem_class(protocol(uri))
+        except ImportError:
+            raise ConfigError(f"{key}='{uri}': reading {protocol(uri)}:// needs "
+                              f"{PROTOCOL_PACKAGES.get(protocol(uri), 'its fsspec package')}") from None
         check_reachable(uri, key)
     if "data.source" in uris and read_json(f"{uris['data.source']}/{MARKER}") is None:
         raise ConfigError(f"data.source='{uris['data.source']}' is not a prepared dataset (no {MARKER}): object storage "
