@@ -167,6 +167,9 @@ TAR_MEMBER = "tar://"  # an image inside a source shard: tar://<shard path>#<off
 def webdataset_shards(source: str) -> Optional[list[Path]]:
     """The shards of a WebDataset source (a directory of .tar files, a brace pattern such as
     ``shards/{00000..00009}.tar``, or one .tar), in order; None for other sources."""
+    if is_uri(source):  # asked first by every caller: a URI never goes through pathlib
+        raise PrepareError(f"data.source '{source}': in object storage only a prepared dataset is read (as it is); "
+                           "prepare a manifest, image folder or shards from local or shared storage")
     if source.endswith(".tar") or ("{" in source and ".." in source):
         from braceexpand import braceexpand
 
