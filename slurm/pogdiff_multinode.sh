@@ -125,10 +125,9 @@ set -- "$@" "${derived[@]}"
 # 2. The config, validated before anything starts (exit 2 with the reason).
 log "config: $*"
 python -m pogdiff.cli config "$@" || die "invalid config (see the message above); nothing was started"
-# The driver and every Ray worker put this directory first on sys.path: in a source checkout only an
-# editable install finds pogdiff.kernels / pogdiff.dist (mapped from kernels/ and dist/).
+# The driver and every Ray worker import pogdiff with this python (and this directory first on sys.path).
 python -c 'import pogdiff.dist, pogdiff.kernels' \
-    || die "cannot import pogdiff.dist from $PWD with $(command -v python): pip install -e . (in a checkout) or submit from elsewhere"
+    || die "cannot import pogdiff.dist from $PWD with $(command -v python): pip install -e . (in a checkout) or pip install pogdiff"
 
 # 3. Ports (the CPUs and GPUs of each node are those of step 1).
 port=${POGDIFF_RAY_PORT:-6379}

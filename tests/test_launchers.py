@@ -317,7 +317,7 @@ def test_ray_job_submit(ray_head, tmp_path):
                 "python", "-c", "import pogdiff"], env, timeout=300)
     assert bare.returncode != 0 and "this Ray cluster has no pogdiff" in bare.stdout + bare.stderr, \
         "the cluster imports pogdiff without the job shipping it: this test would prove nothing"
-    # docs/launchers.md, "Ray Jobs": the installed package (pogdiff with kernels/ and dist/ mapped in)
+    # docs/launchers.md, "Ray Jobs": the installed package
     # as a py_module, the configs as the working dir, output_dir on storage the cluster shares.
     build = run([sys.executable, "-m", "pip", "install", "--no-deps", "--upgrade", "--quiet",
                  "--target", "build/ray_modules", "."], env, timeout=300)

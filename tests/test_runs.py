@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pogdiff.config import ConfigError
-from pogdiff.dist.cluster import drop_source_checkout_from_sys_path, storage_path
+from pogdiff.dist.cluster import storage_path
 from pogdiff.runs import RunFiles, load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,28 +45,33 @@ def test_config_errors_name_the_key():
         load_run_config(None, ["dist.fail_at_step=3"])
 
 
-def test_ray_workers_do_not_import_the_checkout_as_top_level_packages(tmp_path, monkeypatch):
-    """Ray puts the driver's cwd on every worker's sys.path: from the repository root that made its
-    kernels/ importable as PyPI's `kernels`. Workers drop it first."""
+def test_a_checkout_on_the_import_path_shadows_no_other_package(tmp_path, monkeypatch):
+    """Ray puts the driver's cwd on every worker's sys.path, and `python -c` puts it first: from the
+    repository root, no folder of the checkout but pogdiff/ may be importable (a top-level kernels/
+    once shadowed PyPI's `kernels`, which transformers imports)."""
     import ray
 
     from pogdiff.dist.cluster import connect
 
     monkeypatch.chdir(ROOT)
+    importable = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file() or p.suffix == ".py")
+    assert importable == ["pogdiff"], importable
     started = connect(num_cpus=1)
     try:
         @ray.remote(num_cpus=1)
-        def probe(clean: bool) -> list[str]:
-            if clean:
-                drop_source_checkout_from_sys_path()
+        def probe() -> tuple[bool, str, str]:
             import importlib.util
 
-            spec = importlib.util.find_spec("kernels")
-            return [p for p in sys.path if Path(p or ".").resolve() == ROOT] + ([spec.origin] if spec else [])
+            import pogdiff.kernels
 
-        dirty, clean = ray.get([probe.remote(False), probe.remote(True)])
-        assert any(str(ROOT) in p for p in dirty), "Ray did not put the checkout on the path: this test shows nothing"
-        assert not any(str(ROOT) in p for p in clean), clean
+            spec = importlib.util.find_spec("kernels")
+            on_path = any(Path(p or ".").resolve() == ROOT for p in sys.path)
+            return on_path, (spec.origin or "") if spec else "", pogdiff.kernels.__file__
+
+        on_path, kernels, ours = ray.get(probe.remote())
+        assert on_path, "Ray did not put the checkout on the path: this test shows nothing"
+        assert not kernels or Path(kernels).parent.parent != ROOT, kernels  # PyPI's, or none
+        assert ours.startswith(str(ROOT / "pogdiff" / "kernels")), ours
     finally:
         if started:
             ray.shutdown()

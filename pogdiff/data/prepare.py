@@ -721,12 +721,9 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def _in_ray_worker(log_path: str) -> None:
-    """First in every function the pipeline runs: the worker imports the installed pogdiff and
-    logs to the run's log file."""
+    """First in every function the pipeline runs: the worker logs to the run's log file."""
     from pogdiff import console
-    from pogdiff.dist.cluster import drop_source_checkout_from_sys_path
 
-    drop_source_checkout_from_sys_path()
     if log_path and console.log_path() != log_path:
         console.setup(Path(log_path))
 

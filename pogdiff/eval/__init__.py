@@ -131,9 +131,7 @@ class FeatureWorker:
     """A Ray actor holding one ``eval.encoder`` (the cached recogniser, or the local HF model)."""
 
     def __init__(self, device: str, cfg: Config, dataset_root: str):
-        from pogdiff.dist.cluster import drop_source_checkout_from_sys_path
 
-        drop_source_checkout_from_sys_path()
         from pogdiff.data.dataset import Dataset
         from pogdiff.eval.recognizer import eval_encoder
 

@@ -304,9 +304,7 @@ class SampleWorker:
     """A Ray actor holding one pipeline; writes the shards it is handed."""
 
     def __init__(self, device: str, pipeline_dir: str):
-        from pogdiff.dist.cluster import drop_source_checkout_from_sys_path
 
-        drop_source_checkout_from_sys_path()
         if device == "cpu":
             torch.set_num_threads(1)  # one CPU per actor
         self.pipe = load_pipeline(pipeline_dir, torch.device(device))

@@ -334,13 +334,6 @@ def rows_output(path: Optional[Path], shape: tuple[int, ...], dtype) -> Iterator
         out.flush()
 
 
-def _in_ray_task(fn: Callable[..., np.ndarray], start: int, stop: int, *args, **kwargs) -> np.ndarray:
-    from pogdiff.dist.cluster import drop_source_checkout_from_sys_path
-
-    drop_source_checkout_from_sys_path()
-    return fn(start, stop, *args, **kwargs)
-
-
 def map_row_ranges(fn: Callable[..., np.ndarray], n: int, out: np.ndarray, args: tuple, distributed: bool = False,
                    ray_address: Optional[str] = None, device: Optional[str] = None,
                    rows_per_task: int = ROWS_PER_TASK, progress: bool = False) -> None:
@@ -376,12 +369,12 @@ def map_row_ranges(fn: Callable[..., np.ndarray], n: int, out: np.ndarray, args:
     try:
         gpu = device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
         kwargs = {} if device is None else {"device": "cuda" if gpu else "cpu"}
-        task = ray.remote(_in_ray_task).options(num_cpus=1, num_gpus=1 if gpu else 0)
+        task = ray.remote(fn).options(num_cpus=1, num_gpus=1 if gpu else 0)
         shared = [ray.put(a) for a in args]
         limit = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
         todo, pending = iter(ranges), {}
         for a, b in todo:
-            pending[task.remote(fn, a, b, *shared, **kwargs)] = (a, b)
+            pending[task.remote(a, b, *shared, **kwargs)] = (a, b)
             if len(pending) >= limit:
                 break
         while pending:
@@ -391,7 +384,7 @@ def map_row_ranges(fn: Callable[..., np.ndarray], n: int, out: np.ndarray, args:
             bar.update(b - a)
             nxt = next(todo, None)
             if nxt is not None:
-                pending[task.remote(fn, *nxt, *shared, **kwargs)] = nxt
+                pending[task.remote(*nxt, *shared, **kwargs)] = nxt
         bar.close()
     finally:
         if started:

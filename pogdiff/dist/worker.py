@@ -166,9 +166,7 @@ def resume_checkpoint(cfg: Config):
 def train_worker(loop_config: dict) -> None:
     """Ray Train's ``train_loop_per_worker``: resume from the newest complete checkpoint, stream the
     prepared dataset, train, report checkpoints."""
-    from pogdiff.dist.cluster import drop_source_checkout_from_sys_path
 
-    drop_source_checkout_from_sys_path()
     cfg: Config = loop_config["cfg"]
     if not cfg.dist.use_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed picks its accelerator

@@ -233,13 +233,6 @@ def gpu_memory_per_gpu() -> float:
     return min(mib) * 2**20 if mib else 0.0
 
 
-def _node_gpu_memory() -> float:
-    from pogdiff.dist.cluster import drop_source_checkout_from_sys_path
-
-    drop_source_checkout_from_sys_path()
-    return gpu_memory_per_gpu()
-
-
 def cluster_nodes() -> list[NodeResources]:
     """The alive nodes of the connected Ray cluster (their total resources), with each GPU node's
     GPU memory read there (Ray does not track it): one zero-CPU task pinned to each GPU node."""
@@ -247,7 +240,7 @@ def cluster_nodes() -> list[NodeResources]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     alive = [nd for nd in ray.nodes() if nd["Alive"]]
-    probe = ray.remote(num_cpus=0)(_node_gpu_memory)
+    probe = ray.remote(num_cpus=0)(gpu_memory_per_gpu)
     pending = {nd["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nd["NodeID"], soft=False)).remote()
                for nd in alive if nd["Resources"].get("GPU", 0) > 0}
     gpu_memory = dict(zip(pending, ray.get(list(pending.values()), timeout=300)))
@@ -464,16 +457,6 @@ class ShardIndex:
         return np.arange(first, first + len(x), dtype=np.int64)
 
 
-class ShardActor(ShardIndex):
-    """A shard as a Ray actor."""
-
-    def __init__(self, *args):
-        from pogdiff.dist.cluster import drop_source_checkout_from_sys_path
-
-        drop_source_checkout_from_sys_path()
-        super().__init__(*args)
-
-
 # --- the service (client side) --------------------------------------------------------------------
 
 
@@ -517,7 +500,7 @@ class NeighbourService:
 
         connect()
         plan = plan or stored_plan(root, icfg)
-        actor = ray.remote(ShardActor)
+        actor = ray.remote(ShardIndex)
         options = dict(namespace=icfg.namespace, max_restarts=icfg.max_restarts, **plan.actor_options())
         names = [f"{icfg.name}-{i}" for i in range(plan.shards)]
         try:

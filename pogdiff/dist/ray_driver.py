@@ -223,10 +223,8 @@ def train_dist(cfg: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The `ray job submit` entrypoint: ``pogdiff train-dist CONFIG [overrides]``."""
-    from pogdiff.dist.cluster import drop_source_checkout_from_sys_path
     from pogdiff.runs import load_run_config
 
-    drop_source_checkout_from_sys_path()
     args = sys.argv[1:] if argv is None else argv
     if not args:
         print("usage: python -m pogdiff.dist.ray_driver CONFIG [key.path=value ...]", file=sys.stderr)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -98,21 +97,6 @@ def connect_for(cfg: Config) -> bool:
     """``connect`` with the job's address and enough CPUs for its workers on an embedded cluster."""
     needed = cfg.dist.num_workers * cfg.dist.cpus_per_worker
     return connect(cfg.dist.ray_address, num_cpus=max(os.cpu_count() or 1, needed))
-
-
-def drop_source_checkout_from_sys_path() -> None:
-    """Ray puts the driver's working directory on every worker's sys.path. Run from a source
-    checkout, that makes its ``kernels/`` and ``dist/`` folders importable as top-level ``kernels``
-    and ``dist``, which transformers and bitsandbytes then import as PyPI's ``kernels``. Called
-    first in every function Ray runs for pogdiff."""
-    for entry in list(sys.path):
-        root = Path(entry or os.getcwd())
-        if (root / "kernels" / "__init__.py").is_file() and (root / "pogdiff" / "__init__.py").is_file():
-            sys.path.remove(entry)
-    for name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
-        module = sys.modules[name]
-        if getattr(module, "__file__", None) and Path(module.__file__).parent.parent.joinpath("pogdiff").is_dir():
-            del sys.modules[name]
 
 
 def ray_run_name(cfg: Config) -> str:
