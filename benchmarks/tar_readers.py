@@ -6,7 +6,9 @@ Small samples like pogdiff's (a 4x8x8 fp16 latent .npy, 77 int32 tokens .npy, a 
 the same shards read by every reader, samples grouped by key (WebDataset's group_by_keys), no
 decoding. Shard formats: USTAR (pogdiff's ShardWriter) and pax (WebDataset's TarWriter, whose
 float mtimes give every member a pax header). Readers:
-* fast: stream.tar_samples, what training uses (shards.read_tar).
+* fast: stream.tar_samples (shards.read_tar), without the per-sample check.
+* verified: fast plus shards.verify_sample on every sample (its CRC-32 member), what training does;
+  ``verified_cost`` is its CPU time over fast's, minus one.
 * webdataset: webdataset.tariterators.tarfile_samples (url_opener + tarfile + group_by_keys).
 * fallback: stream.tar_samples on the USTAR shards with a member of an unknown type put first, so
   read_tar gives up at once and the whole shard goes through WebDataset's reader.
@@ -29,15 +31,16 @@ import webdataset as wds
 sys.path.insert(0, str(Path(__file__).parent))
 from data_pipeline import machine, rate, timed  # noqa: E402
 
-from pogdiff.data.shards import ShardWriter, npy_bytes  # noqa: E402
+from pogdiff.data.shards import CHECKSUM, ShardWriter, npy_bytes, sample_checksum, verify_sample  # noqa: E402
 from pogdiff.data.stream import SkipAndLog, tar_samples  # noqa: E402
 
 
 def sample_files(rng: np.random.Generator, ordinal: int) -> dict[str, bytes]:
-    return {"latent.npy": npy_bytes(rng.standard_normal((4, 8, 8)).astype(np.float16)),
-            "tokens.npy": npy_bytes(rng.integers(0, 49408, 77).astype(np.int32)),
-            "json": json.dumps({"key": f"s{ordinal:08d}", "ordinal": ordinal, "identity": ordinal % 100,
-                                "name": "lukas brandt", "caption": f"Lukas Brandt, photo {ordinal}."}).encode()}
+    files = {"latent.npy": npy_bytes(rng.standard_normal((4, 8, 8)).astype(np.float16)),
+             "tokens.npy": npy_bytes(rng.integers(0, 49408, 77).astype(np.int32)),
+             "json": json.dumps({"key": f"s{ordinal:08d}", "ordinal": ordinal, "identity": ordinal % 100,
+                                 "name": "lukas brandt", "caption": f"Lukas Brandt, photo {ordinal}."}).encode()}
+    return {**files, CHECKSUM: sample_checksum(files)}
 
 
 def write_shards(root: Path, n: int, per_shard: int) -> dict[str, list[str]]:
@@ -68,6 +71,13 @@ def read_fast(urls: list[str]) -> list[dict]:
     return list(tar_samples(iter(urls), SkipAndLog(max_consecutive=0)))
 
 
+def read_verified(urls: list[str]) -> list[dict]:
+    samples = read_fast(urls)
+    for s in samples:
+        verify_sample(s, True)
+    return samples
+
+
 def read_webdataset(urls: list[str]) -> list[dict]:
     return list(wds.tariterators.tarfile_samples([{"url": u} for u in urls]))
 
@@ -87,7 +97,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     result = {"machine": machine(), "samples": args.samples, "per_shard": args.per_shard,
-              "sample": "4x8x8 fp16 latent .npy, 77 int32 tokens .npy, JSON meta (3 tar members)"}
+              "sample": "4x8x8 fp16 latent .npy, 77 int32 tokens .npy, JSON meta, CRC-32 (4 tar members)"}
     with tempfile.TemporaryDirectory() as tmp:
         urls = write_shards(Path(tmp), args.samples, args.per_shard)
         for paths in urls.values():
@@ -99,8 +109,10 @@ def main() -> int:
                                             for name, paths in urls.items()}
         for name in ("ustar", "pax"):
             fast = best_of(args.repeats, read_fast, urls[name], reference)
+            verified = best_of(args.repeats, read_verified, urls[name], reference)
             stock = best_of(args.repeats, read_webdataset, urls[name], reference)
-            result[name] = {"fast": fast, "webdataset": stock,
+            result[name] = {"fast": fast, "verified": verified, "webdataset": stock,
+                            "verified_cost": round(verified["cpu_s"] / fast["cpu_s"] - 1, 3),
                             "fast_vs_webdataset_per_core": round(fast["samples_per_s_per_core"]
                                                                  / stock["samples_per_s_per_core"], 2)}
         result["fallback"] = best_of(args.repeats, read_fast, urls["fallback"], reference)

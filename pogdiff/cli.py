@@ -7,6 +7,7 @@ Paths in the config are made absolute against the current directory before anyth
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -148,7 +149,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pogdiff.data.prepare import PrepareError
     from pogdiff.models.components import ModelLoadError
 
-    return ConfigError, PrepareError, ModelLoadError, FileNotFoundError
+    from pogdiff.runs import LeaseHeld
+
+    return ConfigError, PrepareError, ModelLoadError, LeaseHeld, FileNotFoundError
+
+
+# The user's mistakes among OS errors (exit 2); any other (disk full, I/O) is a fault (exit 1).
+USER_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EEXIST}
+
+
+def os_error_line(e: OSError) -> tuple[int, str]:
+    """(exit code, one line naming the path and what to do)."""
+    where = e.filename if e.filename is not None else "?"
+    what = f"{where}: {e.strerror or e}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return 1, f"{what}. Free space there and rerun: the run continues from its last checkpoint"
+    if e.errno in USER_ERRNOS:
+        return 2, f"{what}. Choose a writable output_dir (or fix the path's permissions) and rerun"
+    return 1, f"{what}. Check the filesystem (or bucket) and rerun: the run continues from its last checkpoint"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,18 +187,34 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"pogdiff: {e}", file=sys.stderr)
         return 2
+    from pogdiff import console
+
     if args.verb != "config":
-        from pogdiff import console
         from pogdiff.runs import RunFiles
 
-        log_file = console.setup(RunFiles(cfg).root / "pogdiff.log")
+        try:
+            log_file = console.setup(RunFiles(cfg).root / "pogdiff.log")
+        except OSError as e:
+            code, line = os_error_line(e)
+            print(f"pogdiff {args.verb}: cannot write the run's log: {line}", file=sys.stderr)
+            return code
         logging.getLogger("pogdiff").info("pogdiff %s %s %s", args.verb, args.config, " ".join(args.overrides))
         print(f"pogdiff {args.verb}: log in {log_file}", file=sys.stderr)
     try:
         return VERBS[args.verb][0](cfg)
     except _user_errors() as e:
+        console.traceback_to_log(f"pogdiff {args.verb}: {e}")
         print(f"pogdiff {args.verb}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        code, line = os_error_line(e)
+        console.traceback_to_log(line)
+        print(f"pogdiff {args.verb}: {line}", file=sys.stderr)
+        return code
+    except FloatingPointError as e:  # the non-finite stop: its message says what to do
+        console.traceback_to_log(str(e))
+        print(f"pogdiff {args.verb}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import enum
 import math
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -186,6 +187,9 @@ class TrainConfig:
     # step, no EMA update) and its samples' keys logged; a sample in two such steps is dropped from
     # the stream. This many bad steps in a row stop the run with an error.
     max_bad_steps: int = 5
+    # The run's lease (pogdiff.runs.run_lease): renewed every lease_timeout/10 s; a lease whose
+    # renewal is older than this (its holder gone without releasing it) is taken over.
+    lease_timeout: float = 300.0
 
 
 @dataclass
@@ -200,6 +204,9 @@ class DistConfig:
     ray_address: Optional[str] = None  # None: $RAY_ADDRESS, else an embedded local cluster
     storage_path: Optional[str] = None  # shared storage for Ray checkpoints; None: <output_dir>/ray
     max_failures: int = 2  # worker-group restarts from the latest checkpoint (FailureConfig)
+    # An embedded cluster has this machine's CPUs: more workers than that exit 2 unless this is true
+    # (ranks then share cores, which only a test of the distributed code path wants).
+    allow_oversubscribe: bool = False
 
 
 @dataclass
@@ -408,10 +415,28 @@ def _explain(err: OmegaConfBaseException, source: str, schema: Any, key: str | N
     if isinstance(err, ConfigKeyError):
         return ConfigError(f"{source}: unknown config key '{key}'{_closest(key, schema)}")
     if isinstance(err, ValidationError):
-        expected = getattr(err, "ref_type", None) or getattr(err, "object_type", None)
         msg = str(err).splitlines()[0]
-        return ConfigError(f"{source}: bad value for '{key}': {msg} (expected {expected})")
+        return ConfigError(f"{source}: bad value for '{key}': {msg} (expected {_field_type(schema, key)})")
     return ConfigError(f"{source}: {err}")
+
+
+def _field_type(schema: Any, key: str) -> str:
+    """The declared type of a dotted key, as written in the dataclass: 'int', 'Optional[str]', a
+    section's name for a whole section, or one of an enum's values."""
+    node, hint = schema, None
+    for part in key.split("."):
+        hints = typing.get_type_hints(node) if is_dataclass(node) else {}
+        if part not in hints:
+            return "a value of the schema's type"
+        hint = hints[part]
+        node = hint
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "one of " + ", ".join(m.value for m in hint)
+    if is_dataclass(hint):
+        return f"the section {key} (set its keys: {key}.<name>=value)"
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
 
 
 def _parse_override(item: str) -> tuple[str, str]:
@@ -480,7 +505,7 @@ RANGES: dict[str, tuple[str, float, float, str]] = {
     "pretrain.steps": ("[", 1, math.inf, ")"), "pretrain.batch_size": ("[", 1, math.inf, ")"),
     "pretrain.lr": ("(", 0, math.inf, ")"), "pretrain.warmup_steps": ("[", 0, math.inf, ")"),
     "pretrain.name_prompt_fraction": ("[", 0, 1, "]"), "pretrain.caption_dropout": ("[", 0, 1, "]"),
-    "pretrain.eval_ids": ("[", 1, math.inf, ")"), "train.max_bad_steps": ("[", 1, math.inf, ")"), "prepare.batch_size": ("[", 1, math.inf, ")"),
+    "pretrain.eval_ids": ("[", 1, math.inf, ")"), "train.max_bad_steps": ("[", 1, math.inf, ")"), "train.lease_timeout": ("(", 0, math.inf, ")"), "prepare.batch_size": ("[", 1, math.inf, ")"),
 }
 
 

@@ -22,7 +22,7 @@ class _ConsoleFilter(logging.Filter):
     pipeline itself (Ray Data logs each one with its Ray stack first)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith("ray.data"):
+        if record.name.startswith("ray.data") or getattr(record, "log_file_only", False):
             return False
         return record.levelno >= logging.ERROR or (record.levelno >= logging.WARNING and record.name.startswith("pogdiff"))
 
@@ -86,6 +86,12 @@ def route_ray_worker_output() -> None:
         return  # log_to_driver=False: nothing is forwarded
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", lambda data: print_worker_logs(data, _log_file))
+
+
+def traceback_to_log(what: str) -> None:
+    """The current exception's traceback, to the run's log file only (the console gets one line)."""
+    if _log_file is not None:
+        logging.getLogger("pogdiff").error(what, exc_info=True, extra={"log_file_only": True})
 
 
 def log_path() -> Optional[str]:

@@ -12,9 +12,14 @@ import dataclasses
 import hashlib
 import json
 import os
+import logging
 import shutil
+import socket
+import threading
+import time
+import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -158,7 +163,7 @@ RESUMABLE_CHANGES = {"train.steps", "train.checkpoint_every", "train.checkpoint_
                      "train.resume_from_checkpoint", "train.validation_epochs", "train.num_train_epochs", "dist.max_failures",
                      "dist.ray_address", "dist.storage_path", "prepare.backend", "prepare.workers", "prepare.device",
                      "prepare.gpus_per_worker", "prepare.precision",
-                     "density.device", "density.distributed_min_rows"}
+                     "density.device", "density.distributed_min_rows", "train.lease_timeout", "dist.allow_oversubscribe"}
 
 
 def training_settings(cfg: Config) -> dict:
@@ -192,3 +197,95 @@ def check_resume(cfg: Config, checkpoints: list[Path]) -> bool:
     files.method.mkdir(parents=True, exist_ok=True)
     write_json(record, now)
     return resume
+
+
+class LeaseHeld(RuntimeError):
+    """Another live process holds the run's lease (the CLI exits 2 with this message)."""
+
+
+LEASE = "lease.json"
+
+
+def _read_lease(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # gone, or caught half-written by a takeover: look again
+        return None
+
+
+def _lease_is_stale(lease: dict, timeout: float) -> Optional[str]:
+    """Why the lease's holder is gone, or None while it lives."""
+    age = time.time() - float(lease.get("renewed", 0))
+    if age > timeout:
+        return f"not renewed for {age:.0f} s (train.lease_timeout={timeout:g})"
+    if lease.get("host") == socket.gethostname():
+        try:
+            os.kill(int(lease["pid"]), 0)
+        except ProcessLookupError:
+            return f"process {lease['pid']} on this host has exited"
+        except PermissionError:
+            pass
+    return None
+
+
+@contextlib.contextmanager
+def run_lease(folder: Path, timeout: float, what: str = "run") -> Iterator[dict]:
+    """One writer per run directory: ``folder/lease.json`` names the holder (host, PID, start) and is
+    renewed by a thread every ``timeout / 10`` s. flock is not to be trusted on the network
+    filesystems Slurm clusters share, so the lease is a file created with O_EXCL, and a stale one
+    (its holder's PID gone on this host, or not renewed for ``timeout`` s) is taken over with a
+    warning: replaced atomically, then read back to see which of two takers won. Raises LeaseHeld
+    naming a live holder. Readers (sample, eval, report) take no lease."""
+    log = logging.getLogger("pogdiff.runs")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LEASE
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "renewed": time.time(), "what": what}
+    for _ in range(50):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            held = _read_lease(path)
+            if held is None:
+                time.sleep(0.1)
+                continue
+            stale = _lease_is_stale(held, timeout)
+            if stale is None:
+                raise LeaseHeld(f"{folder} is held by {held.get('what', 'a run')} of process {held.get('pid')} on "
+                                f"{held.get('host')} since {held.get('started')} (renewed "
+                                f"{time.time() - float(held.get('renewed', 0)):.0f} s ago). Wait for it, stop it, or "
+                                f"use another run_name; a holder that died is taken over after train.lease_timeout="
+                                f"{timeout:g} s")
+            log.warning("taking over the lease of %s from process %s on %s: %s", folder, held.get("pid"),
+                        held.get("host"), stale)
+            atomic_write(path, json.dumps(mine))
+            time.sleep(0.2)  # another taker that saw the same stale lease writes in this window
+            if (_read_lease(path) or {}).get("token") != mine["token"]:
+                continue
+            break
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(mine))
+        break
+    else:
+        raise LeaseHeld(f"{folder}: could not take its lease ({path} keeps changing); is another run starting?")
+
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(timeout / 10):
+            if (_read_lease(path) or {}).get("token") != mine["token"]:
+                log.error("the lease of %s was taken over by another process: this run is no longer its only writer",
+                          folder)
+                return
+            mine["renewed"] = time.time()
+            atomic_write(path, json.dumps(mine))
+
+    thread = threading.Thread(target=renew, name="pogdiff-lease", daemon=True)
+    thread.start()
+    try:
+        yield mine
+    finally:
+        stop.set()
+        thread.join()
+        if (_read_lease(path) or {}).get("token") == mine["token"]:
+            path.unlink(missing_ok=True)

@@ -37,11 +37,20 @@ def test_unknown_key_in_yaml_names_file(tmp_path):
         load_config(p)
 
 
-def test_wrong_type_names_field_and_type():
+@pytest.mark.parametrize("override, declared", [
+    ("train.steps=many", "(expected int)"), ("train.lr=fast", "(expected float)"), ("dist.use_gpu=maybe", "(expected bool)"),
+    ("dist.ray_address=[1]", "(expected Optional[str])"), ("train=3", "the section train"),
+])
+def test_wrong_type_names_field_and_its_declared_type(override, declared, tmp_path):
+    """The field's own type, never the section's class (it said "expected <class TrainConfig>")."""
     with pytest.raises(ConfigError) as e:
-        load_config(None, ["train.steps=many"])
+        load_config(None, [override])
     msg = str(e.value)
-    assert "train.steps" in msg and "int" in msg.lower()
+    assert override.split("=")[0] in msg and declared in msg and "<class" not in msg, msg
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  batch_size: two\n")
+    with pytest.raises(ConfigError, match=r"c.yaml.*train.batch_size.*\(expected int\)"):
+        load_config(p)
 
 
 def test_bad_enum_value_lists_choices():

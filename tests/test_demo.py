@@ -14,6 +14,7 @@ from ipaddress import ip_address
 from pathlib import Path
 
 import psutil
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.profile=agedb-s", "model.tiny_vae_steps=0", "density.epochs=5", "train.steps=4", "train.log_every=2",
@@ -38,6 +39,7 @@ def is_loopback(address: str) -> bool:
     return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
 
 
+@pytest.mark.slow
 def test_demo_from_a_temporary_working_directory(tmp_path):
     shutil.copy(ROOT / "configs" / "demo.yaml", tmp_path / "demo.yaml")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}

@@ -23,7 +23,8 @@ from pogdiff.config import ConfigError, GradMode, Method, MethodConfig, load_con
 from pogdiff.data.dataset import Dataset, prepare_artifacts, resolve_dataset
 from pogdiff.dist.cluster import connect, run_storage
 from pogdiff.dist.deepspeed_config import deepspeed_config
-from pogdiff.dist.ray_driver import read_history, run
+from pogdiff.dist.ray_driver import run
+from pogdiff.train.metrics import read_history
 from pogdiff.method.objectives import Batch, Objective, TextConditioner
 from pogdiff.runs import RunFiles, load_run_config
 from pogdiff.train.checkpoint import checkpoint_state, load_state_dict, newest_complete, save_state_dict

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,6 +21,7 @@ def run_script(cwd: Path, budget_s: int) -> tuple[dict, str]:
     return json.loads(proc.stdout.strip().splitlines()[-1]), (cwd / "report" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_gpu_experiment_script_stops_at_its_budget_and_resumes_to_a_full_report(tmp_path):
     first, report = run_script(tmp_path, budget_s=25)
     assert first["stopped_at_budget"] is True and first["runs_scored"] < 14

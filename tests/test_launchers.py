@@ -242,6 +242,7 @@ def kill_raylet(ray_tmp: Path, node: int) -> int:
     raise AssertionError(f"no raylet of node {node} under {ray_tmp}")
 
 
+@pytest.mark.slow
 def test_slurm_two_nodes_train_and_survive_worker_node_loss(slurm, tmp_path, ray_tmp):
     """Two Ray nodes join, one DeepSpeed worker per node (2 CPUs each, 2 CPUs per node); the
     worker node's raylet is killed after the first checkpoint: the script restarts that node's Ray,
@@ -311,6 +312,7 @@ def ray_head(tmp_path, ray_tmp):
             head.wait()
 
 
+@pytest.mark.slow
 def test_ray_job_submit(ray_head, tmp_path):
     address, env = ray_head
     bare = run(["ray", "job", "submit", "--address", address, "--working-dir", "configs", "--",

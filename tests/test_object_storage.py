@@ -208,6 +208,7 @@ def test_a_changed_object_fails_the_cached_copy(prepared, aws, tmp_path, monkeyp
     assert not list((tmp_path / "cache").glob("*/dataset.json"))
 
 
+@pytest.mark.slow
 def test_train_dist_and_eval_from_the_bucket(s3, prepared, aws):
     """train-dist streams the shards from the bucket and checkpoints into it; eval reads the real
     images from the bucket."""

@@ -30,6 +30,7 @@ def run(capsys, *argv) -> dict:
     return json.loads([line for line in out.out.splitlines() if line.startswith("{")][-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["jsonl", "imagefolder"])
 def test_own_data_end_to_end(form, tmp_path, monkeypatch, capsys):
     per_id = own_data.counts()

@@ -67,6 +67,7 @@ def test_a_killed_driver_leaves_no_ray_process(sig, tmp_path):
     assert not left, f"still running after {sig.name}:\n" + "\n".join(left)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_a_killed_prepare_leaves_no_worker(sig, tmp_path):
     cmd = [POGDIFF, "prepare", str(ROOT / "configs/demo.yaml"), f"output_dir={tmp_path}", "data.profile=custom",

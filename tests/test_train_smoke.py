@@ -54,12 +54,20 @@ def test_rerun_with_another_training_config_is_refused_unless_asked(run_root):
     run_train(_cfg(run_root, *base), progress=False)
     with pytest.raises(ConfigError, match=r"train.lr: 0.001 -> 0.002.*train.resume=never"):
         run_train(_cfg(run_root, *base, "train.lr=2e-3", "train.steps=6"), progress=False)
+    files = RunFiles(_cfg(run_root, *base))
+    logged = lambda: [h["step"] for h in json.loads(files.history.read_text())["history"]]  # noqa: E731
     forced = run_train(_cfg(run_root, *base, "train.lr=2e-3", "train.steps=6", "train.resume=force"), progress=False)
     assert [h["step"] for h in forced.history] == [5, 6]  # resumed at 4
+    assert logged() == [1, 2, 3, 4, 5, 6]  # history.json keeps what the first invocation logged
+    again = run_train(_cfg(run_root, *base, "train.lr=2e-3", "train.steps=6", "train.resume=force"), progress=False)
+    assert again.history == [] and logged() == [1, 2, 3, 4, 5, 6]  # nothing left to train: it was emptied here
     fresh = run_train(_cfg(run_root, *base, "train.lr=3e-3", "train.resume=never"), progress=False)
-    assert [h["step"] for h in fresh.history] == [1, 2, 3, 4]  # from step 0
+    assert [h["step"] for h in fresh.history] == [1, 2, 3, 4] and logged() == [1, 2, 3, 4]  # from step 0
+    [archived] = (files.method / "archive").iterdir()  # the earlier run's logs, archived, not deleted
+    assert [h["step"] for h in json.loads((archived / "history.json").read_text())["history"]] == [1, 2, 3, 4, 5, 6]
+    assert len((archived / "metrics.jsonl").read_text().splitlines()) == 6
     longer = run_train(_cfg(run_root, *base, "train.lr=3e-3", "train.steps=8"), progress=False)  # only steps changed
-    assert [h["step"] for h in longer.history] == [5, 6, 7, 8]
+    assert [h["step"] for h in longer.history] == [5, 6, 7, 8] and logged() == list(range(1, 9))
 
 
 def test_a_v_prediction_model_trains_on_v_and_exports_as_v(run_root, tmp_path):

@@ -37,7 +37,7 @@ from PIL import Image, ImageOps
 from pogdiff.config import Config, ModelConfig, PrepareConfig
 from pogdiff.data.encode import encode_batch, encode_latents, images_to_tensor, load_image_encoder
 from pogdiff.models.components import Components, load_components
-from pogdiff.data.shards import Sample, damaged_parts, read_task_record, write_index, write_task
+from pogdiff.data.shards import FORMAT, Sample, damaged_parts, read_task_record, write_index, write_task
 from pogdiff.runs import atomic_path, atomic_write, derive_seed, is_uri
 from pogdiff.storage import read_json, upload_dataset
 from pogdiff.data.synthetic import Record, identity_name, iter_records, profile_counts
@@ -376,7 +376,7 @@ class Plan:
             "model": [cfg.model.name, cfg.model.revision, cfg.model.seed], "image_encoder": cfg.data.image_encoder,
             "image_size": cfg.data.image_size, "samples_per_shard": pc.samples_per_shard,
             "crop": None if cfg.data.center_crop else cfg.data.seed, "random_flip": cfg.data.random_flip,
-            "max_shard_bytes": pc.max_shard_bytes,
+            "max_shard_bytes": pc.max_shard_bytes, "format": FORMAT,
         }
         return hashlib.sha256(json.dumps(content).encode()).hexdigest()
 
@@ -839,7 +839,7 @@ def source_fingerprint(cfg: Config) -> str:
                      "image_encoder": d.image_encoder, "image_size": d.image_size, "heldout_images": d.heldout_images,
                      "minority_images": d.minority_images, "prepare": {k: getattr(pc, k) for k in (
                          "image_root", "samples_per_shard", "max_shard_bytes", "mask_names", "imbalance", "seed",
-                         "keep_images", "precision")}}
+                         "keep_images", "precision")}, "format": FORMAT}
     if d.source == "synthetic" or pc.imbalance:
         content["counts"] = profile_counts(d.profile, d.majority_ids, d.minority_ids, d.majority_images, d.minority_images)
     if d.source == "synthetic":

@@ -28,6 +28,7 @@ import json
 import os
 import struct
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Optional
@@ -36,9 +37,10 @@ import numpy as np
 
 from pogdiff.runs import atomic_path, atomic_write, file_sha256
 
-FORMAT = "pogdiff-shards/1"
+FORMAT = "pogdiff-shards/2"  # 2: every sample carries CHECKSUM
 LATENT, TOKENS, POOLED, IMAGE_EMB, META = "latent.npy", "tokens.npy", "pooled.npy", "imgemb.npy", "json"
 LATENT_FLIP = "latent_flip.npy"  # the mirror image's latent (data.random_flip)
+CHECKSUM = "crc32"  # per sample: CRC-32 over its other members' bytes, in name order
 IMAGE, CAPTION = "png", "txt"  # with prepare.keep_images: the image at data.image_size, the caption text
 COLUMNS = {"tokens": np.int32, "image_emb": np.float32, "pooled": np.float32}  # per-task .npz -> index .npy
 TAR_BLOCK = 512
@@ -189,7 +191,31 @@ def encode_sample(s: Sample) -> dict[str, bytes]:
         files[IMAGE], files[CAPTION] = s.image, s.caption.encode()
     if s.latent_flip is not None:
         files[LATENT_FLIP] = npy_bytes(s.latent_flip.astype(np.float16))
+    files[CHECKSUM] = sample_checksum(files)
     return files
+
+
+def sample_checksum(files: dict[str, bytes]) -> bytes:
+    """A sample's members but the checksum and WebDataset's ``__*__`` fields. CRC-32 (zlib, ~1 GB/s):
+    the tar header checksums cover names and sizes, this the payloads a flipped bit would change."""
+    crc = 0
+    for name in sorted(files):
+        if name[0] != "_" and name != CHECKSUM:
+            crc = zlib.crc32(files[name], crc)
+    return b"%08x" % crc
+
+
+def verify_sample(sample: dict, required: bool) -> None:
+    """Raises ValueError naming the sample and its shard when its payload is not what was written."""
+    stored = sample.get(CHECKSUM)
+    if stored is None:
+        if required:
+            raise ValueError(f"sample '{sample.get('__key__')}' in {sample.get('__url__')} has no {CHECKSUM} member: "
+                             "damaged shard (run `pogdiff prepare` again to verify and remake it)")
+        return
+    if stored != sample_checksum(sample):
+        raise ValueError(f"sample '{sample.get('__key__')}' in {sample.get('__url__')} fails its checksum: damaged "
+                         "payload, skipped (run `pogdiff prepare` again to verify and remake damaged shards)")
 
 
 def tar_bytes(files: dict[str, bytes]) -> int:

@@ -66,7 +66,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pogdiff.data.shards import LATENT, LATENT_FLIP, META, TOKENS, UnsupportedTar, npy_load, read_tar
+from pogdiff.data.shards import FORMAT, LATENT, LATENT_FLIP, META, TOKENS, UnsupportedTar, npy_load, read_tar, verify_sample
 from pogdiff.runs import derive_seed
 from pogdiff.storage import open_read, shard_root
 
@@ -171,8 +171,10 @@ class ShardStream(IterableDataset):
         self.seed, self.resampled, self.shuffle_buffer = seed, resampled, shuffle_buffer
         self.row_of_ordinal_path, self.max_consecutive_errors = row_of_ordinal, max_consecutive_errors
         self.random_flip, self.epoch = random_flip, 0
+        self.epoch_len: Optional[int] = None  # batches per rank and epoch (resampled): each worker makes its share
         self._rows: Optional[np.ndarray] = None
         self.expected: dict[str, int] = {}  # shard url -> samples it holds (from dataset.json)
+        self.checksums = False  # every sample must carry one (a dataset of the current FORMAT)
 
     def shard_urls(self, worker: int, num_workers: int) -> Iterator[str]:
         if self.resampled:
@@ -184,6 +186,7 @@ class ShardStream(IterableDataset):
         yield from urls[self.rank::self.world_size][worker::num_workers]
 
     def decode(self, sample: dict) -> dict:
+        verify_sample(sample, self.checksums)
         missing = [f for f in (LATENT, TOKENS, META) if f not in sample]
         if missing:
             raise ValueError(f"sample '{sample.get('__key__')}' in {sample.get('__url__')} lacks {missing}: corrupt shard")
@@ -222,9 +225,16 @@ class ShardStream(IterableDataset):
                 yield sample
 
         # Each batch carries the samples this reader skipped since its previous batch; one batch is
-        # held back so that skips after the last sample of a pass are counted too.
+        # held back so that skips after the last sample of a pass are counted too. A resampled
+        # worker makes exactly its share of the epoch's batches (the DataLoader takes them in turn)
+        # and decodes nothing beyond: a skip read ahead and thrown away at the epoch's end would be
+        # logged but in no batch's count. (WebDataset's batched() reads one sample past a full batch.)
+        good = healthy(decoded)
+        if self.resampled and self.epoch_len is not None:
+            good = itertools.islice(good, len(range(worker, self.epoch_len, num_workers)) * self.batch_size)
+        batches = wds.filters.batched(self.batch_size, collation_fn=collate, partial=not self.resampled)(good)
         held = None
-        for batch in wds.filters.batched(self.batch_size, collation_fn=collate, partial=not self.resampled)(healthy(decoded)):
+        for batch in batches:
             batch["skipped"] = handler.take()
             if held is not None:
                 yield held
@@ -241,6 +251,7 @@ class TrainLoader:
     def __init__(self, stream: ShardStream, num_workers: int, epoch_len: Optional[int], tokens_path: Optional[Path],
                  pin_memory: bool = False):
         self.stream, self.num_workers, self.epoch_len, self.pin_memory = stream, num_workers, epoch_len, pin_memory
+        stream.epoch_len = epoch_len
         self.epoch = 0
         self._tokens = np.load(tokens_path, mmap_mode="r") if tokens_path is not None else None
 
@@ -303,5 +314,6 @@ def make_train_loader(shards: str | Path | Sequence[str], batch_size: int, rank:
                          random_flip=random_flip)
     if meta is not None:
         stream.expected = {f"{base}/{p['url']}": p["samples"] for p in meta["shards"]}
+        stream.checksums = meta.get("format") == FORMAT
     return TrainLoader(stream, num_workers, epoch_len, index_dir / "tokens.npy" if index_dir is not None else None,
                        pin_memory)

@@ -84,8 +84,7 @@ def session(address: Optional[str] = None, num_cpus: Optional[int] = None):
     logical CPUs, and at least this machine's), and shut down what it started."""
     import ray
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    started = connect(address, num_cpus=max(cpus, num_cpus or 0))
+    started = connect(address, num_cpus=max(machine_cpus(), num_cpus or 0))
     try:
         yield
     finally:
@@ -93,10 +92,16 @@ def session(address: Optional[str] = None, num_cpus: Optional[int] = None):
             ray.shutdown()
 
 
+def machine_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def connect_for(cfg: Config) -> bool:
-    """``connect`` with the job's address and enough CPUs for its workers on an embedded cluster."""
+    """``connect`` with the job's address; an embedded cluster has this machine's CPUs, or as many
+    as the workers ask for with ``dist.allow_oversubscribe``."""
     needed = cfg.dist.num_workers * cfg.dist.cpus_per_worker
-    return connect(cfg.dist.ray_address, num_cpus=max(os.cpu_count() or 1, needed))
+    cpus = machine_cpus()
+    return connect(cfg.dist.ray_address, num_cpus=max(cpus, needed) if cfg.dist.allow_oversubscribe else cpus)
 
 
 def ray_run_name(cfg: Config) -> str:

@@ -17,6 +17,7 @@ local cluster. Exit status: 0 done, 1 training failed (the message says why), 2 
 from __future__ import annotations
 
 import json
+import os
 import contextlib
 import logging
 import sys
@@ -59,8 +60,10 @@ def check_cluster(cfg: Config) -> None:
         problems.append(f"dist.use_gpu=true with dist.num_workers={dc.num_workers} needs {dc.num_workers} GPUs, "
                         f"but the Ray cluster has {have.get('GPU', 0):g}")
     if problems:
+        embedded = "" if dc.ray_address or os.environ.get("RAY_ADDRESS") else \
+            " (an embedded cluster has this machine's CPUs; dist.allow_oversubscribe=true shares them among more workers)"
         raise ConfigError("the job does not fit the cluster: " + "; ".join(problems) + ". Lower dist.num_workers / "
-                          "dist.cpus_per_worker, or add nodes")
+                          "dist.cpus_per_worker, or add nodes" + embedded)
 
 
 @contextlib.contextmanager
@@ -71,6 +74,8 @@ def progress_from_metrics(cfg: Config, metrics_jsonl: Path, enabled: bool):
         yield
         return
     from tqdm import tqdm
+
+    from pogdiff.train.metrics import read_history
 
     stop = threading.Event()
     bar = tqdm(total=cfg.train.steps, desc=f"train-dist {ray_run_name(cfg)}", unit="step")
@@ -93,16 +98,6 @@ def progress_from_metrics(cfg: Config, metrics_jsonl: Path, enabled: bool):
         stop.set()
         thread.join()
         bar.close()
-
-
-def read_history(metrics_jsonl: Path) -> list[dict]:
-    """The logged steps, the last record of each step (steps re-run after a restart log twice)."""
-    by_step = {}
-    if metrics_jsonl.is_file():
-        for line in metrics_jsonl.read_text().splitlines():
-            entry = json.loads(line)
-            by_step[entry["step"]] = entry
-    return [by_step[s] for s in sorted(by_step)]
 
 
 def prune_checkpoints(cfg: Config) -> None:
@@ -128,62 +123,73 @@ def run(cfg: Config, progress: bool = True) -> TrainResult:
     from ray.train.torch import TorchTrainer
     from safetensors.torch import load_file
 
-    from pogdiff.data.dataset import prepare_artifacts, resolve_dataset
-    from pogdiff.models.export import export_pipeline
-    from pogdiff.train.loop import resolve_schedule
-    from pogdiff.train.metrics import write_history
-
-    from pogdiff.dist.worker import train_worker
-
     import shutil
 
+    from pogdiff.data.dataset import prepare_artifacts, resolve_dataset
     from pogdiff.dist.cluster import run_storage, torch_config
-    from pogdiff.runs import check_resume
+    from pogdiff.dist.worker import train_worker
+    from pogdiff.models.export import export_pipeline
+    from pogdiff.runs import check_resume, run_lease
+    from pogdiff.train.loop import resolve_schedule
+    from pogdiff.train.metrics import read_history, write_history
 
-    preflight(cfg)
-    files = RunFiles(cfg)
-    storage = run_storage(cfg)
-    if not check_resume(cfg, sorted(storage.glob("step_*")) if storage is not None and storage.is_dir() else []) \
-            and storage is not None:
-        shutil.rmtree(storage, ignore_errors=True)  # train.resume=never (or nothing to resume): a fresh Ray run
-    ds = resolve_dataset(cfg, progress)
-    psi_stats = prepare_artifacts(cfg, ds, progress)
-    cfg = resolve_schedule(cfg, len(ds), cfg.dist.num_workers)
-    connect_for(cfg)
-    check_cluster(cfg)
-    dc = cfg.dist
-    env = {"TOKENIZERS_PARALLELISM": "false"} | ({} if dc.use_gpu else {"DS_ACCELERATOR": "cpu"})
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"cfg": cfg, "dataset": ds.location},
-        scaling_config=ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu,
-                                     resources_per_worker={"CPU": dc.cpus_per_worker}),
-        torch_config=torch_config(dc.use_gpu),
-        run_config=RunConfig(
-            name=ray_run_name(cfg), storage_path=storage_path(cfg),
-            failure_config=FailureConfig(max_failures=dc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoint_keep),
-            worker_runtime_env={"env_vars": env},
-        ),
-    )
-    t0 = time.perf_counter()
-    with progress_from_metrics(cfg, files.method / "metrics.jsonl", enabled=progress and console.quiet()):
-        result = trainer.fit()
-    seconds = time.perf_counter() - t0
-    if result.checkpoint is None:
-        raise RuntimeError(f"training of '{ray_run_name(cfg)}' ended without a checkpoint in {storage_path(cfg)}")
-    with result.checkpoint.as_directory() as ckpt:
-        ckpt = Path(ckpt)
-        weights = load_file(str(ckpt / ("ema.safetensors" if cfg.train.ema else "unet.safetensors")))
-        steps = json.loads((ckpt / "trainer.json").read_text())["step"]
-    prune_checkpoints(cfg)
-    export_pipeline(ds.model_dir, weights, files.method, cfg.train.prediction_type)
-    history = read_history(files.method / "metrics.jsonl")
-    out = TrainResult(steps=steps, losses=[h["loss"] for h in history], history=history, seconds=seconds)
-    write_history(cfg, psi_stats, out)
-    log.info("'%s' done at step %d; checkpoint %s; exported to %s", ray_run_name(cfg), steps, result.checkpoint.path,
-             files.method)
-    return out
+    with run_lease(RunFiles(cfg).method, cfg.train.lease_timeout, "pogdiff train-dist"):
+        preflight(cfg)
+        files = RunFiles(cfg)
+        storage = run_storage(cfg)
+        if not check_resume(cfg, sorted(storage.glob("step_*")) if storage is not None and storage.is_dir() else []) \
+                and storage is not None:
+            shutil.rmtree(storage, ignore_errors=True)  # train.resume=never (or nothing to resume): a fresh Ray run
+        ds = resolve_dataset(cfg, progress)
+        psi_stats = prepare_artifacts(cfg, ds, progress)
+        cfg = resolve_schedule(cfg, len(ds), cfg.dist.num_workers)
+        connect_for(cfg)
+        check_cluster(cfg)
+        dc = cfg.dist
+        env = {"TOKENIZERS_PARALLELISM": "false"} | ({} if dc.use_gpu else {"DS_ACCELERATOR": "cpu"})
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"cfg": cfg, "dataset": ds.location},
+            scaling_config=ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu,
+                                         resources_per_worker={"CPU": dc.cpus_per_worker}),
+            torch_config=torch_config(dc.use_gpu),
+            run_config=RunConfig(
+                name=ray_run_name(cfg), storage_path=storage_path(cfg),
+                failure_config=FailureConfig(max_failures=dc.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoint_keep),
+                worker_runtime_env={"env_vars": env},
+            ),
+        )
+        t0 = time.perf_counter()
+        with progress_from_metrics(cfg, files.method / "metrics.jsonl", enabled=progress and console.quiet()):
+            result = trainer.fit()
+        seconds = time.perf_counter() - t0
+        if result.checkpoint is None:
+            raise RuntimeError(f"training of '{ray_run_name(cfg)}' ended without a checkpoint in {storage_path(cfg)}")
+        with result.checkpoint.as_directory() as ckpt:
+            ckpt = Path(ckpt)
+            weights = load_file(str(ckpt / ("ema.safetensors" if cfg.train.ema else "unet.safetensors")))
+            steps = json.loads((ckpt / "trainer.json").read_text())["step"]
+        prune_checkpoints(cfg)
+        export_pipeline(ds.model_dir, weights, files.method, cfg.train.prediction_type)
+        history = read_history(files.method / "metrics.jsonl")
+        out = TrainResult(steps=steps, losses=[h["loss"] for h in history], history=history, seconds=seconds)
+        write_history(cfg, psi_stats, seconds)
+        log.info("'%s' done at step %d; checkpoint %s; exported to %s", ray_run_name(cfg), steps, result.checkpoint.path,
+                 files.method)
+        return out
+
+
+def worker_error(e: Exception) -> str:
+    """The first worker's own error, one line: Ray wraps it in a WorkerGroupError whose message is
+    every rank's traceback."""
+    failures = getattr(e, "worker_failures", None) or {}
+    if not failures:
+        return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    rank, err = min(failures.items())
+    err = getattr(err, "cause", None) or err
+    lines = str(err).strip().splitlines()
+    return f"rank {rank}: {type(err).__name__}: {lines[-1] if lines else ''}"
 
 
 def train_dist(cfg: Config) -> int:
@@ -202,14 +208,17 @@ def train_dist(cfg: Config) -> int:
         print(f"pogdiff train-dist: cannot reach the Ray cluster (dist.ray_address / $RAY_ADDRESS): {e}", file=sys.stderr)
         return 1
     try:
+        check_cluster(cfg)
         result = run(cfg)
     except ConfigError as e:
         print(f"pogdiff train-dist: {e}", file=sys.stderr)
         return 2
     except TrainingFailedError as e:
+        console.traceback_to_log(f"training '{ray_run_name(cfg)}' failed")
         print(f"pogdiff train-dist: training '{ray_run_name(cfg)}' failed after dist.max_failures="
-              f"{cfg.dist.max_failures} restarts; checkpoints stay in {storage_path(cfg)} and a rerun with "
-              f"the same run_name continues from the newest complete one.\n{e}", file=sys.stderr)
+              f"{cfg.dist.max_failures} restarts: {worker_error(e)}. Checkpoints stay in {storage_path(cfg)} and a "
+              f"rerun with the same run_name continues from the newest complete one (the traceback is in "
+              f"{console.log_path() or 'the run log'})", file=sys.stderr)
         return 1
     finally:
         if started:

@@ -488,26 +488,24 @@ def train(cfg: Config, ds: Dataset, out_dir: Path, progress: bool = True) -> tup
 def run_train(cfg: Config, progress: bool = True) -> TrainResult:
     """``pogdiff train``: one machine, one process (``pogdiff.dist.ray_driver`` is the cluster job).
     Resolves (prepares) the dataset, builds the method's artifacts, trains, exports the pipeline."""
-    from pogdiff.data.dataset import prepare_artifacts, resolve_dataset
-    from pogdiff.models.export import export_pipeline
-    from pogdiff.runs import RunFiles
-    from pogdiff.train.metrics import write_history
-
     import shutil
 
-    from pogdiff.runs import check_resume
-
+    from pogdiff.data.dataset import prepare_artifacts, resolve_dataset
+    from pogdiff.models.export import export_pipeline
+    from pogdiff.runs import RunFiles, check_resume, run_lease
     from pogdiff.train.checkpoint import given_checkpoint
+    from pogdiff.train.metrics import write_history
 
-    given_checkpoint(cfg.train)  # a bad path is a config error before anything starts
-    files = RunFiles(cfg)
-    if not check_resume(cfg, sorted(files.checkpoints.glob("step_*"))):
-        shutil.rmtree(files.checkpoints, ignore_errors=True)
-    ds = resolve_dataset(cfg, progress)
-    psi_stats = prepare_artifacts(cfg, ds, progress)
-    torch.manual_seed(cfg.train.seed)
-    cfg = resolve_schedule(cfg, len(ds), world_size=1)
-    result, weights = train(cfg, ds, files.method, progress=progress)
-    export_pipeline(ds.model_dir, weights, files.method, cfg.train.prediction_type)
-    write_history(cfg, psi_stats, result)
-    return result
+    with run_lease(RunFiles(cfg).method, cfg.train.lease_timeout, "pogdiff train"):
+        given_checkpoint(cfg.train)  # a bad path is a config error before anything starts
+        files = RunFiles(cfg)
+        if not check_resume(cfg, sorted(files.checkpoints.glob("step_*"))):
+            shutil.rmtree(files.checkpoints, ignore_errors=True)
+        ds = resolve_dataset(cfg, progress)
+        psi_stats = prepare_artifacts(cfg, ds, progress)
+        torch.manual_seed(cfg.train.seed)
+        cfg = resolve_schedule(cfg, len(ds), world_size=1)
+        result, weights = train(cfg, ds, files.method, progress=progress)
+        export_pipeline(ds.model_dir, weights, files.method, cfg.train.prediction_type)
+        write_history(cfg, psi_stats, result.seconds)
+        return result

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -40,9 +41,8 @@ class MetricsLog:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = out_dir / "metrics.jsonl"
-        if fresh:  # a run from step 0 replaces an earlier run's logs
-            self.jsonl.unlink(missing_ok=True)
-            shutil.rmtree(out_dir / "tb", ignore_errors=True)
+        if fresh:
+            archive_logs(out_dir)
         if report_to in ("tensorboard", "all"):
             from torch.utils.tensorboard import SummaryWriter
 
@@ -86,7 +86,40 @@ class MetricsLog:
             self.wandb.finish()
 
 
-def write_history(cfg: Config, psi_stats: dict, result) -> None:
-    """``history.json`` of a finished run: the logged steps, psi's head/tail summary, seconds."""
-    write_json(RunFiles(cfg).history, {"method": cfg.method.name.value, "psi": psi_stats, "history": result.history,
-                                       "seconds": result.seconds})
+LOGS = ("metrics.jsonl", "history.json", "tb")
+
+
+def archive_logs(out_dir: Path) -> Optional[Path]:
+    """A run from step 0 (train.resume=never, or nothing to resume) over an earlier run's logs moves
+    them to ``archive/<UTC time>/``: history is only ever appended to or archived, never lost."""
+    old = [out_dir / name for name in LOGS if (out_dir / name).exists()]
+    if not old:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = out_dir / "archive" / stamp
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = out_dir / "archive" / f"{stamp}-{n}"
+    dest.mkdir(parents=True)
+    for path in old:
+        shutil.move(str(path), str(dest / path.name))
+    return dest
+
+
+def read_history(metrics_jsonl: Path) -> list[dict]:
+    """The logged steps, the last record of each step (steps re-run after a restart log twice)."""
+    by_step = {}
+    if metrics_jsonl.is_file():
+        for line in metrics_jsonl.read_text().splitlines():
+            entry = json.loads(line)
+            by_step[entry["step"]] = entry
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def write_history(cfg: Config, psi_stats: dict, seconds: float) -> None:
+    """``history.json`` of a finished run: every step logged since it started from step 0 (what
+    earlier invocations logged included), psi's head/tail summary, this invocation's seconds."""
+    files = RunFiles(cfg)
+    write_json(files.history, {"method": cfg.method.name.value, "psi": psi_stats,
+                               "history": read_history(files.method / "metrics.jsonl"), "seconds": seconds})

@@ -1,0 +1,139 @@
+"""Reliability (issue 21): a user's mistakes exit 2 with one line naming what to do, an OS fault exits 1
+the same way (the traceback in the run's log), and a run directory has one writer."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+POGDIFF = str(Path(sys.executable).parent / "pogdiff")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pogdiff(cwd: Path, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.run([POGDIFF, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_more_training_workers_than_this_machine_has_cpus_exit_2_before_anything_starts(tmp_path):
+    """The embedded cluster used to advertise max(CPUs, what was asked) and run every rank on the
+    same cores; a real cluster refuses the same job."""
+    cpus = len(os.sched_getaffinity(0))
+    args = ["train-dist", str(ROOT / "configs/demo.yaml"), "output_dir=runs", "train.steps=1",
+            f"dist.num_workers={cpus + 1}"]
+    refused = pogdiff(tmp_path, *args)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert f"dist.num_workers={cpus + 1}" in refused.stderr and f"has {cpus}" in refused.stderr, refused.stderr
+    assert "dist.allow_oversubscribe=true" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("dataset.json")), \
+        "data were prepared before the refusal"
+
+
+def one_line_exit(proc: subprocess.CompletedProcess, code: int, *named: str) -> str:
+    """The verb's own line (after 'log in ...'), no traceback."""
+    err = proc.stderr
+    assert proc.returncode == code, err[-3000:]
+    assert "Traceback" not in err and all(n in err for n in named), err
+    return err
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_line_and_exit_2(tmp_path):
+    """A path under a regular file (root ignores permission bits, and EROFS needs a read-only mount):
+    every writing verb says which path and what to do, where it used to print a 21-line traceback."""
+    (tmp_path / "afile").write_text("")
+    for verb in ("prepare", "train", "train-dist"):
+        proc = pogdiff(tmp_path, verb, str(ROOT / "configs/demo.yaml"), "output_dir=afile/runs")
+        one_line_exit(proc, 2, str(tmp_path / "afile"), "Not a directory", "writable output_dir")
+
+
+def test_an_os_error_inside_a_verb_and_the_non_finite_stop_are_one_line_with_the_traceback_in_the_log(tmp_path):
+    from pogdiff.runs import RunFiles, load_run_config
+
+    args = [str(ROOT / "configs/demo.yaml"), "output_dir=runs", "run_name=os", "data.profile=agedb-s", "model.name=tiny",
+            "model.tiny_vae_steps=0", "prepare.backend=serial", "density.epochs=2", "method.name=vanilla",
+            "train.batch_size=4", "train.steps=6", "train.log_every=1"]
+    files = RunFiles(load_run_config(args[0], [a.replace("runs", str(tmp_path / "runs"), 1) for a in args[1:]]))
+    files.method.parent.mkdir(parents=True)
+    files.method.write_text("in the way")  # the method's folder is a file: training cannot write it
+    proc = pogdiff(tmp_path, "train", *args)
+    one_line_exit(proc, 2, str(files.method))
+    log = (files.root / "pogdiff.log").read_text()
+    assert "Traceback" in log and ("NotADirectoryError" in log or "FileExistsError" in log), log[-2000:]
+
+    files.method.unlink()
+    proc = pogdiff(tmp_path, "train", *args, "train.lr=1e30", "train.max_bad_steps=2", "train.resume=never")
+    one_line_exit(proc, 1, "train.max_bad_steps=2", "non-finite")
+    assert "FloatingPointError" in (files.root / "pogdiff.log").read_text()
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from pogdiff.runs import run_lease
+with run_lease(Path(sys.argv[1]), float(sys.argv[2]), "holder"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def hold(folder: Path, timeout: float) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), str(timeout)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held", proc.poll()
+    return proc
+
+
+def test_one_writer_per_run_a_second_exits_2_naming_the_holder_and_a_dead_holder_is_taken_over(tmp_path, caplog):
+    """Two `pogdiff train` of one run_name used to both write it (40 metric lines for 20 steps)."""
+    import json
+    import logging
+    import signal
+
+    from pogdiff.runs import LeaseHeld, RunFiles, load_run_config, run_lease
+
+    args = [str(ROOT / "configs/demo.yaml"), "output_dir=runs", "run_name=busy", "train.steps=1"]
+    method = RunFiles(load_run_config(args[0], [f"output_dir={tmp_path / 'runs'}", *args[2:]])).method
+    holder = hold(method, 300)
+    try:
+        second = pogdiff(tmp_path, "train", *args)
+        err = one_line_exit(second, 2, f"process {holder.pid}", str(method))
+        assert not (method / "metrics.jsonl").exists() and not (method / "run_config.json").exists(), err
+        with pytest.raises(LeaseHeld):  # a reader of the lease in this process: still held, renewed
+            with run_lease(method, 300):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lease = json.loads((method / "lease.json").read_text())
+    assert lease["pid"] == holder.pid  # SIGKILL: no release
+    with caplog.at_level(logging.WARNING, logger="pogdiff.runs"):
+        with run_lease(method, 300) as mine:  # its PID is gone on this host: taken over
+            assert json.loads((method / "lease.json").read_text())["token"] == mine["token"]
+    assert f"from process {holder.pid}" in caplog.text and "has exited" in caplog.text
+    assert not (method / "lease.json").exists()  # released
+
+    (method / "lease.json").write_text(json.dumps({"host": "other-node", "pid": 1, "renewed": 0, "started": "then"}))
+    with pytest.raises(LeaseHeld, match="other-node"):  # another host, renewed within the timeout
+        with run_lease(method, 1e12):
+            pass
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pogdiff.runs"):
+        with run_lease(method, 60):  # not renewed for longer than the timeout: taken over
+            pass
+    assert "not renewed for" in caplog.text
+
+
+def test_a_held_lease_is_renewed(tmp_path):
+    import json
+    import time
+
+    holder = hold(tmp_path / "run", 1.0)  # renewed every 0.1 s
+    try:
+        first = json.loads((tmp_path / "run" / "lease.json").read_text())["renewed"]
+        time.sleep(1.5)
+        assert json.loads((tmp_path / "run" / "lease.json").read_text())["renewed"] > first + 0.5
+    finally:
+        holder.kill()
+        holder.wait()
