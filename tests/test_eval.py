@@ -327,6 +327,69 @@ def test_ray_actors_sample_and_embed_what_this_process_does(run, tmp_path):
             ray.shutdown()
 
 
+@pytest.mark.slow
+def test_ray_actors_killed_mid_stage_change_nothing(run, tmp_path):
+    """SIGKILL, from outside, to the sampling actor once its first shard is written and to the
+    feature actor as soon as it starts: each is restarted, its call retried, and the samples and
+    features equal this process's."""
+    import dataclasses
+    import signal
+    import threading
+
+    import psutil
+    import ray
+
+    from pogdiff.data.dataset import resolve_dataset
+    from pogdiff.dist.cluster import connect
+    from pogdiff.eval import feature_extractor
+    from pogdiff.eval.recognizer import eval_encoder
+    from pogdiff.eval.sampling import sample_run, samples_dir
+
+    here = sample_run(run, progress=False)
+    on_ray = dataclasses.replace(run, output_dir=str(tmp_path), sample=dataclasses.replace(run.sample, ray_workers=1),
+                                 eval=dataclasses.replace(run.eval, batch_size=5))
+    _eval_scale().export_tiny_pipeline(on_ray)
+    killed: dict[str, int] = {}
+    stop = threading.Event()
+
+    def killer() -> None:
+        folder = samples_dir(on_ray)
+        while not stop.is_set() and len(killed) < 2:
+            for p in psutil.process_iter(["pid", "cmdline"]):
+                line = " ".join(p.info["cmdline"] or [])
+                for actor in ("ray::SampleWorker", "ray::FeatureWorker"):
+                    ready = actor == "ray::FeatureWorker" or any(folder.glob("*.tar"))
+                    if actor in line and actor not in killed and ready:
+                        try:
+                            p.send_signal(signal.SIGKILL)
+                            killed[actor] = p.pid
+                        except psutil.NoSuchProcess:
+                            pass
+            stop.wait(0.02)
+
+    started = connect(num_cpus=2)
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        samples = sample_run(on_ray, progress=False)
+        assert all(np.array_equal(samples[i], here[i]) for i in here)
+        ds = resolve_dataset(run, progress=False)
+        encoder = eval_encoder(run, ds, progress=False)
+        items = [(i, png) for i, _, png in samples.records()]
+        with feature_extractor(on_ray, ds, encoder) as embed:
+            batches = list(embed(items))
+        with feature_extractor(dataclasses.replace(run, eval=on_ray.eval), ds, encoder) as embed:
+            reference = list(embed(items))
+        assert set(killed) == {"ray::SampleWorker", "ray::FeatureWorker"}, f"not every actor was killed: {killed}"
+        assert [ids for ids, _ in batches] == [ids for ids, _ in reference]
+        assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(batches, reference))
+    finally:
+        stop.set()
+        thread.join()
+        if started:
+            ray.shutdown()
+
+
 def _looks(caption: str) -> str:
     """The identity's fixed attributes as its caption states them (name, expression, background, light cut).
     A bald identity's beard colour is drawn but not captioned: those captions are left out."""

@@ -290,7 +290,9 @@ def ray_actor_pool(actor_class, workers: int, device: str, *args):
         gpu = device == "cuda" or (device == "auto" and gpus > 0)
         if gpu and gpus == 0:
             raise RuntimeError("train.device=cuda, but the Ray cluster has no GPU")
-        remote = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(actor_class)
+        # A killed actor is restarted and its call retried: a shard write and an embedding are
+        # idempotent (atomic shard files, fixed seeds), so the stage's output is unchanged.
+        remote = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=-1, max_task_retries=-1)(actor_class)
         actors = [remote.remote("cuda" if gpu else "cpu", *args) for _ in range(min(workers, gpus) if gpu else workers)]
         yield ActorPool(actors), len(actors)
     finally:
