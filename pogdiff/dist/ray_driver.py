@@ -16,10 +16,10 @@ local cluster. Exit status: 0 done, 1 training failed (the message says why), 2 
 """
 from __future__ import annotations
 
-import json
-import os
 import contextlib
+import json
 import logging
+import os
 import sys
 import threading
 import time
