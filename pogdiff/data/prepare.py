@@ -798,13 +798,12 @@ def run_pipeline(tasks: list[Task], pc: PrepareConfig, ray_address: Optional[str
     import ray.data
 
     from pogdiff import console
-    from pogdiff.dist.cluster import session
+    from pogdiff.dist.cluster import machine_cpus, session
 
     if not tasks:
         return
     # the encoder actors hold a CPU each; the decode stage needs one more to ever run beside them
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    with session(ray_address, num_cpus=(pc.workers or cpus) + 1):
+    with session(ray_address, num_cpus=(pc.workers or machine_cpus()) + 1):
         console.route_ray_logs()
         workers, gpus = encoder_pool(pc, ray.cluster_resources())
         log.info("prepare: %d encoder actors with %g GPUs each, %d tasks", workers, gpus, len(tasks))

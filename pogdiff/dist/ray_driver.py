@@ -135,6 +135,8 @@ def run(cfg: Config, progress: bool = True) -> TrainResult:
 
     with run_lease(RunFiles(cfg).method, cfg.train.lease_timeout, "pogdiff train-dist"):
         preflight(cfg)
+        connect_for(cfg)
+        check_cluster(cfg)  # before any preparing: a job that cannot fit is refused first
         files = RunFiles(cfg)
         storage = run_storage(cfg)
         if not check_resume(cfg, sorted(storage.glob("step_*")) if storage is not None and storage.is_dir() else []) \
@@ -143,8 +145,6 @@ def run(cfg: Config, progress: bool = True) -> TrainResult:
         ds = resolve_dataset(cfg, progress)
         psi_stats = prepare_artifacts(cfg, ds, progress)
         cfg = resolve_schedule(cfg, len(ds), cfg.dist.num_workers)
-        connect_for(cfg)
-        check_cluster(cfg)
         dc = cfg.dist
         env = {"TOKENIZERS_PARALLELISM": "false"} | ({} if dc.use_gpu else {"DS_ACCELERATOR": "cpu"})
         trainer = TorchTrainer(
@@ -208,7 +208,6 @@ def train_dist(cfg: Config) -> int:
         print(f"pogdiff train-dist: cannot reach the Ray cluster (dist.ray_address / $RAY_ADDRESS): {e}", file=sys.stderr)
         return 1
     try:
-        check_cluster(cfg)
         result = run(cfg)
     except ConfigError as e:
         print(f"pogdiff train-dist: {e}", file=sys.stderr)
