@@ -1,6 +1,7 @@
 # Two entry points, each doing all set-up on a fresh machine:
 #   make demo   the main job (synthetic imbalanced data -> ... -> metrics report)
-#   make test   the test suite
+#   make test   the test suite, without the runs marked slow
+#   make test-slow  the whole-job and fault-injection runs (marked slow); CI runs both
 # Both create or refresh .venv: torch==2.13.0 first (the CPU wheel here, the CUDA build on a GPU
 # host), then this package. A second run only re-installs when pyproject.toml changed.
 PYTHON ?= python3
@@ -9,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_CONFIG ?= configs/demo.yaml
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test test-slow clean
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -22,7 +23,10 @@ demo: $(STAMP)
 	$(BIN)/pogdiff demo $(DEMO_CONFIG) $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/pytest -q $(ARGS)
+	$(BIN)/pytest -q -m "not slow" $(ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/pytest -q -m slow $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -160,6 +160,10 @@ USER_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISD
 
 def os_error_line(e: OSError) -> tuple[int, str]:
     """(exit code, one line naming the path and what to do)."""
+    from pogdiff.storage import StorageUnavailable
+
+    if isinstance(e, StorageUnavailable):  # re-raised from a DataLoader worker, it carries the worker's traceback
+        return 1, str(e).strip().splitlines()[-1].rsplit("StorageUnavailable: ", 1)[-1]
     where = e.filename if e.filename is not None else "?"
     what = f"{where}: {e.strerror or e}"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):

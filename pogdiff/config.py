@@ -368,6 +368,10 @@ class StorageConfig:
 
     # fsspec storage options per protocol, e.g. {s3: {endpoint_url: "http://minio:9000", key: ..., secret: ...}}
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # An operation on object storage that fails for a reason other than the object's own state
+    # (missing, access denied) is retried with exponential backoff for this many seconds, then the
+    # verb stops with one line naming the URI (exit 1); a rerun continues from what was finished.
+    retry_timeout: float = 120.0
 
 
 @dataclass
@@ -505,7 +509,8 @@ RANGES: dict[str, tuple[str, float, float, str]] = {
     "pretrain.steps": ("[", 1, math.inf, ")"), "pretrain.batch_size": ("[", 1, math.inf, ")"),
     "pretrain.lr": ("(", 0, math.inf, ")"), "pretrain.warmup_steps": ("[", 0, math.inf, ")"),
     "pretrain.name_prompt_fraction": ("[", 0, 1, "]"), "pretrain.caption_dropout": ("[", 0, 1, "]"),
-    "pretrain.eval_ids": ("[", 1, math.inf, ")"), "train.max_bad_steps": ("[", 1, math.inf, ")"), "train.lease_timeout": ("(", 0, math.inf, ")"), "prepare.batch_size": ("[", 1, math.inf, ")"),
+    "pretrain.eval_ids": ("[", 1, math.inf, ")"), "train.max_bad_steps": ("[", 1, math.inf, ")"), "train.lease_timeout": ("(", 0, math.inf, ")"),
+    "storage.retry_timeout": ("(", 0, math.inf, ")"), "prepare.batch_size": ("[", 1, math.inf, ")"),
 }
 
 

@@ -206,11 +206,49 @@ class LeaseHeld(RuntimeError):
 LEASE = "lease.json"
 
 
-def _read_lease(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):  # gone, or caught half-written by a takeover: look again
-        return None
+class LeaseFile:
+    """The lease's file: in a local (or network-mounted) folder, or in object storage. Created
+    exclusively (O_EXCL; S3's conditional PUT, If-None-Match), replaced atomically (a rename; a PUT)."""
+
+    def __init__(self, folder: str | Path, name: str):
+        self.remote = is_uri(str(folder))
+        if self.remote:
+            from pogdiff.storage import filesystem
+
+            self.fs, root = filesystem(str(folder))
+            self.path: str | Path = f"{root}/{name}"
+            self.shown = f"{str(folder).rstrip('/')}/{name}"
+        else:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self.path = self.shown = Path(folder) / name
+
+    def create(self, lease: dict) -> None:
+        """Raises FileExistsError when the file exists."""
+        data = json.dumps(lease).encode()
+        if self.remote:
+            self.fs.pipe_file(self.path, data, mode="create")
+            return
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+    def replace(self, lease: dict) -> None:
+        if self.remote:
+            self.fs.pipe_file(self.path, json.dumps(lease).encode())
+        else:
+            atomic_write(self.path, json.dumps(lease))
+
+    def read(self) -> Optional[dict]:
+        try:
+            return json.loads(self.fs.cat_file(self.path) if self.remote else Path(self.path).read_text())
+        except (FileNotFoundError, ValueError):  # gone, or caught half-written by a local create: look again
+            return None
+
+    def remove(self) -> None:
+        try:
+            self.fs.rm_file(self.path) if self.remote else Path(self.path).unlink()
+        except FileNotFoundError:
+            pass
 
 
 def _lease_is_stale(lease: dict, timeout: float) -> Optional[str]:
@@ -229,23 +267,25 @@ def _lease_is_stale(lease: dict, timeout: float) -> Optional[str]:
 
 
 @contextlib.contextmanager
-def run_lease(folder: Path, timeout: float, what: str = "run") -> Iterator[dict]:
-    """One writer per run directory: ``folder/lease.json`` names the holder (host, PID, start) and is
-    renewed by a thread every ``timeout / 10`` s. flock is not to be trusted on the network
-    filesystems Slurm clusters share, so the lease is a file created with O_EXCL, and a stale one
-    (its holder's PID gone on this host, or not renewed for ``timeout`` s) is taken over with a
-    warning: replaced atomically, then read back to see which of two takers won. Raises LeaseHeld
-    naming a live holder. Readers (sample, eval, report) take no lease."""
+def run_lease(folder: str | Path, timeout: float, what: str = "run", name: str = LEASE,
+              instead: str = "use another run_name") -> Iterator[dict]:
+    """One writer per run directory (a folder, or a prefix in object storage): ``folder/<name>``
+    (``lease.json``) names the holder (host, PID, start) and is renewed by a thread every
+    ``timeout / 10`` s. flock is not to be trusted on the network filesystems Slurm clusters share,
+    so the lease is a file created exclusively (LeaseFile), and a stale one (its holder's PID gone
+    on this host, or not renewed for ``timeout`` s) is taken over with a warning: replaced
+    atomically, then read back to see which of two takers won. Raises LeaseHeld naming a live
+    holder. Readers (sample, eval, report) take no lease."""
     log = logging.getLogger("pogdiff.runs")
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LEASE
+    lease = LeaseFile(folder, name)
     mine = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "renewed": time.time(), "what": what}
     for _ in range(50):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            lease.create(mine)
+            break
         except FileExistsError:
-            held = _read_lease(path)
+            held = lease.read()
             if held is None:
                 time.sleep(0.1)
                 continue
@@ -254,31 +294,27 @@ def run_lease(folder: Path, timeout: float, what: str = "run") -> Iterator[dict]
                 raise LeaseHeld(f"{folder} is held by {held.get('what', 'a run')} of process {held.get('pid')} on "
                                 f"{held.get('host')} since {held.get('started')} (renewed "
                                 f"{time.time() - float(held.get('renewed', 0)):.0f} s ago). Wait for it, stop it, or "
-                                f"use another run_name; a holder that died is taken over after train.lease_timeout="
-                                f"{timeout:g} s")
+                                f"{instead}; a holder that died is taken over after train.lease_timeout="
+                                f"{timeout:g} s") from None
             log.warning("taking over the lease of %s from process %s on %s: %s", folder, held.get("pid"),
                         held.get("host"), stale)
-            atomic_write(path, json.dumps(mine))
+            lease.replace(mine)
             time.sleep(0.2)  # another taker that saw the same stale lease writes in this window
-            if (_read_lease(path) or {}).get("token") != mine["token"]:
-                continue
-            break
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(mine))
-        break
+            if (lease.read() or {}).get("token") == mine["token"]:
+                break
     else:
-        raise LeaseHeld(f"{folder}: could not take its lease ({path} keeps changing); is another run starting?")
+        raise LeaseHeld(f"{folder}: could not take its lease ({lease.shown} keeps changing); is another run starting?")
 
     stop = threading.Event()
 
     def renew() -> None:
         while not stop.wait(timeout / 10):
-            if (_read_lease(path) or {}).get("token") != mine["token"]:
+            if (lease.read() or {}).get("token") != mine["token"]:
                 log.error("the lease of %s was taken over by another process: this run is no longer its only writer",
                           folder)
                 return
             mine["renewed"] = time.time()
-            atomic_write(path, json.dumps(mine))
+            lease.replace(mine)
 
     thread = threading.Thread(target=renew, name="pogdiff-lease", daemon=True)
     thread.start()
@@ -287,5 +323,5 @@ def run_lease(folder: Path, timeout: float, what: str = "run") -> Iterator[dict]
     finally:
         stop.set()
         thread.join()
-        if (_read_lease(path) or {}).get("token") == mine["token"]:
-            path.unlink(missing_ok=True)
+        if (lease.read() or {}).get("token") == mine["token"]:
+            lease.remove()

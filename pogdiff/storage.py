@@ -20,6 +20,12 @@ split's index, the artifacts) is copied to a node-local cache, ``$POGDIFF_CACHE`
 against ``files.json`` (size and sha256 of each file, written at upload). The cached copy's
 ``remote.json`` names the URI its shards are read from (``shard_root``).
 
+Outages. Every operation on a bucket (through ``filesystem`` or ``open_read``) that fails for a
+reason other than the object's own state (missing, access denied) is retried with exponential
+backoff (tenacity) for ``storage.retry_timeout`` seconds; a shard being read is reopened at the byte
+it had reached. Past that, ``StorageUnavailable`` (an OSError: one line naming the URI, exit 1)
+ends the verb, never a skipped sample or a partial object taken as complete; a rerun continues.
+
 S3 has no atomic rename, so completion is marked by writing last: ``plan.json`` first (a prefix
 holding another plan's objects is refused), then the shards and the rest, then ``files.json``, then
 ``dataset.json``. A prefix without dataset.json is never taken as a dataset; a rerun of the upload
@@ -28,7 +34,9 @@ keeps the shards already there (same name and size: shards are byte-for-byte rep
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Iterator, Optional
@@ -40,6 +48,8 @@ if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
 
     from pogdiff.config import Config
+
+log = logging.getLogger("pogdiff.storage")
 
 MARKER, LISTING, PLAN, REMOTE = "dataset.json", "files.json", "plan.json", "remote.json"
 SHARDS, ARTIFACTS = "shards", "artifacts"
@@ -56,22 +66,87 @@ def protocol(uri: str) -> str:
     return uri.split("://", 1)[0]
 
 
-def configure(options: dict) -> None:
-    """``storage.options`` ({protocol: fsspec storage options}) for every filesystem this process and
-    the processes it starts open."""
+# Answers about the object itself, or a mistake in the call: retrying cannot change them.
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
+             ValueError, TypeError, AttributeError, KeyError, NotImplementedError)
+
+
+def is_permanent(e: BaseException) -> bool:
+    """Not worth retrying: PERMANENT, or missing credentials (botocore's NoCredentialsError and kin,
+    which s3fs passes on untranslated)."""
+    return isinstance(e, PERMANENT) or "Credential" in type(e).__name__
+
+
+RETRY_TIMEOUT_ENV = "POGDIFF_STORAGE_RETRY_TIMEOUT"
+
+
+class StorageUnavailable(OSError):
+    """Object storage did not answer within storage.retry_timeout."""
+
+
+def configure(options: dict, retry_timeout: Optional[float] = None) -> None:
+    """``storage.options`` ({protocol: fsspec storage options}) and ``storage.retry_timeout`` for
+    every filesystem this process and the processes it starts open."""
     import fsspec.config
 
     for proto, kwargs in options.items():
         fsspec.config.conf.setdefault(proto, {}).update(kwargs)
         os.environ[f"FSSPEC_{proto.upper()}"] = json.dumps(fsspec.config.conf[proto])
+    if retry_timeout is not None:
+        os.environ[RETRY_TIMEOUT_ENV] = str(retry_timeout)
 
 
-def filesystem(uri: str, **extra) -> tuple["AbstractFileSystem", str]:
-    """(fsspec's filesystem for ``uri``, the path in it). No listings cache: other processes and
-    nodes write the same prefixes."""
+def retry_timeout() -> float:
+    from pogdiff.config import StorageConfig
+
+    return float(os.environ.get(RETRY_TIMEOUT_ENV) or StorageConfig.retry_timeout)
+
+
+def retried(call, uri: str, what: str):
+    """``call()``, retried with exponential backoff while it fails for a transient reason (see the
+    module docstring); StorageUnavailable naming ``uri`` once the retry timeout has passed."""
+    from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
+
+    timeout = retry_timeout()
+
+    def warn(state) -> None:
+        log.warning("%s: %s failed (%s); retrying in %.1f s (storage.retry_timeout=%g)", uri, what,
+                    state.outcome.exception(), state.next_action.sleep, timeout)
+
+    retry = retry_if_exception(lambda e: not is_permanent(e))
+    try:
+        for attempt in Retrying(stop=stop_after_delay(timeout), wait=wait_exponential(multiplier=0.5, max=15),
+                                retry=retry, before_sleep=warn, reraise=True):
+            with attempt:
+                return call()
+    except Exception as e:  # noqa: BLE001 - a transient one was retried until the timeout
+        if is_permanent(e):
+            raise
+        raise StorageUnavailable(f"{uri}: {what} kept failing for {timeout:g} s (storage.retry_timeout) with "
+                                 f"{type(e).__name__}: {e}. Check the endpoint and the network, then run the same "
+                                 "command again: it continues from what was finished") from e
+
+
+class RetryingFilesystem:
+    """An fsspec filesystem whose every method call goes through ``retried``."""
+
+    def __init__(self, fs: "AbstractFileSystem", uri: str):
+        self.fs, self.uri = fs, uri
+
+    def __getattr__(self, name: str):
+        method = getattr(self.fs, name)
+        if not callable(method):
+            return method
+        return lambda *args, **kwargs: retried(lambda: method(*args, **kwargs), self.uri, name)
+
+
+def filesystem(uri: str, retry: bool = True, **extra) -> tuple["AbstractFileSystem", str]:
+    """(fsspec's filesystem for ``uri``, the path in it), its calls retried unless ``retry`` is
+    false. No listings cache: other processes and nodes write the same prefixes."""
     import fsspec
 
-    return fsspec.core.url_to_fs(uri, **{"use_listings_cache": False, **extra})
+    fs, path = fsspec.core.url_to_fs(uri, **{"use_listings_cache": False, **extra})
+    return (RetryingFilesystem(fs, uri) if retry else fs), path
 
 
 def check_reachable(uri: str, key: str) -> None:
@@ -84,7 +159,7 @@ def check_reachable(uri: str, key: str) -> None:
     if "config_kwargs" in extra:
         extra["config_kwargs"] = {**extra["config_kwargs"], **fsspec.config.conf.get(proto, {}).get("config_kwargs", {})}
     try:
-        fs, path = filesystem(uri, skip_instance_cache=True, **extra)
+        fs, path = filesystem(uri, retry=False, skip_instance_cache=True, **extra)
         bucket = path.split("/", 1)[0]
         try:
             fs.ls(path)
@@ -112,7 +187,7 @@ def check_storage(cfg: "Config") -> None:
 
     from pogdiff.config import PROTOCOL_PACKAGES
 
-    configure(cfg.storage.options)
+    configure(cfg.storage.options, cfg.storage.retry_timeout)
     uris = {key: value for key in URI_KEYS if (value := reduce(getattr, key.split("."), cfg)) and is_uri(value)}
     for key, uri in uris.items():
         try:
@@ -126,13 +201,58 @@ def check_storage(cfg: "Config") -> None:
                           "holds prepared datasets only; write one there with prepare.output=<that URI>")
 
 
-def open_read(url: str) -> BinaryIO:
-    """A shard (or any file) opened for reading: URLs through fsspec, streamed with ranged reads;
-    paths and ``pipe:`` commands through webdataset's gopen."""
-    if is_uri(url):
+class RetryingReader(io.RawIOBase):
+    """A file in object storage read front to back through fsspec (ranged reads); a read that
+    fails is retried (``retried``) on the file reopened at the byte it had reached."""
+
+    def __init__(self, url: str):
+        super().__init__()
+        self.url, self.position, self.file = url, 0, None
+        self.file = retried(self._open, url, "open")
+
+    def _open(self):
         import fsspec
 
-        return fsspec.open(url, "rb").open()
+        file = fsspec.open(self.url, "rb").open()
+        if self.position:
+            file.seek(self.position)
+        return file
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        def attempt() -> int:
+            if self.file is None:
+                self.file = self._open()
+            try:
+                return self.file.readinto(buffer)
+            except Exception:
+                self._drop()
+                raise
+
+        n = retried(attempt, self.url, f"read at byte {self.position}")
+        self.position += n
+        return n
+
+    def _drop(self) -> None:
+        file, self.file = self.file, None
+        if file is not None:
+            try:
+                file.close()
+            except Exception:  # noqa: BLE001 - a connection that broke may fail to close too; it is dropped
+                pass
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+
+def open_read(url: str) -> BinaryIO:
+    """A shard (or any file) opened for reading: URLs through fsspec, streamed with ranged reads and
+    retried through outages; paths and ``pipe:`` commands through webdataset's gopen."""
+    if is_uri(url):
+        return io.BufferedReader(RetryingReader(url), buffer_size=1 << 20)
     import webdataset as wds
 
     return wds.gopen(url)

@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from pogdiff.config import DensityConfig
@@ -128,3 +129,22 @@ def test_scoring_map_as_ray_tasks_equals_in_process(tmp_path):
     expected = psi_table(whole, d.log_psi_inv_from_nll(torch.from_numpy(results[False][0])), 1.0, 2.0)
     np.testing.assert_array_equal(results[True][1], expected.numpy())
     assert (results[True][1][:, 0] > 0).any() and (results[True][1] == 0).any()
+
+
+@pytest.mark.slow
+def test_a_scoring_task_killed_from_outside_is_retried_and_changes_nothing(tmp_path):
+    """SIGKILL, from outside, to the Ray worker process running an NLL range: Ray retries the task
+    (a system failure) and the scores equal this process's."""
+    from faults import always, killing
+
+    n, dim, rows_per_task = 8 * SCORE_BLOCK_ROWS + 5, 384, 2 * SCORE_BLOCK_ROWS
+    column = _memmap(tmp_path / "pooled.npy", np.random.default_rng(3).normal(0, 1, (n, dim)).astype(np.float32))
+    cfg = DensityConfig(epochs=1, latent_dim=8, hidden_dim=256, elbo_samples=16, distributed_min_rows=1)
+    d = fit_text_density(column[:SCORE_BLOCK_ROWS], cfg)
+    with rows_output(tmp_path / "here.npy", (n,), np.float32) as out:
+        map_row_ranges(nll_rows, n, out, (d, column), device="cpu", rows_per_task=rows_per_task)
+    with killing({"ray::nll_rows": always}) as killed:
+        with rows_output(tmp_path / "ray.npy", (n,), np.float32) as out:
+            map_row_ranges(nll_rows, n, out, (d, column), distributed=True, device="cpu", rows_per_task=rows_per_task)
+    assert killed, "no scoring task was killed (did every range finish first?)"
+    np.testing.assert_array_equal(np.load(tmp_path / "ray.npy"), np.load(tmp_path / "here.npy"))

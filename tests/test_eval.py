@@ -333,11 +333,9 @@ def test_ray_actors_killed_mid_stage_change_nothing(run, tmp_path):
     feature actor as soon as it starts: each is restarted, its call retried, and the samples and
     features equal this process's."""
     import dataclasses
-    import signal
-    import threading
 
-    import psutil
     import ray
+    from faults import always, killing
 
     from pogdiff.data.dataset import resolve_dataset
     from pogdiff.dist.cluster import connect
@@ -349,43 +347,23 @@ def test_ray_actors_killed_mid_stage_change_nothing(run, tmp_path):
     on_ray = dataclasses.replace(run, output_dir=str(tmp_path), sample=dataclasses.replace(run.sample, ray_workers=1),
                                  eval=dataclasses.replace(run.eval, batch_size=5))
     _eval_scale().export_tiny_pipeline(on_ray)
-    killed: dict[str, int] = {}
-    stop = threading.Event()
-
-    def killer() -> None:
-        folder = samples_dir(on_ray)
-        while not stop.is_set() and len(killed) < 2:
-            for p in psutil.process_iter(["pid", "cmdline"]):
-                line = " ".join(p.info["cmdline"] or [])
-                for actor in ("ray::SampleWorker", "ray::FeatureWorker"):
-                    ready = actor == "ray::FeatureWorker" or any(folder.glob("*.tar"))
-                    if actor in line and actor not in killed and ready:
-                        try:
-                            p.send_signal(signal.SIGKILL)
-                            killed[actor] = p.pid
-                        except psutil.NoSuchProcess:
-                            pass
-            stop.wait(0.02)
-
+    folder = samples_dir(on_ray)
     started = connect(num_cpus=2)
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
     try:
-        samples = sample_run(on_ray, progress=False)
-        assert all(np.array_equal(samples[i], here[i]) for i in here)
-        ds = resolve_dataset(run, progress=False)
-        encoder = eval_encoder(run, ds, progress=False)
-        items = [(i, png) for i, _, png in samples.records()]
-        with feature_extractor(on_ray, ds, encoder) as embed:
-            batches = list(embed(items))
+        with killing({"ray::SampleWorker": lambda: any(folder.glob("*.tar")), "ray::FeatureWorker": always}) as killed:
+            samples = sample_run(on_ray, progress=False)
+            assert all(np.array_equal(samples[i], here[i]) for i in here)
+            ds = resolve_dataset(run, progress=False)
+            encoder = eval_encoder(run, ds, progress=False)
+            items = [(i, png) for i, _, png in samples.records()]
+            with feature_extractor(on_ray, ds, encoder) as embed:
+                batches = list(embed(items))
         with feature_extractor(dataclasses.replace(run, eval=on_ray.eval), ds, encoder) as embed:
             reference = list(embed(items))
         assert set(killed) == {"ray::SampleWorker", "ray::FeatureWorker"}, f"not every actor was killed: {killed}"
         assert [ids for ids, _ in batches] == [ids for ids, _ in reference]
         assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(batches, reference))
     finally:
-        stop.set()
-        thread.join()
         if started:
             ray.shutdown()
 

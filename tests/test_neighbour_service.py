@@ -343,3 +343,22 @@ def test_service_online_add_restart_and_bad_queries(tmp_path, ray_local):
         svc.shutdown()
     with pytest.raises(ValueError, match="no neighbour service 'nb-test'"):
         NeighbourService.connect("nb-test", "pogdiff")
+
+
+@pytest.mark.slow
+def test_shard_actors_killed_from_outside_mid_build_and_mid_search_change_nothing(tmp_path, ray_local):
+    """SIGKILL, from outside, to a shard actor's process while it fills its index and to another
+    while it answers the graph's queries: Ray restarts each (it reloads its saved index) and retries
+    the call; the graph equals an uninterrupted build's."""
+    from faults import always, killing
+
+    x, labels = clustered_embeddings(120_000, 64, seed=8)
+    here, _ = build_knn_graph(ArraySource(x, labels), 5, actor_cfg("nb-straight", shards=2, type=IndexType.ivf),
+                              root=tmp_path / "straight", progress=False)
+    with killing({"ray::ShardIndex.build": always, "ray::ShardIndex.search_rows": always}) as killed:
+        there, stats = build_knn_graph(ArraySource(x, labels), 5, actor_cfg("nb-kill", shards=2, type=IndexType.ivf),
+                                       root=tmp_path / "ray", progress=False)
+    assert stats["actors"] and stats["shards"] == 2 and not stats["reused"]
+    assert set(killed) == {"ray::ShardIndex.build", "ray::ShardIndex.search_rows"}, killed
+    for name in ("ids", "sims", "different_identity"):
+        torch.testing.assert_close(getattr(there, name), getattr(here, name))

@@ -73,14 +73,15 @@ HOLDER = """
 import sys, time
 from pathlib import Path
 from pogdiff.runs import run_lease
-with run_lease(Path(sys.argv[1]), float(sys.argv[2]), "holder"):
+with run_lease(Path(sys.argv[1]), float(sys.argv[2]), "holder", *sys.argv[3:]):
     print("held", flush=True)
     time.sleep(600)
 """
 
 
-def hold(folder: Path, timeout: float) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), str(timeout)], stdout=subprocess.PIPE, text=True)
+def hold(folder: Path, timeout: float, *name: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), str(timeout), *name], stdout=subprocess.PIPE,
+                            text=True)
     assert proc.stdout.readline().strip() == "held", proc.poll()
     return proc
 
@@ -125,6 +126,26 @@ def test_one_writer_per_run_a_second_exits_2_naming_the_holder_and_a_dead_holder
     assert "not renewed for" in caplog.text
 
 
+def test_one_prepare_per_dataset_directory(tmp_path):
+    """A second prepare of one dataset directory used to delete the first one's unfinished shard parts."""
+    import signal
+
+    args = [str(ROOT / "configs/demo.yaml"), "data.profile=custom", "data.majority_ids=2", "data.minority_ids=2",
+            "data.majority_images=4", "data.heldout_images=0", "model.name=tiny", "model.tiny_vae_steps=0",
+            "prepare.backend=serial", "output_dir=runs", "prepare.output=shared"]
+    holder = hold(tmp_path / "shared", 300, ".lease.json")
+    try:
+        second = pogdiff(tmp_path, "prepare", *args)
+        one_line_exit(second, 2, f"process {holder.pid}", str(tmp_path / "shared"), "another prepare.output")
+        assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == [".lease.json"]  # nothing written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    done = pogdiff(tmp_path, "prepare", *args)  # the dead holder's lease is taken over
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "shared" / "dataset.json").is_file() and not (tmp_path / "shared" / ".lease.json").exists()
+
+
 def test_a_held_lease_is_renewed(tmp_path):
     import json
     import time
@@ -140,11 +161,13 @@ def test_a_held_lease_is_renewed(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_ray_worker_killed_during_prepare_changes_nothing_in_the_dataset(tmp_path):
-    """SIGKILL to the encoder actor's process, from outside, once its first shard is written: Ray
-    Data restarts the actor and retries its task, and the dataset is byte-identical to an
-    uninterrupted prepare's: same shards, same checksums, same counts."""
+def test_a_killed_prepare_driver_reruns_from_its_finished_shards_and_a_killed_worker_changes_nothing(tmp_path):
+    """SIGKILL, from outside, to the `pogdiff prepare` driver once three shards are written; the
+    rerun does only the shards not finished, and there SIGKILL to the encoder actor's process once
+    a new shard is written: Ray Data restarts the actor and retries its task. The dataset is
+    byte-identical to an uninterrupted prepare's: same shards, same checksums, same counts."""
     import json
+    import re
     import signal
     import time
 
@@ -153,13 +176,31 @@ def test_a_ray_worker_killed_during_prepare_changes_nothing_in_the_dataset(tmp_p
     common = [str(ROOT / "configs/demo.yaml"), "data.profile=custom", "data.majority_ids=2", "data.majority_images=10",
               "data.minority_ids=4", "data.minority_images=2", "data.heldout_images=0", "model.name=tiny",
               "model.tiny_vae_steps=0", "prepare.samples_per_shard=2", "output_dir=runs"]
-    proc = subprocess.Popen([POGDIFF, "prepare", *common, "prepare.output=killed", "prepare.backend=ray",
-                             "prepare.workers=1"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"})
+    shards = tmp_path / "killed" / "shards"
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([POGDIFF, "prepare", *common, "prepare.output=killed", "prepare.backend=ray",
+                                 "prepare.workers=1"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env={**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"})
+
+    driver = start()
+    deadline = time.monotonic() + 240
+    while len(list(shards.glob("shard-*.json"))) < 3 and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    finished = len(list(shards.glob("shard-*.json")))
+    cluster = psutil.Process(driver.pid).children(recursive=True)
+    driver.send_signal(signal.SIGKILL)
+    driver.communicate(timeout=60)
+    assert driver.returncode == -signal.SIGKILL and 3 <= finished < 14, f"{finished} of 14 shards before the kill"
+    psutil.wait_procs(cluster, timeout=60)  # the embedded cluster goes with its driver (pogdiff.dist.reaper)
+    assert not [p for p in cluster if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    before = set(shards.glob("shard-*.json"))
+    proc = start()
     killed = None
     deadline = time.monotonic() + 240
     while killed is None and proc.poll() is None and time.monotonic() < deadline:
-        if any((tmp_path / "killed" / "shards").glob("*.tar")):
+        if set(shards.glob("shard-*.json")) - before:
             for p in psutil.Process(proc.pid).children(recursive=True):
                 try:
                     if "MapWorker" in " ".join(p.cmdline()):
@@ -173,6 +214,8 @@ def test_a_ray_worker_killed_during_prepare_changes_nothing_in_the_dataset(tmp_p
     assert killed is not None, f"no encoder actor was killed (prepare ended first?): {err[-2000:]}"
     assert proc.returncode == 0, err[-3000:]
     assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
+    todo = re.findall(r"28 records in 14 shard tasks, (\d+) to do", (tmp_path / "runs" / "demo" / "pogdiff.log").read_text())
+    assert len(todo) >= 2 and int(todo[-1]) <= 14 - len(before), todo  # the rerun did not redo finished shards
 
     # one torch thread, as in a Ray actor: the encoders' float sums then round alike to the last bit
     straight = pogdiff(tmp_path, "prepare", *common, "prepare.output=straight", "prepare.backend=serial", OMP_NUM_THREADS="1")

@@ -15,6 +15,7 @@ summary, or raise PrepareError under ``prepare.strict``.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -38,7 +39,7 @@ from pogdiff.config import Config, ModelConfig, PrepareConfig
 from pogdiff.data.encode import encode_batch, encode_latents, images_to_tensor, load_image_encoder
 from pogdiff.models.components import Components, load_components
 from pogdiff.data.shards import FORMAT, Sample, damaged_parts, read_task_record, write_index, write_task
-from pogdiff.runs import atomic_path, atomic_write, derive_seed, is_uri
+from pogdiff.runs import atomic_path, atomic_write, derive_seed, is_uri, run_lease
 from pogdiff.storage import read_json, upload_dataset
 from pogdiff.data.synthetic import Record, identity_name, iter_records, profile_counts
 from pogdiff.models.components import resolve_device
@@ -997,14 +998,29 @@ def prepare(cfg: Config, progress: bool = True, stages: Stages = Stages()) -> di
     """Plan, run the unfinished shard tasks (training split, then the held-out split), write the
     indexes. Returns dataset.json's content. Rows in = samples + skipped records (+ held out).
     Into object storage: a dataset.json there means complete (written last by the upload)."""
-    pc, d = cfg.prepare, cfg.data
     if is_uri(location := output_location(cfg)) and (done := read_json(f"{location}/dataset.json")) is not None:
         if done.get("source_fingerprint") != source_fingerprint(cfg):
             raise PrepareError(f"'{location}' holds another prepared dataset (other source, model or prepare "
                                "settings); use another prepare.output or delete it")
         return done
     out = output_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    # one writer per dataset directory: a second prepare would remove the first one's unfinished parts
+    with contextlib.ExitStack() as leases:
+        for folder in [location, out] if is_uri(location) else [out]:
+            leases.enter_context(run_lease(folder, cfg.train.lease_timeout, "pogdiff prepare", name=".lease.json",
+                                           instead="use another prepare.output"))
+        dataset = prepare_into(out, cfg, progress, stages)
+        if is_uri(location):
+            upload_dataset(out, location)
+    if is_uri(location):
+        shutil.rmtree(out)  # the bucket holds the dataset now
+        log.info("uploaded to %s", location)
+    return dataset
+
+
+def prepare_into(out: Path, cfg: Config, progress: bool, stages: Stages) -> dict:
+    """``prepare`` into the local folder ``out`` (its caller holds the folder's lease)."""
+    pc, d = cfg.prepare, cfg.data
     plan = make_plan(cfg)
     log_skipped(plan.skipped)
     fingerprint = plan.fingerprint(cfg)
@@ -1076,8 +1092,4 @@ def prepare(cfg: Config, progress: bool = True, stages: Stages = Stages()) -> di
         plot_label_distribution(counts, out / "label_distribution.png", f"{Path(d.source).name}: {samples} images")
     log.info("prepared %d samples (+%d held out) in %d shards under %s; skipped %d records %s", dataset["num_samples"],
              heldout_samples, len(dataset["shards"]), out, len(skipped), summary["skipped"] or "")
-    if is_uri(location):
-        upload_dataset(out, location)
-        shutil.rmtree(out)  # the bucket holds the dataset now
-        log.info("uploaded to %s", location)
     return dataset

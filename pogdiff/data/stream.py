@@ -68,7 +68,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pogdiff.data.shards import FORMAT, LATENT, LATENT_FLIP, META, TOKENS, UnsupportedTar, npy_load, read_tar, verify_sample
 from pogdiff.runs import derive_seed
-from pogdiff.storage import open_read, shard_root
+from pogdiff.storage import StorageUnavailable, open_read, shard_root
 
 log = logging.getLogger("pogdiff.stream")
 
@@ -142,6 +142,8 @@ def tar_samples(urls: Iterator[str], handler: SkipAndLog, expected: Optional[dic
                     yield member
                 if len(seen) < expected.get(url, 0):  # tarfile ends quietly at a truncated or corrupt header
                     raise tarfile.ReadError(f"{url}: ended after {len(seen)} of {expected[url]} samples")
+            except StorageUnavailable:  # the storage, not the shard: retried already, and no sample is lost to it
+                raise
             except Exception as exn:  # missing, unreadable, truncated or corrupt shard
                 # the samples never started are lost here; a partly read one is counted when it fails to decode
                 if not handler(exn, max(0, expected[url] - len(seen)) if url in expected else 1):

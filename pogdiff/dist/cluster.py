@@ -121,6 +121,34 @@ def run_storage(cfg: Config) -> Optional[Path]:
     return None if is_uri(path) else Path(path) / ray_run_name(cfg)
 
 
+def _run_checkpoint_folder(cfg: Config):
+    """(fsspec filesystem, the run's checkpoint folder in it), for a local path and a URI alike."""
+    import fsspec
+
+    from pogdiff.storage import filesystem
+
+    folder = f"{storage_path(cfg)}/{ray_run_name(cfg)}"
+    return filesystem(folder) if is_uri(folder) else (fsspec.filesystem("file"), folder)
+
+
+def run_checkpoints(cfg: Config) -> list[str]:
+    """The run's ``step_*`` checkpoints on its storage (local or a URI), oldest first."""
+    fs, folder = _run_checkpoint_folder(cfg)
+    return sorted(fs.glob(f"{folder}/step_*")) if fs.exists(folder) else []
+
+
+def remove_checkpoints(cfg: Config, keep: int = 0) -> None:
+    """Delete all but the newest ``keep`` checkpoints of the run; with ``keep`` 0 the run's whole
+    storage folder (Ray's run state too), so that Ray starts the run afresh."""
+    fs, folder = _run_checkpoint_folder(cfg)
+    doomed = (run_checkpoints(cfg)[:-keep] if keep else [folder]) if fs.exists(folder) else []
+    for path in doomed:
+        try:
+            fs.rm(path, recursive=True)
+        except FileNotFoundError:  # gone already (Ray deletes the checkpoints it registered)
+            pass
+
+
 _rendezvous_store = None  # rank 0's loopback TCPStore server, alive as long as its worker
 
 

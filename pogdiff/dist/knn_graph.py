@@ -98,13 +98,15 @@ def ensure_index(svc: NeighbourService, src, source, spec, seed: int, progress: 
     if reused:
         svc.get(svc.call("set_nprobe", spec.nprobe))
         return dict(reused=True, train_s=0.0, add_s=0.0)
-    trained = svc.get(svc.call("train", src, spec, seed, shards=svc.shards[:1]))[0]
+    # train and build are pure functions of their arguments (build starts from the trained index and
+    # saves it whole), so a shard actor killed during either is restarted and the call retried
+    trained = svc.get(svc.call("train", src, spec, seed, shards=svc.shards[:1], retries=-1))[0]
     t1 = time.perf_counter()
     if svc.remote:
         import ray
 
         trained = ray.put(trained)
-    svc.get([svc.call("build", src, a, b, spec, trained, fp, progress, shards=[shard])[0]
+    svc.get([svc.call("build", src, a, b, spec, trained, fp, progress, shards=[shard], retries=-1)[0]
              for shard, (a, b) in zip(svc.shards, bounds)])
     return dict(reused=False, train_s=round(t1 - t0, 3), add_s=round(time.perf_counter() - t1, 3))
 

@@ -100,22 +100,6 @@ def progress_from_metrics(cfg: Config, metrics_jsonl: Path, enabled: bool):
         bar.close()
 
 
-def prune_checkpoints(cfg: Config) -> None:
-    """Keep the newest ``train.checkpoint_keep`` checkpoints on (local) storage. Ray deletes the
-    ones it registered; one written just before a failure, which Ray never registered but a restart
-    resumed from, it does not know about."""
-    import shutil
-
-    from pogdiff.dist.cluster import run_storage
-
-    folder = run_storage(cfg)
-    if folder is None or not folder.is_dir():
-        return
-    steps = sorted(folder.glob("step_*"))
-    for old in steps[:-cfg.train.checkpoint_keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def run(cfg: Config, progress: bool = True) -> TrainResult:
     """Prepare (once) and train on Ray, export, write history.json; raises
     ray.train.TrainingFailedError on failure. ``cfg``'s paths must be absolute (cli makes them so)."""
@@ -123,25 +107,25 @@ def run(cfg: Config, progress: bool = True) -> TrainResult:
     from ray.train.torch import TorchTrainer
     from safetensors.torch import load_file
 
-    import shutil
-
     from pogdiff.data.dataset import prepare_artifacts, resolve_dataset
-    from pogdiff.dist.cluster import run_storage, torch_config
+    from pogdiff.dist.cluster import remove_checkpoints, run_checkpoints, torch_config
     from pogdiff.dist.worker import train_worker
     from pogdiff.models.export import export_pipeline
-    from pogdiff.runs import check_resume, run_lease
+    from pogdiff.runs import check_resume, is_uri, run_lease
     from pogdiff.train.loop import resolve_schedule
     from pogdiff.train.metrics import read_history, write_history
 
-    with run_lease(RunFiles(cfg).method, cfg.train.lease_timeout, "pogdiff train-dist"):
+    with contextlib.ExitStack() as leases:
+        leases.enter_context(run_lease(RunFiles(cfg).method, cfg.train.lease_timeout, "pogdiff train-dist"))
+        if is_uri(storage_path(cfg)):  # a run of this name elsewhere, with another output_dir, shares its checkpoints
+            leases.enter_context(run_lease(storage_path(cfg), cfg.train.lease_timeout, "pogdiff train-dist",
+                                           name=f"{ray_run_name(cfg)}.lease.json"))
         preflight(cfg)
         connect_for(cfg)
         check_cluster(cfg)  # before any preparing: a job that cannot fit is refused first
         files = RunFiles(cfg)
-        storage = run_storage(cfg)
-        if not check_resume(cfg, sorted(storage.glob("step_*")) if storage is not None and storage.is_dir() else []) \
-                and storage is not None:
-            shutil.rmtree(storage, ignore_errors=True)  # train.resume=never (or nothing to resume): a fresh Ray run
+        if not check_resume(cfg, run_checkpoints(cfg)):
+            remove_checkpoints(cfg)  # train.resume=never (or nothing to resume): a fresh Ray run
         ds = resolve_dataset(cfg, progress)
         psi_stats = prepare_artifacts(cfg, ds, progress)
         cfg = resolve_schedule(cfg, len(ds), cfg.dist.num_workers)
@@ -170,7 +154,9 @@ def run(cfg: Config, progress: bool = True) -> TrainResult:
             ckpt = Path(ckpt)
             weights = load_file(str(ckpt / ("ema.safetensors" if cfg.train.ema else "unet.safetensors")))
             steps = json.loads((ckpt / "trainer.json").read_text())["step"]
-        prune_checkpoints(cfg)
+        # Ray deletes the checkpoints it registered; one written just before a failure, which Ray
+        # never registered but a restart resumed from, it does not know about
+        remove_checkpoints(cfg, keep=cfg.train.checkpoint_keep)
         export_pipeline(ds.model_dir, weights, files.method, cfg.train.prediction_type)
         history = read_history(files.method / "metrics.jsonl")
         out = TrainResult(steps=steps, losses=[h["loss"] for h in history], history=history, seconds=seconds)
@@ -232,6 +218,7 @@ def train_dist(cfg: Config) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The `ray job submit` entrypoint: ``pogdiff train-dist CONFIG [overrides]``."""
     from pogdiff.runs import load_run_config
+    from pogdiff.storage import check_storage
 
     args = sys.argv[1:] if argv is None else argv
     if not args:
@@ -240,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = load_run_config(args[0], args[1:])
+        check_storage(cfg)  # as the CLI does: every URI reachable before anything starts
     except ConfigError as e:
         print(f"pogdiff: {e}", file=sys.stderr)
         return 2
