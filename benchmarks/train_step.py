@@ -105,6 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--dataset-size", type=int, default=256, help="samples in the host feature store")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--adapter", choices=("none", "lora"), default="none",
+                   help="lora: the UNet frozen, peft LoRA adapters as train.adapter=lora (rank 4, attention projections)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here (atomically)")
     args = p.parse_args(argv)
     args.device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -176,6 +178,11 @@ def build_models(args):
         unet = parts.unet
         if not args.precomputed:
             encoders = (parts.vae, parts.text_encoder, parts.vae_scale)
+    if getattr(args, "adapter", "none") != "none":
+        from pogdiff.config import TrainConfig
+        from pogdiff.models.adapters import apply_adapter
+
+        apply_adapter(unet, TrainConfig(adapter=args.adapter))
     unet.to(args.device).train()
     latent = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     if encoders is not None:

@@ -190,6 +190,22 @@ class TrainConfig:
     # The run's lease (pogdiff.runs.run_lease): renewed every lease_timeout/10 s; a lease whose
     # renewal is older than this (its holder gone without releasing it) is taken over.
     lease_timeout: float = 300.0
+    # "none": the whole UNet trains. "lora": peft LoRA adapters on train.lora_target_modules train
+    # and the UNet stays frozen; checkpoints hold the adapter and its optimizer state, the export is
+    # diffusers LoRA weights (<run>/<method>/lora/, for pipe.load_lora_weights) on the same base.
+    adapter: str = "none"
+    lora_rank: int = 4
+    lora_alpha: Optional[float] = None  # None: lora_rank (a scale of 1, as diffusers' LoRA scripts)
+    lora_dropout: float = 0.0
+    # diffusers' LoRA scripts' default: the attention projections
+    lora_target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    lora_use_dora: bool = False  # DoRA (peft's use_dora)
+
+
+@dataclass
+class ExportConfig:
+    # train.adapter=lora: also write the base pipeline with the adapter fused in (<method>/pipeline)
+    fuse_lora: bool = False
 
 
 @dataclass
@@ -391,6 +407,7 @@ class Config:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def _valid_keys(node: Any, prefix: str = "") -> list[str]:
@@ -509,6 +526,7 @@ RANGES: dict[str, tuple[str, float, float, str]] = {
     "pretrain.steps": ("[", 1, math.inf, ")"), "pretrain.batch_size": ("[", 1, math.inf, ")"),
     "pretrain.lr": ("(", 0, math.inf, ")"), "pretrain.warmup_steps": ("[", 0, math.inf, ")"),
     "pretrain.name_prompt_fraction": ("[", 0, 1, "]"), "pretrain.caption_dropout": ("[", 0, 1, "]"),
+    "train.lora_rank": ("[", 1, math.inf, ")"), "train.lora_dropout": ("[", 0, 1, ")"),
     "pretrain.eval_ids": ("[", 1, math.inf, ")"), "train.max_bad_steps": ("[", 1, math.inf, ")"), "train.lease_timeout": ("(", 0, math.inf, ")"),
     "storage.retry_timeout": ("(", 0, math.inf, ")"), "prepare.batch_size": ("[", 1, math.inf, ")"),
 }
@@ -554,6 +572,12 @@ def _check_values(cfg: Config) -> None:
             problems.append(f"train.{key} must be >= 1 (or null), got {getattr(cfg.train, key)}")
     if cfg.data.max_train_samples is not None and cfg.data.max_train_samples < 1:
         problems.append(f"data.max_train_samples must be >= 1 (or null: all), got {cfg.data.max_train_samples}")
+    if cfg.train.adapter not in ("none", "lora"):
+        problems.append(f"train.adapter must be none|lora, got '{cfg.train.adapter}'")
+    if cfg.train.lora_alpha is not None and cfg.train.lora_alpha <= 0:
+        problems.append(f"train.lora_alpha must be > 0 (or null: train.lora_rank), got {cfg.train.lora_alpha}")
+    if cfg.train.adapter == "lora" and not cfg.train.lora_target_modules:
+        problems.append("train.lora_target_modules is empty: name the UNet modules to adapt (e.g. [to_q, to_k, to_v, to_out.0])")
     if cfg.train.resume not in ("auto", "never", "force"):
         problems.append(f"train.resume must be auto|never|force, got '{cfg.train.resume}'")
     if cfg.density.temperature is not None and not math.isfinite(cfg.density.temperature):

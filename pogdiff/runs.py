@@ -136,6 +136,8 @@ def method_tag(cfg: Config) -> str:
     tag = m.name.value
     if m.name == Method.pogdiff:
         tag += f"-{m.grad_mode.value}" + ("" if m.psi_img else "-no_psi_img") + ("" if m.psi_inv else "-no_psi_inv")
+    if cfg.train.adapter != "none":  # beside the full fine-tune of the same method
+        tag += f"-{cfg.train.adapter}"
     return f"{tag}-seed{cfg.train.seed}"
 
 
@@ -147,10 +149,29 @@ class RunFiles:
         self.method = self.root / method_tag(cfg)
         self.unet = self.method / "unet"  # the exported UNet (EMA when train.ema), diffusers format
         self.pipeline = self.method / "pipeline"  # a StableDiffusionPipeline directory around it
+        self.lora = self.method / "lora"  # train.adapter=lora: diffusers LoRA weights, and base.json naming the base
         self.history = self.method / "history.json"
         self.checkpoints = self.method / "checkpoints"
         self.metrics = self.method / "metrics.json"
         self.samples = self.method / "generated"
+
+    def trained_model(self) -> tuple[Path, Optional[Path]]:
+        """What sample and eval load: (the exported pipeline, None), or for a LoRA run that did not
+        fuse (its base model directory, its LoRA directory). FileNotFoundError before any export."""
+        if (self.pipeline / "model_index.json").is_file():
+            return self.pipeline, None
+        base = self.lora / "base.json"
+        if base.is_file():
+            return Path(json.loads(base.read_text())["model_dir"]), self.lora
+        raise FileNotFoundError(f"no trained model at '{self.method}' (neither pipeline/ nor lora/): run `pogdiff train` "
+                                "or `pogdiff train-dist` with this config (method, seed, run_name, output_dir) first")
+
+    def export_marker(self) -> Optional[Path]:
+        """The file whose presence (and mtime) says the run exported its model; None before."""
+        for path in (self.pipeline / "model_index.json", self.lora / "base.json"):
+            if path.is_file():
+                return path
+        return None
 
 
 # What may change between a run and its resumption: how long it trains and how often it logs,

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,7 +30,8 @@ from pogdiff.method.objectives import Batch, Objective, TextConditioner
 from pogdiff.runs import RunFiles, load_run_config
 from pogdiff.train.checkpoint import checkpoint_state, load_state_dict, newest_complete, save_state_dict
 from pogdiff.train.ema import ShardedEMA, flat_shard
-from pogdiff.train.loop import make_loader, stream_batches, train, training_inputs
+from pogdiff.train.assembly import OneMachine
+from pogdiff.train.loop import make_loader, stream_batches, training_inputs
 
 
 BASE = ["run_name=dist", "model.name=tiny", "train.lr_scheduler=constant", "train.lr_warmup_steps=0", "data.profile=custom", "data.majority_ids=2", "data.minority_ids=3", "data.majority_images=12",
@@ -256,13 +258,62 @@ def test_one_machine_resume_is_exact(root, data):
     weights = {}
     for name, stops in (("straight", [6]), ("resumed", [3, 6])):
         for steps in stops:
-            cfg = _cfg(root, *extra, "train.steps=%d" % steps, "train.checkpoint_every=3")
-            out = Path(root) / f"local-{name}"
-            result, weights[name] = train(cfg, data, out, progress=False)
+            cfg = _cfg(root, *extra, "train.steps=%d" % steps, "train.checkpoint_every=3", f"run_name=local-{name}")
+            out = RunFiles(cfg).method
+            result, weights[name] = OneMachine().train(cfg, data, progress=False)
         assert result.steps == 6
         assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000006"]
     for k in weights["straight"]:
         torch.testing.assert_close(weights["resumed"][k], weights["straight"][k], rtol=0, atol=0)
+
+
+def test_a_lora_run_trains_the_adapter_alone_resumes_exactly_and_exports_for_load_lora_weights(root, data):
+    """train.adapter=lora: the checkpoint holds the adapter and its optimizer state only; 2 + 2 steps
+    through a checkpoint == 4 straight; the export loads into the base with load_lora_weights (and
+    sample's loader), changes the base's images, and fuse_lora writes the same model as a pipeline."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from pogdiff.eval.sampling import load_pipeline
+    from pogdiff.models.adapters import LORA_WEIGHTS
+    from pogdiff.models.export import export_model, make_pipeline
+    from pogdiff.train.checkpoint import load_unet_weights
+
+    extra = ["method.name=pogdiff", "train.adapter=lora", "train.lora_rank=4", "train.lr=1e-2", "train.grad_accum=2",
+             "train.report_to=none"]
+    weights = {}
+    for name, stops in (("straight", [4]), ("resumed", [2, 4])):
+        for steps in stops:
+            cfg = _cfg(root, *extra, "train.steps=%d" % steps, "train.checkpoint_every=2", f"run_name=lora-{name}")
+            result, weights[name] = OneMachine().train(cfg, data, progress=False)
+        assert result.steps == 4
+    assert weights["straight"] and all(".lora_A." in k or ".lora_B." in k for k in weights["straight"])
+    for k in weights["straight"]:
+        torch.testing.assert_close(weights["resumed"][k], weights["straight"][k], rtol=0, atol=0)
+    files = RunFiles(cfg)
+    ckpt = files.checkpoints / "step_00000004"
+    assert load_unet_weights(ckpt).keys() == weights["straight"].keys()
+    assert len(load_state_dict(ckpt / "optimizer_rank0.safetensors")["state"]) == len(weights["straight"])
+
+    def images(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(["An image of someone."], num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+
+    export_model(cfg.train, data.model_dir, weights["resumed"], files.method)
+    assert (files.lora / LORA_WEIGHTS).is_file() and not files.pipeline.exists()
+    base_pipe = make_pipeline(data.model_dir, UNet2DConditionModel.from_pretrained(Path(data.model_dir) / "unet"))
+    before = images(base_pipe)
+    base_pipe.load_lora_weights(files.lora)
+    adapted = images(base_pipe)
+    assert np.abs(adapted - before).max() > 1e-3
+    model, lora = files.trained_model()
+    assert (model, lora) == (Path(data.model_dir).resolve(), files.lora)
+    np.testing.assert_allclose(images(load_pipeline(model, torch.device("cpu"), lora)), adapted, atol=1e-5)
+    export_model(cfg.train, data.model_dir, weights["resumed"], files.method, fuse_lora=True)
+    assert files.trained_model() == (files.pipeline, None)
+    fused = StableDiffusionPipeline.from_pretrained(files.pipeline, safety_checker=None, feature_extractor=None,
+                                                    requires_safety_checker=False)
+    np.testing.assert_allclose(images(fused), adapted, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ on Ray
@@ -455,3 +506,32 @@ def test_bad_deepspeed_json_exits_2(root, capsys):
 
     assert main(["train-dist", "configs/demo.yaml", f"output_dir={root}", "dist.deepspeed_json=/nonexistent.json"]) == 2
     assert "dist.deepspeed_json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_lora_run_under_zero3_trains_the_adapter_alone_and_a_rerun_continues(root, data, cluster):
+    """train.adapter=lora on 2 ZeRO-3 workers: only the adapter reaches the optimizer and the
+    checkpoints, the ranks agree, a rerun with more steps continues from the checkpoint, and the
+    export is diffusers LoRA weights on the dataset's base model."""
+    from pogdiff.models.adapters import LORA_WEIGHTS
+    from pogdiff.train.checkpoint import load_unet_weights
+
+    lora = ["dist.zero_stage=3", "method.name=pogdiff", "method.grad_mode=stop", "train.adapter=lora",
+            "train.lr=1e-2", "train.checkpoint_every=3", "run_name=dist-lora"]
+    first = run(_cfg(root, *lora, "train.steps=3"), progress=False)
+    assert first.steps == 3
+    cfg = _cfg(root, *lora, "train.steps=6")
+    result = run(cfg, progress=False)
+    ranks = _ranks(cfg)
+    assert result.steps == 6 and [r["start_step"] for r in ranks] == [3, 3]
+    assert ranks[0]["module_sha256"] == ranks[1]["module_sha256"]
+    final = _final_checkpoint(cfg)
+    weights = load_unet_weights(final)
+    assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
+    assert max(w.abs().max().item() for k, w in weights.items() if ".lora_B." in k) > 0  # B starts at zero
+    for r in range(2):
+        state = load_state_dict(final / f"optimizer_rank{r}.safetensors")
+        shard = sum(s["exp_avg"].numel() for s in state["state"].values())
+        assert 0 < shard < sum(w.numel() for w in weights.values())  # ZeRO-3: a part of the adapter, not the UNet
+    files = RunFiles(cfg)
+    assert (files.lora / LORA_WEIGHTS).is_file() and files.trained_model() == (Path(data.model_dir).resolve(), files.lora)

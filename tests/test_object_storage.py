@@ -400,7 +400,7 @@ def test_training_rides_out_an_outage_and_stops_in_one_line_when_it_lasts(s3, pr
     assert resumed.returncode == 0, err[-3000:]
     log = (tmp_path / "runs" / "lasting" / "pogdiff.log").read_text()
     assert "Traceback" in log  # the first attempt's, kept in the run's log
-    resumed_at = re.search(r"resumed from .* \(step (\d+)\)", log)
+    resumed_at = re.search(r"resumed from .* at step (\d+)", log)
     assert resumed_at and int(resumed_at.group(1)) >= 4, log[-2000:]  # from the checkpoint before the outage
 
 

@@ -79,12 +79,13 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log_t
 
 
 @contextlib.contextmanager
-def session(address: Optional[str] = None, num_cpus: Optional[int] = None):
-    """A Ray session for the block: ``connect`` (an embedded cluster gets at least ``num_cpus``
-    logical CPUs, and at least this machine's), and shut down what it started."""
+def session(address: Optional[str] = None, num_cpus: Optional[int] = None, log_to_driver: bool = True):
+    """The one way into Ray: the block runs on ``address`` / $RAY_ADDRESS, else on an embedded
+    cluster of at least this machine's CPUs (``num_cpus`` when more), which is shut down after it.
+    Inside another session it just runs (the outer one owns the cluster)."""
     import ray
 
-    started = connect(address, num_cpus=max(machine_cpus(), num_cpus or 0))
+    started = connect(address, num_cpus=max(machine_cpus(), num_cpus or 0), log_to_driver=log_to_driver)
     try:
         yield
     finally:
@@ -92,16 +93,15 @@ def session(address: Optional[str] = None, num_cpus: Optional[int] = None):
             ray.shutdown()
 
 
+def job_session(cfg: Config):
+    """``session`` for a training job: an embedded cluster has this machine's CPUs, or as many as
+    the workers ask for with ``dist.allow_oversubscribe``."""
+    needed = cfg.dist.num_workers * cfg.dist.cpus_per_worker
+    return session(cfg.dist.ray_address, num_cpus=needed if cfg.dist.allow_oversubscribe else None)
+
+
 def machine_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def connect_for(cfg: Config) -> bool:
-    """``connect`` with the job's address; an embedded cluster has this machine's CPUs, or as many
-    as the workers ask for with ``dist.allow_oversubscribe``."""
-    needed = cfg.dist.num_workers * cfg.dist.cpus_per_worker
-    cpus = machine_cpus()
-    return connect(cfg.dist.ray_address, num_cpus=max(cpus, needed) if cfg.dist.allow_oversubscribe else cpus)
 
 
 def ray_run_name(cfg: Config) -> str:

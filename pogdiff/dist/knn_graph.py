@@ -178,14 +178,16 @@ def build_knn_graph(source, k: int, icfg: IndexConfig, root: Optional[str | Path
     remote = icfg.shards > 1 or n >= icfg.actor_min_n
     if remote and root is None:
         raise ValueError("a kNN graph over Ray actors needs a root folder for the shards' indexes")
-    started, svc = False, None
-    try:
+    svc = None
+    with contextlib.ExitStack() as stack:
         if remote:
             import ray
 
-            from pogdiff.dist.cluster import connect
+            from pogdiff.dist.cluster import session
 
-            started = connect()
+            stack.enter_context(session())
+        stack.callback(lambda: svc is not None and svc.shutdown())  # before the session ends
+        if remote:
             nodes = cluster_nodes()
             plan = plan_shards(nodes, n, source.dim, icfg)
             svc = NeighbourService.start(root, icfg, plan)
@@ -205,11 +207,6 @@ def build_knn_graph(source, k: int, icfg: IndexConfig, root: Optional[str | Path
         with table_columns(None if out is None else Path(out), n, k) as columns:
             search_graph(svc, src, source, k, icfg.batch_size, columns, progress)
         t2, c2 = time.perf_counter(), time.process_time()
-    finally:
-        if svc is not None:
-            svc.shutdown()
-        if started:
-            ray.shutdown()
     table = load_table(Path(out)) if out is not None else NeighbourTable(*(torch.from_numpy(columns[name]) for name, _ in COLUMNS))
     stats.update(search_s=round(t2 - t1, 3), queries_per_s=round(n / max(t2 - t1, 1e-9), 1))
     if not remote:  # CPU seconds of this process (all its FAISS threads): what a busy machine does not inflate

@@ -8,8 +8,9 @@ method's artifacts (neighbours, density, psi) beside it, then ``dist.num_workers
 its shards and train, checkpointing every ``train.checkpoint_every`` steps (and at the end) to
 ``<dist.storage_path>/<run_name>-<method tag>/step_XXXXXXXX``, keeping ``train.checkpoint_keep``.
 A failed worker group restarts from the newest complete checkpoint on storage (``dist.max_failures``
-times); running the driver again with the same run name continues from it too. At the end the final UNet (the EMA
-when ``train.ema``) is exported with a StableDiffusionPipeline to ``<run>/<method tag>/{unet,pipeline}``.
+times); running the driver again with the same run name continues from it too. At the end what was
+trained (the EMA when ``train.ema``) is exported (pogdiff.models.export). ``RayJob`` is this job's
+backend of pogdiff.train.assembly, which `pogdiff train` shares.
 
 Ray: ``dist.ray_address``, else ``$RAY_ADDRESS`` (what `ray job submit` sets), else an embedded
 local cluster. Exit status: 0 done, 1 training failed (the message says why), 2 bad config.
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from pogdiff import console
 from pogdiff.config import Config, ConfigError
-from pogdiff.dist.cluster import connect_for, ray_run_name, storage_path
+from pogdiff.dist.cluster import ray_run_name, storage_path
 from pogdiff.runs import RunFiles
 from pogdiff.train.loop import TrainResult
 
@@ -100,36 +101,48 @@ def progress_from_metrics(cfg: Config, metrics_jsonl: Path, enabled: bool):
         bar.close()
 
 
-def run(cfg: Config, progress: bool = True) -> TrainResult:
-    """Prepare (once) and train on Ray, export, write history.json; raises
-    ray.train.TrainingFailedError on failure. ``cfg``'s paths must be absolute (cli makes them so)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from safetensors.torch import load_file
+class RayJob:
+    """pogdiff.train.assembly's backend for the cluster: a Ray Train TorchTrainer of
+    ``dist.num_workers`` DeepSpeed workers, checkpoints on ``dist.storage_path``."""
 
-    from pogdiff.data.dataset import prepare_artifacts, resolve_dataset
-    from pogdiff.dist.cluster import remove_checkpoints, run_checkpoints, torch_config
-    from pogdiff.dist.worker import train_worker
-    from pogdiff.models.export import export_pipeline
-    from pogdiff.runs import check_resume, is_uri, run_lease
-    from pogdiff.train.loop import resolve_schedule
-    from pogdiff.train.metrics import read_history, write_history
+    verb = "pogdiff train-dist"
 
-    with contextlib.ExitStack() as leases:
-        leases.enter_context(run_lease(RunFiles(cfg).method, cfg.train.lease_timeout, "pogdiff train-dist"))
+    def hold(self, cfg: Config, stack: contextlib.ExitStack) -> None:
+        from pogdiff.dist.cluster import job_session
+        from pogdiff.runs import is_uri, run_lease
+
+        stack.enter_context(run_lease(RunFiles(cfg).method, cfg.train.lease_timeout, self.verb))
         if is_uri(storage_path(cfg)):  # a run of this name elsewhere, with another output_dir, shares its checkpoints
-            leases.enter_context(run_lease(storage_path(cfg), cfg.train.lease_timeout, "pogdiff train-dist",
-                                           name=f"{ray_run_name(cfg)}.lease.json"))
+            stack.enter_context(run_lease(storage_path(cfg), cfg.train.lease_timeout, self.verb,
+                                          name=f"{ray_run_name(cfg)}.lease.json"))
         preflight(cfg)
-        connect_for(cfg)
+        stack.enter_context(job_session(cfg))
         check_cluster(cfg)  # before any preparing: a job that cannot fit is refused first
-        files = RunFiles(cfg)
-        if not check_resume(cfg, run_checkpoints(cfg)):
-            remove_checkpoints(cfg)  # train.resume=never (or nothing to resume): a fresh Ray run
-        ds = resolve_dataset(cfg, progress)
-        psi_stats = prepare_artifacts(cfg, ds, progress)
-        cfg = resolve_schedule(cfg, len(ds), cfg.dist.num_workers)
-        dc = cfg.dist
+
+    def checkpoints(self, cfg: Config) -> list:
+        from pogdiff.dist.cluster import run_checkpoints
+
+        return run_checkpoints(cfg)
+
+    def remove_checkpoints(self, cfg: Config) -> None:
+        from pogdiff.dist.cluster import remove_checkpoints
+
+        remove_checkpoints(cfg)
+
+    def world_size(self, cfg: Config) -> int:
+        return cfg.dist.num_workers
+
+    def train(self, cfg: Config, ds, progress: bool) -> tuple[TrainResult, dict]:
+        """Raises ray.train.TrainingFailedError on failure."""
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+        from safetensors.torch import load_file
+
+        from pogdiff.dist.cluster import remove_checkpoints, torch_config
+        from pogdiff.dist.worker import train_worker
+        from pogdiff.train.metrics import read_history
+
+        dc, files = cfg.dist, RunFiles(cfg)
         env = {"TOKENIZERS_PARALLELISM": "false"} | ({} if dc.use_gpu else {"DS_ACCELERATOR": "cpu"})
         trainer = TorchTrainer(
             train_worker,
@@ -157,13 +170,17 @@ def run(cfg: Config, progress: bool = True) -> TrainResult:
         # Ray deletes the checkpoints it registered; one written just before a failure, which Ray
         # never registered but a restart resumed from, it does not know about
         remove_checkpoints(cfg, keep=cfg.train.checkpoint_keep)
-        export_pipeline(ds.model_dir, weights, files.method, cfg.train.prediction_type)
         history = read_history(files.method / "metrics.jsonl")
-        out = TrainResult(steps=steps, losses=[h["loss"] for h in history], history=history, seconds=seconds)
-        write_history(cfg, psi_stats, seconds)
-        log.info("'%s' done at step %d; checkpoint %s; exported to %s", ray_run_name(cfg), steps, result.checkpoint.path,
-                 files.method)
-        return out
+        log.info("'%s' done at step %d; checkpoint %s", ray_run_name(cfg), steps, result.checkpoint.path)
+        return TrainResult(steps=steps, losses=[h["loss"] for h in history], history=history, seconds=seconds), weights
+
+
+def run(cfg: Config, progress: bool = True) -> TrainResult:
+    """Prepare (once) and train on Ray, export, write history.json; raises
+    ray.train.TrainingFailedError on failure. ``cfg``'s paths must be absolute (cli makes them so)."""
+    from pogdiff.train.assembly import run_training
+
+    return run_training(cfg, RayJob(), progress)
 
 
 def worker_error(e: Exception) -> str:
@@ -180,24 +197,16 @@ def worker_error(e: Exception) -> str:
 
 def train_dist(cfg: Config) -> int:
     """``pogdiff train-dist``: 0 done, 1 training failed or no cluster, 2 bad config (with a message)."""
-    import ray
     from ray.train import TrainingFailedError
 
-    try:
-        preflight(cfg)
-    except ConfigError as e:
-        print(f"pogdiff train-dist: {e}", file=sys.stderr)
-        return 2
-    try:
-        started = connect_for(cfg)
-    except ConnectionError as e:
-        print(f"pogdiff train-dist: cannot reach the Ray cluster (dist.ray_address / $RAY_ADDRESS): {e}", file=sys.stderr)
-        return 1
     try:
         result = run(cfg)
     except ConfigError as e:
         print(f"pogdiff train-dist: {e}", file=sys.stderr)
         return 2
+    except ConnectionError as e:
+        print(f"pogdiff train-dist: cannot reach the Ray cluster (dist.ray_address / $RAY_ADDRESS): {e}", file=sys.stderr)
+        return 1
     except TrainingFailedError as e:
         console.traceback_to_log(f"training '{ray_run_name(cfg)}' failed")
         print(f"pogdiff train-dist: training '{ray_run_name(cfg)}' failed after dist.max_failures="
@@ -205,9 +214,6 @@ def train_dist(cfg: Config) -> int:
               f"rerun with the same run_name continues from the newest complete one (the traceback is in "
               f"{console.log_path() or 'the run log'})", file=sys.stderr)
         return 1
-    finally:
-        if started:
-            ray.shutdown()
     print(json.dumps({"run": ray_run_name(cfg), "steps": result.steps,
                       "first_loss": result.losses[0] if result.losses else None,
                       "last_loss": result.losses[-1] if result.losses else None,

@@ -40,7 +40,7 @@ class DeepSpeedEngine:
         self.config = deepspeed_config(cfg, self.world_size, cfg.dist.use_gpu)
         self.dtype = torch.bfloat16 if self.config["bf16"]["enabled"] else torch.float32
         self.engine, optimizer, _, self.scheduler = deepspeed.initialize(
-            model=unet, optimizer=build_optimizer(cfg.train, unet.parameters()),
+            model=unet, optimizer=build_optimizer(cfg.train, [p for p in unet.parameters() if p.requires_grad]),
             lr_scheduler=partial(build_lr_scheduler, cfg.train), config=self.config, dist_init_required=False,
         )
         self.module = self.engine.module
@@ -170,54 +170,35 @@ def train_worker(loop_config: dict) -> None:
     cfg: Config = loop_config["cfg"]
     if not cfg.dist.use_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed picks its accelerator
+    import resource
+
     import ray.train
     import ray.train.torch
 
     from pogdiff.data.dataset import Dataset
     from pogdiff.runs import RunFiles
-    from pogdiff.train.checkpoint import load_unet_weights, restore_checkpoint, write_checkpoint
-    from pogdiff.train.loop import (check_data_position, configure_backends, configure_unet, data_position, fit,
-                                    make_ema, make_loader, stream_batches, training_inputs)
-    from pogdiff.train.validate import Validator, default_prompts
+    from pogdiff.train.assembly import assemble
+    from pogdiff.train.checkpoint import write_checkpoint
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     files = RunFiles(cfg)
     ds = Dataset.at(loop_config["dataset"])
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)
-    inputs = training_inputs(cfg, ds, device)
-    unet = inputs.unet
     path, stack = resume_checkpoint(cfg)
     with stack:
-        if path is not None:  # every rank loads the same full weights before DeepSpeed partitions them
-            unet.load_state_dict(load_unet_weights(path))
-        configure_unet(unet, cfg.model, device)
-        configure_backends(cfg.train, device)
-        unet.to(device).train()
-        engine = DeepSpeedEngine(unet, cfg, device)
-        ema = make_ema(cfg.train, engine)
-        loader = make_loader(cfg, ds, engine.rank, engine.world_size)
-        start = 0
-        if path is not None:
-            start, saved = restore_checkpoint(path, engine, ema)
-            check_data_position(saved.get("data"), data_position(cfg, loader, start))
-            log.info("rank %d resumed from %s at step %d", engine.rank, path, start)
+        trainer = assemble(cfg, ds, device, lambda unet: DeepSpeedEngine(unet, cfg, device), path, files.method)
+    engine = trainer.engine
 
     def save(step: int) -> None:
         with tempfile.TemporaryDirectory(prefix="pogdiff-ckpt-") as tmp:
-            write_checkpoint(Path(tmp), engine, ema, step, {"zero_stage": cfg.dist.zero_stage,
-                                                           "data": data_position(cfg, loader, step)})
+            write_checkpoint(Path(tmp), engine, trainer.ema, step, {"zero_stage": cfg.dist.zero_stage,
+                                                                   "data": trainer.data_position(step)})
             ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"step_{step:08d}")
 
-    validate = (Validator(cfg, engine, ema, ds.model_dir, files.method, default_prompts(cfg, ds.index))
-                if cfg.train.validate_every else None)
-    batches = stream_batches(loader, start * cfg.train.grad_accum, device, engine.dtype)
-    result = fit(cfg, engine, inputs.objective, batches, start, files.method, inputs.is_minority, ema=ema, save=save,
-                 validate=validate)
-    import resource
-
-    summary = {"rank": engine.rank, "world_size": engine.world_size, "start_step": start, "steps": result.steps,
+    result = trainer.fit(save)
+    summary = {"rank": engine.rank, "world_size": engine.world_size, "start_step": trainer.start, "steps": result.steps,
                "module_sha256": engine.module_digest(), "dataset": str(ds.root),
                "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds": result.seconds}
     out = files.method / "ranks" / f"rank{engine.rank}.json"

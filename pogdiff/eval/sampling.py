@@ -55,20 +55,27 @@ def initial_noise(shape: tuple[int, ...], seed: int, identity: int, indices: ran
                         for i in indices])
 
 
-def load_pipeline(pipeline_dir: str | Path, device: torch.device):
-    """The exported pipeline with a DDIM scheduler on ``device``: fp32 on the CPU, bf16 on a GPU
-    (fp16 on one without bf16)."""
+def load_pipeline(model_dir: str | Path, device: torch.device, lora: str | Path | None = None):
+    """A trained model as a pipeline with a DDIM scheduler on ``device``: an exported pipeline
+    directory, or a base model directory with a LoRA directory loaded into it
+    (``RunFiles.trained_model``); fp32 on the CPU, bf16 on a GPU (fp16 on one without bf16)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    pipeline_dir = Path(pipeline_dir)
-    if not (pipeline_dir / "model_index.json").is_file():
-        raise FileNotFoundError(f"no trained pipeline at '{pipeline_dir}': run `pogdiff train` or `pogdiff train-dist` "
-                                "with this config (method, seed, run_name, output_dir) first")
+    from pogdiff.models.export import lora_pipeline
+
+    model_dir = Path(model_dir)
     dtype = None
     if device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_dir), safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False, torch_dtype=dtype)
+    if lora is not None:
+        pipe = lora_pipeline(model_dir, lora)
+        pipe = pipe.to(dtype=dtype) if dtype is not None else pipe
+    elif not (model_dir / "model_index.json").is_file():
+        raise FileNotFoundError(f"no trained pipeline at '{model_dir}': run `pogdiff train` or `pogdiff train-dist` "
+                                "with this config (method, seed, run_name, output_dir) first")
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, feature_extractor=None,
+                                                       requires_safety_checker=False, torch_dtype=dtype)
     # Latents are scaled to unit variance, so clipping the predicted x0 to [-1, 1] (the DDIM default
     # when a config does not say) would distort them; SD's own scheduler config sets it off too.
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
@@ -141,10 +148,10 @@ def samples_dir(cfg: Config) -> Path:
 def _settings(cfg: Config) -> dict:
     """What the samples depend on: the sample settings and the exported model (re-exported on retraining)."""
     s = cfg.sample
-    index = RunFiles(cfg).pipeline / "model_index.json"
+    marker = RunFiles(cfg).export_marker()
     return dict(steps=s.steps, guidance_scale=s.guidance_scale, images_per_id=s.images_per_id,
                 prompt_template=s.prompt_template, seed=s.seed, few_ids=s.few_ids,
-                model=index.stat().st_mtime_ns if index.is_file() else None)
+                model=marker.stat().st_mtime_ns if marker is not None else None)
 
 
 # --------------------------------------------------------------------------------------- the shards
@@ -281,11 +288,11 @@ def ray_actor_pool(actor_class, workers: int, device: str, *args):
     import ray
     from ray.util import ActorPool
 
-    from pogdiff.dist.cluster import connect
+    from pogdiff.dist.cluster import session
 
-    started = connect(num_cpus=workers, log_to_driver=False)
     actors = []
-    try:
+    with session(num_cpus=workers, log_to_driver=False), contextlib.ExitStack() as cleanup:
+        cleanup.callback(lambda: [ray.kill(actor) for actor in actors])
         gpus = int(ray.cluster_resources().get("GPU", 0))
         gpu = device == "cuda" or (device == "auto" and gpus > 0)
         if gpu and gpus == 0:
@@ -295,21 +302,15 @@ def ray_actor_pool(actor_class, workers: int, device: str, *args):
         remote = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=-1, max_task_retries=-1)(actor_class)
         actors = [remote.remote("cuda" if gpu else "cpu", *args) for _ in range(min(workers, gpus) if gpu else workers)]
         yield ActorPool(actors), len(actors)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-        if started:
-            ray.shutdown()
 
 
 class SampleWorker:
     """A Ray actor holding one pipeline; writes the shards it is handed."""
 
-    def __init__(self, device: str, pipeline_dir: str):
-
+    def __init__(self, device: str, model_dir: str, lora: str | None):
         if device == "cpu":
             torch.set_num_threads(1)  # one CPU per actor
-        self.pipe = load_pipeline(pipeline_dir, torch.device(device))
+        self.pipe = load_pipeline(model_dir, torch.device(device), lora)
 
     def write_shard(self, folder: str, plan: dict, shard: int) -> int:
         return write_shard(self.pipe, Path(folder), plan, shard)
@@ -335,19 +336,21 @@ def sample_run(cfg: Config, progress: bool = True) -> Samples:
                 "shards": -(-len(prompts) * s.images_per_id // size), "complete": False}
         write_json(folder / "samples.json", plan)
     todo = [shard for shard in range(plan["shards"]) if shard_record(folder, shard) is None]
+    model, lora = files.trained_model() if todo else (None, None)
     with tqdm(total=len(prompts) * s.images_per_id, desc="sample", unit="img", disable=not progress or not todo,
               initial=len(prompts) * s.images_per_id - sum(len(shard_jobs(plan, t)) for t in todo)) as bar:
         if todo and s.ray_workers > 0:
             import ray
 
-            with ray_actor_pool(SampleWorker, s.ray_workers, cfg.train.device, str(files.pipeline)) as (pool, _):
+            with ray_actor_pool(SampleWorker, s.ray_workers, cfg.train.device, str(model),
+                                lora and str(lora)) as (pool, _):
                 plan_ref = ray.put(plan)
                 for images in pool.map_unordered(lambda a, t: a.write_shard.remote(str(folder), plan_ref, t), todo):
                     bar.update(images)
         elif todo:
             from pogdiff.models.components import resolve_device
 
-            pipe = load_pipeline(files.pipeline, resolve_device(cfg.train.device))
+            pipe = load_pipeline(model, resolve_device(cfg.train.device), lora)
             for shard in todo:
                 bar.update(write_shard(pipe, folder, plan, shard))
     samples = Samples(folder, plan)

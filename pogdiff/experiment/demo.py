@@ -16,15 +16,14 @@ from pogdiff.runs import RunFiles, write_json
 
 def run_demo(cfg: Config) -> int:
     from pogdiff.data.dataset import build_neighbours, neighbours_dir, prepare_artifacts, resolve_dataset, text_density
-    from pogdiff.dist.cluster import session
+    from pogdiff.dist.cluster import job_session
     from pogdiff.dist.ray_driver import check_cluster, run
     from pogdiff.experiment.experiment import evaluate_runs
 
     t0 = time.perf_counter()
     # one embedded cluster for prepare's pipeline, the FAISS actors and every method's training;
     # this machine's CPUs (more only with dist.allow_oversubscribe), checked before any work
-    needed = cfg.dist.num_workers * cfg.dist.cpus_per_worker
-    with session(cfg.dist.ray_address, num_cpus=needed if cfg.dist.allow_oversubscribe else None):
+    with job_session(cfg):
         check_cluster(cfg)
         ds = resolve_dataset(cfg)
         if not (neighbours_dir(cfg, ds) / "stats.json").is_file():

@@ -23,7 +23,7 @@ def is_trained(cfg: Config) -> bool:
     import json
 
     files = RunFiles(cfg)
-    if not files.history.is_file() or not (files.pipeline / "model_index.json").is_file():
+    if not files.history.is_file() or files.export_marker() is None:
         return False
     history = json.loads(files.history.read_text())["history"]
     return bool(history) and history[-1]["step"] == cfg.train.steps

@@ -363,10 +363,9 @@ def map_row_ranges(fn: Callable[..., np.ndarray], n: int, out: np.ndarray, args:
         return
     import ray
 
-    from pogdiff.dist.cluster import connect
+    from pogdiff.dist.cluster import session
 
-    started = connect(ray_address)
-    try:
+    with session(ray_address):
         gpu = device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
         kwargs = {} if device is None else {"device": "cuda" if gpu else "cpu"}
         task = ray.remote(fn).options(num_cpus=1, num_gpus=1 if gpu else 0)
@@ -386,6 +385,3 @@ def map_row_ranges(fn: Callable[..., np.ndarray], n: int, out: np.ndarray, args:
             if nxt is not None:
                 pending[task.remote(*nxt, *shared, **kwargs)] = nxt
         bar.close()
-    finally:
-        if started:
-            ray.shutdown()

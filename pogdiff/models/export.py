@@ -1,10 +1,14 @@
-"""The trained UNet in diffusers format, a StableDiffusionPipeline around it, and image grids.
+"""The trained model in diffusers format, and image grids.
 
-    export_pipeline(model_dir, weights, out)   # out/unet (UNet2DConditionModel), out/pipeline
+    export_model(cfg, model_dir, weights, out)
+      full fine-tune:     out/unet (UNet2DConditionModel), out/pipeline (StableDiffusionPipeline)
+      train.adapter=lora: out/lora/pytorch_lora_weights.safetensors (+ base.json naming the base);
+                          export.fuse_lora also writes out/pipeline with the adapter fused in
     StableDiffusionPipeline.from_pretrained(out / "pipeline", safety_checker=None,
                                             feature_extractor=None, requires_safety_checker=False)
+    make_pipeline(base, base_unet).load_lora_weights(out / "lora")
 
-``model_dir`` is a diffusers Stable Diffusion directory (the run's ``model/``): the frozen VAE,
+``model_dir`` is a diffusers Stable Diffusion directory (the dataset's ``model/``): the frozen VAE,
 text encoder and tokenizer come from it unchanged, the UNet gets ``weights`` (EMA or raw).
 """
 from __future__ import annotations
@@ -17,15 +21,8 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
 from pogdiff.runs import atomic_path
-from pogdiff.config import ModelConfig
+from pogdiff.config import ModelConfig, TrainConfig
 from pogdiff.models.components import load_components
-
-
-def build_unet(model_dir: str | Path, weights: dict[str, torch.Tensor]) -> UNet2DConditionModel:
-    """The UNet of ``model_dir``'s config with ``weights`` (every parameter must be there)."""
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(Path(model_dir) / "unet"))
-    unet.load_state_dict(weights, strict=True)
-    return unet
 
 
 def make_pipeline(model_dir: str | Path, unet: UNet2DConditionModel,
@@ -46,17 +43,58 @@ def make_pipeline(model_dir: str | Path, unet: UNet2DConditionModel,
 
 def export_pipeline(model_dir: str | Path, weights: dict[str, torch.Tensor], out: str | Path,
                     prediction_type: Optional[str] = None) -> Path:
-    """Write ``out/unet`` and ``out/pipeline`` (each via a temp dir + rename); returns ``out``."""
+    """A full fine-tune's ``out/unet`` and ``out/pipeline`` (each via a temp dir + rename); returns ``out``."""
+    from pogdiff.config import TrainConfig
+
+    return export_model(TrainConfig(prediction_type=prediction_type), model_dir, weights, out)
+
+
+def export_model(tc: TrainConfig, model_dir: str | Path, weights: dict[str, torch.Tensor], out: str | Path,
+                 fuse_lora: bool = False) -> Path:
+    """What ``tc`` trained, exported under ``out`` (see the module's docstring); returns ``out``."""
+    import json
+    import shutil
+
+    from pogdiff.models.adapters import LORA_WEIGHTS, lora_layers, trained_unet
     from pogdiff.train.checkpoint import require_finite
 
-    require_finite(weights, "the UNet to export")
+    require_finite(weights, "the UNet to export" if tc.adapter == "none" else "the LoRA adapter to export")
     out = Path(out)
-    unet = build_unet(model_dir, weights)
     out.mkdir(parents=True, exist_ok=True)
-    for name, save in (("unet", unet.save_pretrained), ("pipeline", make_pipeline(model_dir, unet, prediction_type).save_pretrained)):
-        with atomic_path(out / name) as tmp:
-            save(tmp)
+    unet = trained_unet(model_dir, weights, tc)
+    if tc.adapter == "none":
+        for name, save in (("unet", unet.save_pretrained),
+                           ("pipeline", make_pipeline(model_dir, unet, tc.prediction_type).save_pretrained)):
+            with atomic_path(out / name) as tmp:
+                save(tmp)
+        return out
+    with atomic_path(out / "lora") as tmp:
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora_layers(unet), weight_name=LORA_WEIGHTS,
+                                                  safe_serialization=True)
+        (tmp / "base.json").write_text(json.dumps({
+            "model_dir": str(Path(model_dir).resolve()), "prediction_type": tc.prediction_type,
+            "adapter": tc.adapter, "rank": tc.lora_rank, "alpha": tc.lora_alpha or tc.lora_rank,
+            "target_modules": list(tc.lora_target_modules), "use_dora": tc.lora_use_dora}, indent=1))
+    if fuse_lora:
+        pipe = lora_pipeline(model_dir, out / "lora")
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+        with atomic_path(out / "pipeline") as tmp:
+            pipe.save_pretrained(tmp)
+    else:  # an earlier fused export is not this run's model
+        shutil.rmtree(out / "pipeline", ignore_errors=True)
     return out
+
+
+def lora_pipeline(model_dir: str | Path, lora_dir: str | Path) -> StableDiffusionPipeline:
+    """``model_dir``'s pipeline (its own UNet) with the LoRA weights of ``lora_dir`` loaded."""
+    import json
+
+    meta = Path(lora_dir) / "base.json"
+    prediction_type = json.loads(meta.read_text()).get("prediction_type") if meta.is_file() else None
+    pipe = make_pipeline(model_dir, UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet"), prediction_type)
+    pipe.load_lora_weights(str(lora_dir))
+    return pipe
 
 
 def image_grid(images: Sequence[Image.Image], rows: int) -> Image.Image:

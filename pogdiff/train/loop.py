@@ -1,4 +1,5 @@
-"""The per-worker training loop, shared by the one-machine run and the DeepSpeed workers.
+"""The per-worker training loop, shared by the one-machine run and the DeepSpeed workers
+(pogdiff.train.assembly puts it together for both):
 
     inputs = training_inputs(cfg, dataset, device)         # UNet, objective (text encoder, psi, density)
     engine = LocalEngine(inputs.unet, cfg.train)            # or pogdiff.dist.worker.DeepSpeedEngine
@@ -29,7 +30,6 @@ import torch
 from pogdiff.config import Config, ConfigError, Method, ModelConfig, TrainConfig
 from pogdiff.data.dataset import Dataset
 from pogdiff.method.objectives import Batch, LossOutput, Objective, TextConditioner
-from pogdiff.models.components import resolve_device
 from pogdiff.runs import derive_seed
 from pogdiff.train.ema import ShardedEMA, flat_shard
 from pogdiff.train.metrics import MetricsLog, term_stats
@@ -211,12 +211,12 @@ def build_lr_scheduler(tc: TrainConfig, optimizer: torch.optim.Optimizer):
 class LocalEngine:
     """One process, one device: the engine contract over a plain torch optimizer."""
 
-    rank, world_size = 0, 1
+    rank, world_size, dtype = 0, 1, torch.float32  # dtype: what the batches' latents are cast to
 
     def __init__(self, unet: torch.nn.Module, tc: TrainConfig, autocast: Optional[torch.dtype] = None):
         self.module, self.tc, self.autocast = unet, tc, autocast
         self.device_type = next(unet.parameters()).device.type
-        self.optimizer = build_optimizer(tc, unet.parameters())
+        self.optimizer = build_optimizer(tc, [p for p in unet.parameters() if p.requires_grad])
         self.scheduler = build_lr_scheduler(tc, self.optimizer)
         # fp16's narrow range needs loss scaling; bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler(self.device_type) if autocast == torch.float16 else None
@@ -452,60 +452,8 @@ def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], sta
     return result
 
 
-def train(cfg: Config, ds: Dataset, out_dir: Path, progress: bool = True) -> tuple[TrainResult, dict[str, torch.Tensor]]:
-    """One machine: train the dataset model's UNet on ``ds``, resuming from ``out_dir/checkpoints``.
-    Returns the result and the weights to export (the EMA when ``train.ema``)."""
-    from pogdiff.train.checkpoint import Checkpointer, given_checkpoint, load_unet_weights, restore_checkpoint
-    from pogdiff.train.validate import Validator, default_prompts
-
-    tc = cfg.train
-    device = resolve_device(tc.device)
-    inputs = training_inputs(cfg, ds, device)
-    unet = inputs.unet
-    ckpt = Checkpointer(out_dir / "checkpoints", keep=tc.checkpoint_keep)
-    latest = (ckpt.latest() if tc.checkpoint_every else None) or given_checkpoint(tc)
-    if latest is not None:
-        unet.load_state_dict(load_unet_weights(latest))
-    configure_unet(unet, cfg.model, device)
-    configure_backends(tc, device)
-    unet.to(device).train()
-    engine = LocalEngine(unet, tc, autocast_dtype(tc, device))
-    ema = make_ema(tc, engine)
-    loader = make_loader(cfg, ds, 0, 1)
-    start = 0
-    if latest is not None:
-        start, saved = restore_checkpoint(latest, engine, ema)
-        check_data_position(saved.get("data"), data_position(cfg, loader, start))
-        log.info("resumed from %s (step %d)", latest, start)
-    batches = stream_batches(loader, start * tc.grad_accum, device, torch.float32)
-    validate = Validator(cfg, engine, ema, ds.model_dir, out_dir, default_prompts(cfg, ds.index)) if tc.validate_every else None
-    save = (lambda step: ckpt.save(step, engine, ema, {"data": data_position(cfg, loader, step)})) if tc.checkpoint_every else None
-    result = fit(cfg, engine, inputs.objective, batches, start, out_dir, inputs.is_minority,
-                 ema=ema, save=save, validate=validate, progress=progress)
-    return result, (ema.gather(engine.all_gather) if ema is not None else engine.full_weights())
-
-
 def run_train(cfg: Config, progress: bool = True) -> TrainResult:
-    """``pogdiff train``: one machine, one process (``pogdiff.dist.ray_driver`` is the cluster job).
-    Resolves (prepares) the dataset, builds the method's artifacts, trains, exports the pipeline."""
-    import shutil
+    """``pogdiff train``: one machine, one process (``pogdiff.dist.ray_driver`` is the cluster job)."""
+    from pogdiff.train.assembly import OneMachine, run_training
 
-    from pogdiff.data.dataset import prepare_artifacts, resolve_dataset
-    from pogdiff.models.export import export_pipeline
-    from pogdiff.runs import RunFiles, check_resume, run_lease
-    from pogdiff.train.checkpoint import given_checkpoint
-    from pogdiff.train.metrics import write_history
-
-    with run_lease(RunFiles(cfg).method, cfg.train.lease_timeout, "pogdiff train"):
-        given_checkpoint(cfg.train)  # a bad path is a config error before anything starts
-        files = RunFiles(cfg)
-        if not check_resume(cfg, sorted(files.checkpoints.glob("step_*"))):
-            shutil.rmtree(files.checkpoints, ignore_errors=True)
-        ds = resolve_dataset(cfg, progress)
-        psi_stats = prepare_artifacts(cfg, ds, progress)
-        torch.manual_seed(cfg.train.seed)
-        cfg = resolve_schedule(cfg, len(ds), world_size=1)
-        result, weights = train(cfg, ds, files.method, progress=progress)
-        export_pipeline(ds.model_dir, weights, files.method, cfg.train.prediction_type)
-        write_history(cfg, psi_stats, result.seconds)
-        return result
+    return run_training(cfg, OneMachine(), progress)

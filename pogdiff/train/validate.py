@@ -20,14 +20,15 @@ class Validator:
         self.cfg, self.engine, self.ema, self.model_dir, self.out_dir, self.prompts = cfg, engine, ema, model_dir, out_dir, prompts
 
     def __call__(self, step: int, metrics: MetricsLog) -> Path | None:
-        from pogdiff.models.export import build_unet, image_grid, make_pipeline
+        from pogdiff.models.adapters import trained_unet
+        from pogdiff.models.export import image_grid, make_pipeline
 
         weights = self.ema.gather(self.engine.all_gather) if self.ema is not None else self.engine.full_weights()
         if self.engine.rank != 0:
             return None
         tc = self.cfg.train
         device = resolve_device(tc.device) if self.engine.world_size == 1 else next(self.engine.module.parameters()).device
-        pipe = make_pipeline(self.model_dir, build_unet(self.model_dir, weights), self.cfg.train.prediction_type).to(device)
+        pipe = make_pipeline(self.model_dir, trained_unet(self.model_dir, weights, tc), tc.prediction_type).to(device)
         pipe.set_progress_bar_config(disable=True)
         images = pipe([p for p in self.prompts for _ in range(tc.validation_images)],
                       num_inference_steps=tc.validation_ddim_steps, guidance_scale=self.cfg.sample.guidance_scale,
