@@ -434,7 +434,18 @@ def test_report_tables_are_mean_and_std_over_seeds(tmp_path):
         path = metrics_path(variant_config(cfg, variant, seed))
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps({"summary": summary, "per_id": per_id, "encoder": {"encoder": "x"}}))
+    from pogdiff.runs import RunFiles
+
+    swap = {"vanilla": [0.2, 0.4, 0.4], "pogdiff": [0.1, 0.1, 0.2]}  # the last half: 0.4 and 0.15 on average
+    for variant, values in swap.items():
+        for seed in (0, 1):
+            history = [{"step": i, "loss": 1.0, "text/swap/head": v, "text/swap/tail": v} for i, v in enumerate(values)]
+            RunFiles(variant_config(cfg, variant, seed)).history.write_text(json.dumps({"history": history}))
     md = write_report(cfg, ["vanilla", "cbdm", "pogdiff"], [0, 1], tmp_path / "report").read_text()
+    assert "**Conditioning diagnostics**" in md
+    assert "- Tail identities: PoGDiff's sensitivity to another identity's caption is 0.38x Vanilla's, lower" in md
+    diag = {r["variant"]: r for r in csv.DictReader(open(tmp_path / "report" / "diagnostics.csv"))}
+    assert float(diag["vanilla"]["text/swap/tail"]) == pytest.approx(0.4)
     rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "report" / "table1_fid.csv"))}
     assert float(rows["vanilla"]["fid_all_mean"]) == pytest.approx(11.0)
     assert float(rows["vanilla"]["fid_all_std"]) == pytest.approx(np.std([10.0, 12.0], ddof=1))

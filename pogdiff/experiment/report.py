@@ -335,6 +335,58 @@ def model_description(cfg: Config, ds) -> str:
     return f"`{cfg.model.name}` (`{ds.model_dir}`)."
 
 
+DIAGNOSTICS = {  # pogdiff.train.diagnostics' logged keys -> the report's column names
+    "text/null/head": "text vs none, head", "text/null/tail": "text vs none, tail",
+    "text/swap/head": "text vs other id, head", "text/swap/tail": "text vs other id, tail",
+    "partner/same_identity/head": "y' same id, head", "partner/same_identity/tail": "y' same id, tail",
+    "pair_share": "pair term share"}
+
+
+def diagnostics(cfg: Config, variants: Sequence[str], seeds: Sequence[int]) -> dict[str, dict[str, float]]:
+    """Per variant and diagnostic: the mean over seeds of each run's mean over its last half of
+    logged steps (the training's end, not one noisy step)."""
+    out: dict[str, dict[str, float]] = {}
+    for v in variants:
+        per_key: dict[str, list[float]] = {}
+        for sd in seeds:
+            hist = RunFiles(variant_config(cfg, v, sd)).history
+            if not hist.is_file():
+                continue
+            h = json.loads(hist.read_text())["history"]
+            for key in DIAGNOSTICS:
+                values = [e[key] for e in h[len(h) // 2:] if e.get(key) is not None]
+                if values:
+                    per_key.setdefault(key, []).append(float(np.mean(values)))
+        if per_key:
+            out[v] = {k: float(np.mean(vals)) for k, vals in per_key.items()}
+    return out
+
+
+def diagnostics_section(diag: dict[str, dict[str, float]]) -> tuple[list[str], list[list]]:
+    """The table, and the hypothesis (the pair term rewards a UNet that ignores its caption) read
+    off PoGDiff's text sensitivity against Vanilla's."""
+    rows = [["variant"] + list(DIAGNOSTICS)]
+    md = ["| variant | " + " | ".join(DIAGNOSTICS.values()) + " |", "|---" * (len(DIAGNOSTICS) + 1) + "|"]
+    for v, d in diag.items():
+        rows.append([v] + [d.get(k) for k in DIAGNOSTICS])
+        md.append(f"| {LABELS.get(v, v)} | " + " | ".join("" if d.get(k) is None else f"{d[k]:.4g}" for k in DIAGNOSTICS)
+                  + " |")
+    md.append("")
+    if "pogdiff" in diag and "vanilla" in diag:
+        for part in ("head", "tail"):
+            key = f"text/swap/{part}"
+            p, b = diag["pogdiff"].get(key), diag["vanilla"].get(key)
+            if p is None or not b:
+                continue
+            r = p / b
+            reading = ("lower: consistent with the hypothesis that the pair term teaches the UNet to use its caption "
+                       "less" if r < 0.9 else "higher: against the hypothesis" if r > 1.1 else
+                       "about the same (within 10%): no sign that the pair term makes the UNet ignore its caption")
+            md.append(f"- {part.capitalize()} identities: PoGDiff's sensitivity to another identity's caption is "
+                      f"{r:.2f}x Vanilla's, {reading}.")
+    return md, rows
+
+
 def write_report(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out: Path) -> Path:
     variants = list(variants)
     out = Path(out)
@@ -418,6 +470,15 @@ def write_report(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out
                "difference of the split's mean; per identity, the difference averaged over seeds, with a 95% "
                "interval over identities (1.96 standard errors). Outcome: wins or loses when that interval "
                "excludes 0, else ties.", "", text, ""]
+    diag = diagnostics(cfg, variants, seeds)
+    if diag:
+        text, csv_rows = diagnostics_section(diag)
+        _write_csv(out / "diagnostics.csv", csv_rows)
+        md += ["**Conditioning diagnostics** (`pogdiff.train.diagnostics`; the mean over the last half of each run's "
+               "logged steps, then over seeds). Text vs none / other id: the mean squared change of the UNet's "
+               "prediction when the caption is replaced by the empty one / by another identity's (t = T/2). "
+               "y' same id: the share of drawn partner captions of the sample's own identity. Pair term share: "
+               "its part of the two-term loss.", ""] + text + [""]
     md += ["Per-seed values: `per_seed.csv`; each table as CSV next to this file.", "", "## What it shows", ""]
     md += verdict(results, splits) or ["- No PoGDiff and baseline runs to compare yet."]
     if results:

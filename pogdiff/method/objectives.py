@@ -86,6 +86,7 @@ class LossOutput:
     weights: TwoTermWeights
     timesteps: torch.Tensor
     per_sample: Optional[torch.Tensor] = None  # (B,) detached: which samples made a loss non-finite
+    partner: Optional[torch.Tensor] = None  # (B,) the dataset rows whose captions are y' (PoGDiff, CBDM)
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -155,7 +156,7 @@ class Objective:
             y = torch.where(to_device(dropped, device).view(-1, 1, 1), self.text.null(device, y.dtype), y)
 
         method = self.cfg.name
-        target, x0_target, y_prime = noise, x0, None
+        target, x0_target, y_prime, nid = noise, x0, None, None
         if method == Method.vanilla:
             weights = TwoTermWeights.single(bsz, x0)
         elif method == Method.t2h:
@@ -199,7 +200,7 @@ class Objective:
             with torch.no_grad():
                 target_mse = (a.float() - target.float()).pow(2).flatten(1).mean(1)
                 pair_mse = None if b is None else (a.float() - b.float()).pow(2).flatten(1).mean(1)
-        return LossOutput(per_sample.mean(), target_mse, pair_mse, weights, t, per_sample.detach())
+        return LossOutput(per_sample.mean(), target_mse, pair_mse, weights, t, per_sample.detach(), nid)
 
     def in_parameterisation(self, eps: torch.Tensor, x0: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
         """The regression target for this UNet from the (eps, x0) pair that makes x_t: eps itself,

@@ -42,6 +42,7 @@ class Assembled:
     loader: object
     objective: Objective
     is_minority: torch.Tensor
+    identities: object  # (N,) per dataset row, memory-mapped
     start: int  # the step it continues from
     out_dir: Path
     device: torch.device
@@ -60,7 +61,7 @@ class Assembled:
                               default_prompts(self.cfg, self.ds.index)) if tc.validate_every else None)
         batches = stream_batches(self.loader, self.start * tc.grad_accum, self.device, self.engine.dtype)
         return fit(self.cfg, self.engine, self.objective, batches, self.start, self.out_dir, self.is_minority,
-                   ema=self.ema, save=save, validate=validate, progress=progress)
+                   ema=self.ema, save=save, validate=validate, progress=progress, identities=self.identities)
 
     def final_weights(self) -> dict[str, torch.Tensor]:
         """What is exported: the EMA when ``train.ema``, else the trained weights (collective)."""
@@ -92,7 +93,8 @@ def assemble(cfg: Config, ds: Dataset, device: torch.device, make_engine: Callab
         start, saved = restore_checkpoint(resume_from, engine, ema)
         check_data_position(saved.get("data"), data_position(cfg, loader, start))
         log.info("rank %d resumed from %s at step %d", engine.rank, resume_from, start)
-    return Assembled(cfg, ds, engine, ema, loader, inputs.objective, inputs.is_minority, start, out_dir, device)
+    return Assembled(cfg, ds, engine, ema, loader, inputs.objective, inputs.is_minority, inputs.identities, start,
+                     out_dir, device)
 
 
 class Backend(Protocol):

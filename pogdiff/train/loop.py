@@ -123,6 +123,7 @@ class TrainingInputs:
     unet: torch.nn.Module  # the dataset model's UNet, the starting point
     objective: Objective
     is_minority: torch.Tensor  # (N,) bool per dataset row: the psi head/tail split of the logs
+    identities: object  # (N,) identity per dataset row (memory-mapped): the diagnostics' same-identity tests
 
 
 def training_inputs(cfg: Config, ds: Dataset, device: torch.device) -> TrainingInputs:
@@ -133,7 +134,8 @@ def training_inputs(cfg: Config, ds: Dataset, device: torch.device) -> TrainingI
     prediction_type = cfg.train.prediction_type or scheduler.config.prediction_type  # the model's, unless overridden
     objective = build_objective(cfg, ds, text_conditioner(ds.model_dir, ds, device), scheduler.alphas_cumprod,
                                 prediction_type)
-    return TrainingInputs(unet, objective, torch.from_numpy(ds.index.is_minority(cfg.data.minority_images)))
+    return TrainingInputs(unet, objective, torch.from_numpy(ds.index.is_minority(cfg.data.minority_images)),
+                          ds.index.identities)
 
 
 def configure_unet(unet: torch.nn.Module, cfg: ModelConfig, device: torch.device) -> None:
@@ -385,10 +387,13 @@ def _without(batches: Iterator[Batch], quarantined: set[int]) -> Iterator[Batch]
 def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], start_step: int, out_dir: Path,
         is_minority: torch.Tensor, ema: Optional[ShardedEMA] = None,
         save: Optional[Callable[[int], None]] = None, validate: Optional[Callable[[int, MetricsLog], None]] = None,
-        progress: bool = True) -> TrainResult:
+        progress: bool = True, identities=None) -> TrainResult:
     """Steps ``start_step`` .. ``train.steps`` on every rank; rank 0 logs. ``save(step)`` runs every
     ``train.checkpoint_every`` steps and ``validate(step)`` every ``train.validate_every`` (both on
-    every rank: they gather)."""
+    every rank: they gather). With ``identities`` (per dataset row), every logged step also carries
+    pogdiff.train.diagnostics' measures."""
+    from pogdiff.train import diagnostics
+
     from tqdm import tqdm
 
     tc, rank0 = cfg.train, engine.rank == 0
@@ -422,9 +427,14 @@ def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], sta
         if torch.isfinite(loss):
             window.append(loss)
         if log_now and window:
+            diag = torch.zeros(diagnostics.SUMS, dtype=torch.float64)
+            if identities is not None and outs:  # every rank alike (a ZeRO-3 forward is collective)
+                diag = torch.cat([diagnostics.pair_sums(outs, is_minority, identities),
+                                  diagnostics.text_sensitivity(engine, objective, outs[-1][0], is_minority, identities,
+                                                               tc.seed, done)])
             sums = engine.all_reduce_sum(torch.cat([torch.stack([torch.stack(window).sum().double(),
                                                                  torch.tensor(len(window), dtype=torch.float64)]),
-                                                    term_stats(outs, is_minority)]))
+                                                    term_stats(outs, is_minority), diag]))
             window.clear()
             n, head, tail = sums[2], sums[6], sums[8]
             now = time.perf_counter()
@@ -434,10 +444,13 @@ def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], sta
                      "bad_steps": guard.bad_steps, "quarantined": len(guard.quarantined),
                      "data/skipped": guard.data_skipped}
             window_start, waited = now, 0.0
-            if objective.cfg.name.value in ("pogdiff", "cbdm"):
+            has_pair = objective.cfg.name.value in ("pogdiff", "cbdm")
+            if has_pair:
                 entry["pair_mse"] = float(sums[4] / n)
                 entry[f"{pair_tag}/head"] = float(sums[5] / head) if head else None
                 entry[f"{pair_tag}/tail"] = float(sums[7] / tail) if tail else None
+            if identities is not None:
+                entry.update(diagnostics.entries(sums[9:], has_pair))
             metrics.scalars(done, entry)
             result.losses.append(entry["loss"])
             result.history.append({"step": done, **entry})
