@@ -7,6 +7,7 @@ from pogdiff.config import Method, MethodConfig
 from pogdiff.kernels.reference import TwoTermWeights
 from pogdiff.method.objectives import Batch, LossOutput, Objective, TextConditioner
 from pogdiff.train import diagnostics
+from pogdiff.train.metrics import term_stats
 
 N = 6
 IDENTITIES = np.array([0, 0, 0, 1, 2, 2])  # rows 4, 5: the tail
@@ -40,7 +41,8 @@ def test_text_sensitivity_is_the_caption_effect_on_head_and_tail():
     torch.testing.assert_close(sums.float(), torch.stack(want).float())
     again = diagnostics.text_sensitivity(CaptionShift(), obj, batch, TAIL, IDENTITIES, seed=1, step=7)
     assert torch.equal(sums, again)  # its own seeded noise: the same step measures the same
-    values = diagnostics.entries(torch.cat([torch.zeros(6, dtype=torch.float64), sums]), has_pair=False)
+    values = diagnostics.entries(torch.zeros(7, dtype=torch.float64), torch.cat([torch.zeros(3, dtype=torch.float64), sums]),
+                                 has_pair=False)
     assert values["text/null/tail"] == pytest.approx(float(d_null[tail].mean()))
     assert "pair_share" not in values
 
@@ -51,10 +53,13 @@ def test_partner_identity_shares_and_the_pair_terms_share():
     weights = TwoTermWeights.pogdiff(torch.tensor([1.0, 0.5, 2.0, 0.0]))
     out = LossOutput(torch.tensor(0.0), torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.5, 0.5, 1.0, 9.0]),
                      weights, torch.zeros(4), None, partner)
-    s = diagnostics.pair_sums([(Batch(idx, torch.zeros(4, 1), idx[:, None]), out)], TAIL, IDENTITIES)
+    outs = [(Batch(idx, torch.zeros(4, 1), idx[:, None]), out)]
+    s = diagnostics.pair_sums(outs, TAIL, IDENTITIES)
     pair = 1.0 * 0.5 + 0.5 * 0.5 + 2.0 * 1.0 + 0.0 * 9.0
-    assert s.tolist() == pytest.approx([pair, 10.0, 1, 2, 1, 2])
-    values = diagnostics.entries(torch.cat([s, torch.zeros(8, dtype=torch.float64)]), has_pair=True)
+    assert s.tolist() == pytest.approx([pair, 1, 1])
+    term = term_stats(outs, TAIL)
+    assert term[1] == 10.0 and term[4] == 2 and term[6] == 2  # the target term, and the head and tail draws
+    values = diagnostics.entries(term, torch.cat([s, torch.zeros(8, dtype=torch.float64)]), has_pair=True)
     assert values["pair_share"] == pytest.approx(pair / (pair + 10.0))
     assert values["partner/same_identity/head"] == 0.5 and values["partner/same_identity/tail"] == 0.5
     assert values["text/null/head"] is None  # nothing measured: no value, not a zero

@@ -66,7 +66,6 @@ def trained_unet(model_dir: str | Path, weights: dict[str, torch.Tensor], tc: Tr
     unet_dir = Path(model_dir) / "unet"
     if tc.adapter == "none":
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(unet_dir))
-        unet.requires_grad_(True)
     else:
         unet = UNet2DConditionModel.from_pretrained(unet_dir)
         apply_adapter(unet, tc)

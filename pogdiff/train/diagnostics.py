@@ -23,9 +23,10 @@ from pogdiff.method.objectives import Batch, LossOutput, Objective
 from pogdiff.runs import derive_seed
 
 PROBE_STREAM = 0xD1A6  # derive_seed(train.seed, PROBE_STREAM, step) draws the probe's noise
-# [pair term, target term, same head, n head, same tail, n tail,
-#  null head, swap head, n head, n swap head, null tail, swap tail, n tail, n swap tail]
-SUMS = 14
+# [pair term, same head, same tail,
+#  null head, swap head, n head, n swap head, null tail, swap tail, n tail, n swap tail];
+# the target term and the head/tail counts of pair draws are pogdiff.train.metrics.term_stats' sums
+SUMS = 11
 
 
 def identities_of(identities, rows: torch.Tensor) -> torch.Tensor:
@@ -33,17 +34,16 @@ def identities_of(identities, rows: torch.Tensor) -> torch.Tensor:
 
 
 def pair_sums(outs: list[tuple[Batch, LossOutput]], is_minority: torch.Tensor, identities) -> torch.Tensor:
-    s = torch.zeros(6, dtype=torch.float64)
+    """[pair term, partners of the sample's own identity among head draws, among tail draws]."""
+    s = torch.zeros(3, dtype=torch.float64)
     for batch, out in outs:
-        s[1] += (out.weights.target.detach().double().cpu() * out.target_mse.double().cpu()).sum()
-        if out.pair_mse is None:
+        if out.pair_mse is None or out.partner is None:
             continue
         s[0] += (out.weights.pair.detach().double().cpu() * out.pair_mse.double().cpu()).sum()
-        if out.partner is not None:
-            own = identities_of(identities, batch.index)
-            same = ((identities_of(identities, out.partner) == own) & (own >= 0)).double()
-            tail = is_minority[batch.index]
-            s[2:6] += torch.stack([same[~tail].sum(), (~tail).sum().double(), same[tail].sum(), tail.sum().double()])
+        own = identities_of(identities, batch.index)
+        same = ((identities_of(identities, out.partner) == own) & (own >= 0)).double()
+        tail = is_minority[batch.index]
+        s[1:3] += torch.stack([same[~tail].sum(), same[tail].sum()])
     return s
 
 
@@ -77,15 +77,17 @@ def text_sensitivity(engine, objective: Objective, batch: Batch, is_minority: to
     return torch.stack(out)
 
 
-def entries(sums: torch.Tensor, has_pair: bool) -> dict:
-    """The logged values from the all-reduced sums (None where nothing was counted)."""
+def entries(term: torch.Tensor, sums: torch.Tensor, has_pair: bool) -> dict:
+    """The logged values from the all-reduced sums: ``term`` is term_stats' (the target term is its
+    target_mse sum, every method's target weight being 1; its head/tail counts are the pair draws'),
+    ``sums`` this module's. None where nothing was counted."""
     ratio = lambda a, b: float(a / b) if b else None  # noqa: E731
     out = {}
-    for i, part in ((6, "head"), (10, "tail")):
+    for i, part in ((3, "head"), (7, "tail")):
         out[f"text/null/{part}"] = ratio(sums[i], sums[i + 2])  # n is 0 without an empty caption
         out[f"text/swap/{part}"] = ratio(sums[i + 1], sums[i + 3])
     if has_pair:
-        out["pair_share"] = ratio(sums[0], sums[0] + sums[1])
-        out["partner/same_identity/head"] = ratio(sums[2], sums[3])
-        out["partner/same_identity/tail"] = ratio(sums[4], sums[5])
+        out["pair_share"] = ratio(sums[0], sums[0] + term[1])
+        out["partner/same_identity/head"] = ratio(sums[1], term[4])
+        out["partner/same_identity/tail"] = ratio(sums[2], term[6])
     return out

@@ -450,7 +450,7 @@ def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], sta
                 entry[f"{pair_tag}/head"] = float(sums[5] / head) if head else None
                 entry[f"{pair_tag}/tail"] = float(sums[7] / tail) if tail else None
             if identities is not None:
-                entry.update(diagnostics.entries(sums[9:], has_pair))
+                entry.update(diagnostics.entries(sums[2:9], sums[9:], has_pair))
             metrics.scalars(done, entry)
             result.losses.append(entry["loss"])
             result.history.append({"step": done, **entry})
