@@ -40,7 +40,7 @@ def null_decode(task):
             items.append(Item(ordinal, key, "", "", first_identity + i, "", key))
             ordinal += 1
         offset += count
-    return DecodedTask(task, items, [], [], [])
+    return DecodedTask(task, items, [], [], [], [])
 
 
 def null_write(decoded) -> dict:

@@ -195,10 +195,12 @@ def test_max_train_samples_keeps_a_seeded_subset_and_accounts_for_every_row(tmp_
 
 
 def test_random_crop_draws_a_window_per_seed_and_centre_crop_is_centred(tmp_path):
+    """... and each crop's SDXL time ids say where it is: the source's size, the crop's top-left in
+    the resized image (the mirror's counted from the flipped image's left), the target size."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageOps
 
-    from pogdiff.data.prepare import load_image
+    from pogdiff.data.prepare import crop_time_ids, load_image
 
     wide = np.zeros((40, 80, 3), np.uint8)
     wide[:, :, 0] = np.arange(80, dtype=np.uint8)[None, :] * 3  # red encodes the column
@@ -207,13 +209,22 @@ def test_random_crop_draws_a_window_per_seed_and_centre_crop_is_centred(tmp_path
     def first_column(im):  # the crop's left edge in the resized (40 x 20) image: red = 3 * 2 * column
         return round(float(np.asarray(im)[10, 0, 0]) / 6)
 
-    centre = load_image(str(tmp_path / "wide.png"), 20)
-    crops = [load_image(str(tmp_path / "wide.png"), 20, seed) for seed in range(8)]
+    centre, centre_crop = load_image(str(tmp_path / "wide.png"), 20)
+    loaded = [load_image(str(tmp_path / "wide.png"), 20, seed) for seed in range(8)]
+    crops = [im for im, _ in loaded]
     assert centre.size == (20, 20) and all(c.size == (20, 20) for c in crops)
     assert abs(first_column(centre) - 10) <= 1  # 80x40 -> 40x20: the centred window starts at column 10
+    assert crop_time_ids(centre_crop, 20) == [40, 80, 0, 10, 20, 20]
     lefts = {first_column(c) for c in crops}
     assert len(lefts) > 3 and min(lefts) >= 0 and max(lefts) <= 20
-    assert np.array_equal(np.asarray(crops[3]), np.asarray(load_image(str(tmp_path / "wide.png"), 20, 3)))
+    for im, crop in loaded:
+        height, width, top, left, target_h, target_w = crop_time_ids(crop, 20)
+        assert (height, width, top, target_h, target_w) == (40, 80, 0, 20, 20)
+        assert abs(left - first_column(im)) <= 1
+        mirror = ImageOps.mirror(im)  # the same window of the flipped 40-wide image starts at 40 - left - 20
+        assert crop_time_ids(crop, 20, mirrored=True)[3] == 40 - left - 20
+        assert abs(round(float(np.asarray(mirror)[10, -1, 0]) / 6) - left) <= 1  # its right edge is the crop's left
+    assert np.array_equal(np.asarray(crops[3]), np.asarray(load_image(str(tmp_path / "wide.png"), 20, 3)[0]))
 
 
 def test_random_flip_stores_the_mirror_latent_and_the_reader_picks_either_half_the_time(tmp_path):

@@ -68,7 +68,8 @@ def test_synthetic_shards_hold_what_the_encoders_give(tmp_path):
         assert np.array_equal(s["tokens.npy"], tokenize(components, [r.caption])[0].numpy())
         np.testing.assert_allclose(s["imgemb.npy"], tiny_image_embedding([r.image])[0].numpy(), atol=1e-5)
         np.testing.assert_allclose(s["pooled.npy"], enc.pooled[j].numpy(), atol=1e-4)
-        assert s["json"] == {"key": r.key, "ordinal": j, "identity": r.identity, "name": r.name, "caption": r.caption}
+        assert s["json"] == {"key": r.key, "ordinal": j, "identity": r.identity, "name": r.name, "caption": r.caption,
+                             "time_ids": [32, 32, 0, 0, 32, 32]}  # generated at the target size: no crop
     # the calibrated tiny VAE: latents have unit std, as SD's scaling factor intends
     assert 0.5 < float(np.std([s["latent.npy"] for s in got.values()])) < 2.0
     index = DatasetIndex.load(root)

@@ -537,9 +537,10 @@ class BadRecord(Exception):
         self.reason, self.detail = reason, detail
 
 
-def load_image(path: str, size: int, crop_seed: Optional[int] = None) -> Image.Image:
+def load_image(path: str, size: int, crop_seed: Optional[int] = None) -> tuple[Image.Image, list[int]]:
     """Decode fully (a truncated file fails here, not later), then resize the shorter side to
-    ``size`` and crop ``size`` x ``size``: centred, or at a random offset drawn from ``crop_seed``."""
+    ``size`` and crop ``size`` x ``size``: centred, or at a random offset drawn from ``crop_seed``.
+    Returns the crop and its SDXL time ids (``crop_time_ids``)."""
     try:
         data = read_source_bytes(path)
     except OSError as e:
@@ -547,16 +548,25 @@ def load_image(path: str, size: int, crop_seed: Optional[int] = None) -> Image.I
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            if crop_seed is None:
-                return ImageOps.fit(to_rgb(im), (size, size), Image.BICUBIC)
             scale = size / min(im.size)
-            resized = to_rgb(im).resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))),
-                                        Image.BICUBIC)
+            width, height = (max(size, round(n * scale)) for n in im.size)
+            if crop_seed is None:
+                left, top = round((width - size) / 2), round((height - size) / 2)
+                return ImageOps.fit(to_rgb(im), (size, size), Image.BICUBIC), [im.height, im.width, top, left, width]
+            resized = to_rgb(im).resize((width, height), Image.BICUBIC)
             rng = np.random.default_rng(crop_seed)
             left, top = (int(rng.integers(0, n - size + 1)) for n in resized.size)
-            return resized.crop((left, top, left + size, top + size))
+            return resized.crop((left, top, left + size, top + size)), [im.height, im.width, top, left, width]
     except Exception as e:  # PIL raises many types for bad data
         raise BadRecord("corrupt_image", f"'{path}' is not a decodable image: {e}") from None
+
+
+def crop_time_ids(geometry: Sequence[int], size: int, mirrored: bool = False) -> list[int]:
+    """SDXL's time ids of a crop, as diffusers' SDXL training script makes them: the source's
+    (height, width), the crop's (top, left) in the resized image, the target (size, size). The
+    mirror image is a crop of the flipped resized image, at ``width - left - size``."""
+    height, width, top, left, resized_width = geometry
+    return [height, width, top, resized_width - left - size if mirrored else left, size, size]
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -600,12 +610,14 @@ def synthetic_task(synthetic: tuple, offsets: np.ndarray, a: int, b: int) -> tup
     return (list(counts[first:last]), seed, size, list(bases[first:last]), a - base, b - base, first, a)
 
 
-def task_records(task: Task) -> Iterator[tuple[Item, Image.Image | BadRecord]]:
+def task_records(task: Task) -> Iterator[tuple[Item, tuple[Image.Image, list[int]] | BadRecord]]:
+    """(record, (its image, crop geometry) or why it is unusable)."""
     if task.synthetic is not None:
         counts, seed, size, bases, start, stop, first_identity, first_ordinal = task.synthetic
         for ordinal, rec in enumerate(synthetic_slice(counts, seed, size, bases, start, stop, first_identity),
                                       first_ordinal):
-            yield Item(ordinal, rec.key, "", rec.caption, rec.identity, rec.name, f"synthetic:{rec.key}"), rec.image
+            item = Item(ordinal, rec.key, "", rec.caption, rec.identity, rec.name, f"synthetic:{rec.key}")
+            yield item, (rec.image, [size, size, 0, 0, size])  # generated at the target size
         return
     for item in task.items:
         try:
@@ -623,8 +635,8 @@ def frozen_encoders(model: str, image_encoder: str, device: torch.device) -> tup
     if key not in _ENCODERS:
         _ENCODERS.clear()
         c = load_components(ModelConfig(name=model), with_unet=False)
-        c.vae.to(device).eval()
-        c.text_encoder.to(device).eval()
+        for module in (c.vae, *c.text_encoders):
+            module.to(device).eval()
         _ENCODERS[key] = (c, load_image_encoder(image_encoder, device))
     return _ENCODERS[key]
 
@@ -639,20 +651,23 @@ class DecodedTask:
     images: list[np.ndarray]  # (H, W, 3) uint8 each
     pngs: list[Optional[bytes]]
     skipped: list[dict]
+    crops: list[list[int]]  # each image's crop geometry (load_image)
 
 
 def decode_task(task: Task) -> DecodedTask:
     """Stage 1 (CPU): read and decode the task's records, skip the bad ones, and make the PNG the
     shard keeps, so the encoder stage does only the frozen encoders and the write."""
-    items, images, pngs, skipped = [], [], [], []
-    for item, image in task_records(task):
-        if isinstance(image, BadRecord):
-            skip_record(skipped, task.strict, item.where, image.reason, image.detail)
+    items, images, pngs, skipped, crops = [], [], [], [], []
+    for item, loaded in task_records(task):
+        if isinstance(loaded, BadRecord):
+            skip_record(skipped, task.strict, item.where, loaded.reason, loaded.detail)
             continue
+        image, crop = loaded
         items.append(item)
         images.append(np.asarray(image, dtype=np.uint8))
         pngs.append(png_bytes(image) if task.keep_images else None)
-    return DecodedTask(task, items, images, pngs, skipped)
+        crops.append(crop)
+    return DecodedTask(task, items, images, pngs, skipped, crops)
 
 
 def autocast(device: torch.device, precision: str):
@@ -690,9 +705,12 @@ def encode_and_write(decoded: DecodedTask) -> dict:
             if bad := [name for name, x in fields.items() if not torch.isfinite(x).all()]:
                 skip_record(skipped, task.strict, item.where, "nan_embedding", f"non-finite {', '.join(bad)}")
                 continue
+            crop = decoded.crops[lo + j]
             yield Sample(item.key, item.ordinal, item.identity, item.name, item.caption, latents[j].numpy(),
                          enc.tokens[j].numpy(), enc.pooled[j].float().numpy(), enc.image_emb[j].float().numpy(),
-                         decoded.pngs[lo + j], None if flipped is None else flipped[j].numpy())
+                         decoded.pngs[lo + j], None if flipped is None else flipped[j].numpy(),
+                         crop_time_ids(crop, task.image_size),
+                         None if flipped is None else crop_time_ids(crop, task.image_size, mirrored=True))
 
     def samples() -> Iterator[Sample]:
         for lo in range(0, len(decoded.items), task.batch_size):
@@ -890,7 +908,7 @@ def calibration_images(plan: Plan, size: int) -> list[Image.Image]:
     images = []
     for item in plan.items:
         try:
-            images.append(load_image(item.image, size))
+            images.append(load_image(item.image, size)[0])
         except BadRecord:
             continue  # the task that owns the record logs and counts it
         if len(images) == CALIBRATION_IMAGES:

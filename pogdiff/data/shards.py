@@ -3,7 +3,8 @@
     <dataset>/
       dataset.json          what was prepared: shard list, shapes, model, counts, skipped records (written last)
       index.jsonl           row -> {key, shard, ordinal, identity, name, caption}
-      tokens.npy            (N, L) int32   caption token ids: y, and y' = tokens[neighbour row]
+      tokens.npy            (N, L) int32   caption token ids: y, and y' = tokens[neighbour row] (SDXL: both
+                                           tokenizers' ids, 2 x 77)
       identities.npy        (N,)   int64   -1 where unlabelled
       image_emb.npy         (N, d) fp32    for the neighbour index (Eq. 8)
       pooled.npy            (N, D) fp32    pooled text embeddings, for the density VAE (Eq. 10-11)
@@ -13,8 +14,9 @@
 
 One sample in a shard is ``<key>.latent.npy`` (4, h, w) fp16 VAE latent, already multiplied by
 the VAE scaling factor; ``<key>.tokens.npy`` (L,) int32; ``<key>.pooled.npy`` (D,) fp32;
-``<key>.imgemb.npy`` (d,) fp32; ``<key>.json`` {key, ordinal, identity, name, caption}; with
-data.random_flip ``<key>.latent_flip.npy``, the mirror image's latent.
+``<key>.imgemb.npy`` (d,) fp32; ``<key>.json`` {key, ordinal, identity, name, caption, time_ids}
+(time_ids: SDXL's original size, crop top-left and target size of the crop); with
+data.random_flip ``<key>.latent_flip.npy``, the mirror image's latent, and time_ids_flip in the json.
 Rows are the finished samples in (task, position) order; ``ordinal`` is the record's position in
 the prepare plan, known when the shard is written, and ``row_of_ordinal`` maps it to its row.
 Columns the whole-dataset stages need (tokens, embeddings) sit in the index as memory-mappable
@@ -176,11 +178,17 @@ class Sample:
     image_emb: np.ndarray  # (d,)
     image: Optional[bytes] = None  # PNG (prepare.keep_images)
     latent_flip: Optional[np.ndarray] = None  # the mirror image's latent (data.random_flip)
+    time_ids: Optional[list[int]] = None  # SDXL's (original h, w, crop top, left, target h, w) of the crop
+    time_ids_flip: Optional[list[int]] = None  # ... of its mirror image
 
     @property
     def meta(self) -> dict:
-        return {"key": self.key, "ordinal": self.ordinal, "identity": self.identity, "name": self.name,
+        meta = {"key": self.key, "ordinal": self.ordinal, "identity": self.identity, "name": self.name,
                 "caption": self.caption}
+        for name in ("time_ids", "time_ids_flip"):
+            if getattr(self, name) is not None:
+                meta[name] = [int(v) for v in getattr(self, name)]
+        return meta
 
 
 def encode_sample(s: Sample) -> dict[str, bytes]:

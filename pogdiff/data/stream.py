@@ -11,6 +11,7 @@
             batch["latents"]   # (B, 4, h, w) fp16, already scaled by the VAE scaling factor
             batch["tokens"]    # (B, L) int64 caption token ids of y
             batch["identity"]  # (B,) int64, -1 where unlabelled
+            batch["time_ids"]  # (B, 6) fp32 SDXL time ids of each latent's crop (absent before they were recorded)
             nid, psi = sampler.sample(batch["index"])        # neighbours.NeighbourSampler, Eq. 8
             y_tokens = torch.cat([batch["tokens"], loader.tokens_for(nid)])  # [y; y'], no tar access
             text, _ = models.encode_tokens(components, y_tokens, device)     # frozen text encoder
@@ -160,6 +161,8 @@ def collate(samples: list[dict]) -> dict:
         "latents": torch.from_numpy(np.stack([s["latents"] for s in samples])),
         "tokens": torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64)),
         "identity": torch.tensor([s["identity"] for s in samples], dtype=torch.int64),
+        **({"time_ids": torch.tensor([s["time_ids"] for s in samples], dtype=torch.float32)}
+           if all(s.get("time_ids") is not None for s in samples) else {}),
     }
 
 
@@ -209,7 +212,7 @@ class ShardStream(IterableDataset):
             raise ValueError(f"sample '{meta['key']}' in {sample['__url__']} has a non-finite latent: skipped "
                              "(run `pogdiff prepare` again to verify and remake damaged shards)")
         return {"index": row, "key": meta["key"], "latents": latents, "tokens": npy_load(sample[TOKENS]),
-                "identity": meta["identity"]}
+                "identity": meta["identity"], "time_ids": meta.get("time_ids_flip" if flip else "time_ids")}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from pogdiff.config import Config
+from pogdiff.models.components import unet_kwargs
 
 log = logging.getLogger("pogdiff.dist.worker")
 
@@ -48,7 +49,8 @@ class DeepSpeedEngine:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         # DeepSpeed's bf16 casts the module, not its inputs (x_t comes out of fp32 schedule math)
-        return self.engine(x.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample
+        conditioning = unet_kwargs(getattr(self.module, "config", None), cond.to(self.dtype))
+        return self.engine(x.to(self.dtype), t, **conditioning).sample
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # scales by 1/grad_accum itself

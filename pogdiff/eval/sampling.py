@@ -1,8 +1,9 @@
 """``pogdiff sample``: DDIM images of every identity from a trained run (Sec. 4.1, App. C).
 
-The run's exported StableDiffusionPipeline (DDIM scheduler, classifier-free guidance against the
-empty caption, which is also what caption dropout trained) generates ``sample.images_per_id``
-images per identity from the prompt ``sample.prompt_template`` (the paper's "An image of {p}.").
+The run's exported pipeline (StableDiffusionPipeline, or StableDiffusionXLPipeline for an SDXL
+base; DDIM scheduler, classifier-free guidance against the empty caption, which is also what
+caption dropout trained) generates ``sample.images_per_id`` images per identity from the prompt
+``sample.prompt_template`` (the paper's "An image of {p}.").
 Each image starts from noise seeded by (sample.seed, identity, index) and DDIM with eta = 0 is
 deterministic, so a rerun, or a different split over workers, gives the same images.
 
@@ -59,9 +60,9 @@ def load_pipeline(model_dir: str | Path, device: torch.device, lora: str | Path 
     """A trained model as a pipeline with a DDIM scheduler on ``device``: an exported pipeline
     directory, or a base model directory with a LoRA directory loaded into it
     (``RunFiles.trained_model``); fp32 on the CPU, bf16 on a GPU (fp16 on one without bf16)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
-    from pogdiff.models.export import lora_pipeline
+    from pogdiff.models.export import PIPELINES, lora_pipeline, pipeline_class
 
     model_dir = Path(model_dir)
     dtype = None
@@ -74,8 +75,10 @@ def load_pipeline(model_dir: str | Path, device: torch.device, lora: str | Path 
         raise FileNotFoundError(f"no trained pipeline at '{model_dir}': run `pogdiff train` or `pogdiff train-dist` "
                                 "with this config (method, seed, run_name, output_dir) first")
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, feature_extractor=None,
-                                                       requires_safety_checker=False, torch_dtype=dtype)
+        cls = pipeline_class(model_dir)
+        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} \
+            if cls is PIPELINES["sd"] else {}
+        pipe = cls.from_pretrained(str(model_dir), torch_dtype=dtype, **extra)
     # Latents are scaled to unit variance, so clipping the predicted x0 to [-1, 1] (the DDIM default
     # when a config does not say) would distort them; SD's own scheduler config sets it off too.
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)

@@ -42,6 +42,7 @@ class Batch:
     tokens: torch.Tensor  # (B, L) int64 caption token ids of y
     keys: Optional[list[str]] = None  # dataset keys, for messages about bad samples
     skipped: int = 0  # samples the reader skipped (unreadable, corrupt, non-finite) since the previous batch
+    time_ids: Optional[torch.Tensor] = None  # (B, 6) SDXL time ids of each latent (pogdiff.models.components)
 
 
 class TextConditioner:
@@ -50,10 +51,13 @@ class TextConditioner:
     ``tokens`` is the dataset's (N, L) token table (memory-mapped, pogdiff.data.shards): y' of row
     ``j`` is ``encode(tokens[j])``, so no step ever opens a tar file or holds (N, L, D) states.
     ``null_tokens`` (L,) is the empty caption (caption dropout, classifier-free guidance).
+    ``pooled`` (SDXL): the pooled embedding's width, after which ``attach`` writes the image's time
+    ids into the conditioning (pogdiff.models.components).
     """
 
-    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], tokens, null_tokens: Optional[torch.Tensor] = None):
-        self.encode, self.tokens, self.null_tokens = encode, tokens, null_tokens
+    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], tokens, null_tokens: Optional[torch.Tensor] = None,
+                 pooled: Optional[int] = None):
+        self.encode, self.tokens, self.null_tokens, self.pooled = encode, tokens, null_tokens, pooled
 
     @classmethod
     def from_table(cls, table: torch.Tensor, null: Optional[torch.Tensor] = None) -> "TextConditioner":
@@ -76,6 +80,18 @@ class TextConditioner:
 
     def null(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         return self(self.null_tokens[None].long(), device, dtype)[0]
+
+    def attach(self, cond: torch.Tensor, time_ids: Optional[torch.Tensor], repeat: int = 1) -> torch.Tensor:
+        """``cond`` conditioning the batch's images (``repeat`` times over): with their time ids
+        written in (SDXL), whichever caption it encodes; unchanged otherwise."""
+        if self.pooled is None:
+            return cond
+        if time_ids is None:
+            raise ValueError("an SDXL UNet needs each sample's time ids, and these shards have none: the dataset "
+                             "was prepared before pogdiff recorded them; run `pogdiff prepare` into a new output")
+        from pogdiff.models.components import attach_time_ids
+
+        return attach_time_ids(cond, time_ids.repeat(repeat, 1), self.pooled)
 
 
 @dataclass
@@ -176,6 +192,8 @@ class Objective:
             raise ValueError(f"unknown method {method}")
 
         target = self.in_parameterisation(target, x0_target, abar)
+        y = self.text.attach(y, batch.time_ids)  # y' conditions the same image x: its time ids are x's
+        y_prime = None if y_prime is None else self.text.attach(y_prime, batch.time_ids)
         if y_prime is None:
             a, b = unet(x_t, t_dev, y), None
             per_sample = two_term_loss(a, b, target, weights, backend=self.backend)

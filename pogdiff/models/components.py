@@ -1,15 +1,29 @@
 """Stable Diffusion components: loaded from a local diffusers directory / hub id, or built tiny.
 
-Only the UNet trains; the VAE and the text encoder stay frozen (and out of any ZeRO partitioning).
+Only the UNet trains; the VAE and the text encoder(s) stay frozen (and out of any ZeRO partitioning).
+
+The model family is the one seam between SD 1.x/2.x and SDXL, read from the directory
+(``text_encoder_2/`` or an XL ``model_index.json``):
+
+    family   tokens (per caption)      conditioning the UNet gets (``encode_tokens``)
+    sd       (L,)  one tokenizer       (B, L, D) last hidden states
+    sdxl     (2L,) both tokenizers     (B, L + 1, D1 + D2): both encoders' penultimate hidden states,
+                                       and one extra row [pooled text embedding | time ids | 0]
+
+SDXL's pooled embedding belongs to its caption, so it travels in the caption's conditioning: y and
+y' stay one tensor each through caption dropout, the concatenated ``[y; y']`` call and the
+diagnostics. The time ids belong to the image x, so the objective writes x's into both
+(``attach_time_ids``), and ``unet_kwargs`` unpacks the row into diffusers' ``added_cond_kwargs``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from pogdiff.config import ModelConfig
 
@@ -21,7 +35,9 @@ REQUIRED_PARTS = {
     "tokenizer": None,  # vocab/merges or tokenizer.json: any file will do
     "scheduler": "scheduler_config.json",
 }
+SDXL_PARTS = {"text_encoder_2": "config.json", "tokenizer_2": None}
 TINY_MAX_TOKENS = 48
+TIME_IDS = 6  # SDXL's (original h, w, crop top, left, target h, w)
 
 
 class ModelLoadError(RuntimeError):
@@ -35,6 +51,16 @@ class Components:
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     noise_scheduler: DDPMScheduler
+    text_encoder_2: Optional[CLIPTextModelWithProjection] = None  # SDXL
+    tokenizer_2: Optional[CLIPTokenizer] = None
+
+    @property
+    def family(self) -> str:
+        return "sdxl" if self.text_encoder_2 is not None else "sd"
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
 
     @property
     def vae_scale(self) -> float:
@@ -110,9 +136,49 @@ def build_tiny(seed: int = 0) -> Components:
     )
 
 
+def tiny_sdxl_unet_config() -> dict:
+    """The tiny UNet with SDXL's additions: text-time embedding of the pooled text embedding (32)
+    and six time ids (8 each), cross-attention over both encoders' states (32 + 32)."""
+    return {**tiny_unet_config(), "cross_attention_dim": 64, "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 32 + TIME_IDS * 8,
+            "use_linear_projection": True}
+
+
+def build_tiny_sdxl(seed: int = 0) -> Components:
+    """A random-init tiny SDXL (two text encoders, pooled embedding, time ids), for tests: save it
+    with ``StableDiffusionXLPipeline(...).save_pretrained`` to get an SDXL model directory."""
+    from pogdiff.data.synthetic import vocabulary
+
+    c = build_tiny(seed)
+    text_config = c.text_encoder.config
+    torch.manual_seed(seed + 1)
+    c.unet = UNet2DConditionModel(**tiny_sdxl_unet_config())
+    c.text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    c.tokenizer_2 = build_tiny_tokenizer(vocabulary())
+    return c
+
+
+def model_family(model: str | Path, revision: Optional[str] = None) -> str:
+    """``sdxl`` for a diffusers SDXL directory (a second text encoder, or an XL pipeline class in
+    ``model_index.json``) or hub id (its ``model_index.json``), else ``sd``."""
+    import json
+
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        from diffusers import DiffusionPipeline
+
+        return "sdxl" if "XL" in DiffusionPipeline.load_config(str(model), revision=revision).get("_class_name", "") \
+            else "sd"
+    index = path / "model_index.json"
+    if index.is_file() and "XL" in json.loads(index.read_text()).get("_class_name", ""):
+        return "sdxl"
+    return "sdxl" if (path / "text_encoder_2").is_dir() else "sd"
+
+
 def check_model_dir(path: Path) -> None:
     missing = []
-    for part, required in REQUIRED_PARTS.items():
+    parts = {**REQUIRED_PARTS, **(SDXL_PARTS if model_family(path) == "sdxl" else {})}
+    for part, required in parts.items():
         folder = path / part
         if not folder.is_dir():
             missing.append(f"{part}/")
@@ -120,18 +186,20 @@ def check_model_dir(path: Path) -> None:
             missing.append(f"{part}/{required}")
         elif required is None and not any(folder.iterdir()):
             missing.append(f"{part}/ (empty)")
-    if part_weights_missing := [p for p in ("unet", "vae", "text_encoder") if (path / p).is_dir()
+    if part_weights_missing := [p for p in ("unet", "vae", "text_encoder", "text_encoder_2") if (path / p).is_dir()
                                 and not any((path / p).glob("*.safetensors")) and not any((path / p).glob("*.bin"))]:
         missing += [f"{p}/ weights (*.safetensors or *.bin)" for p in part_weights_missing]
     if missing:
         raise ModelLoadError(
             f"model directory '{path}' is not a complete diffusers Stable Diffusion directory; missing: "
-            + ", ".join(missing) + ". Export one with StableDiffusionPipeline.save_pretrained(), or use model.name=tiny."
+            + ", ".join(missing) + ". Export one with StableDiffusionPipeline.save_pretrained() (or "
+            "StableDiffusionXLPipeline's), or use model.name=tiny."
         )
 
 
-def load_components(cfg: ModelConfig, with_unet: bool = True) -> Components:
-    """``with_unet=False`` leaves ``unet`` None: the frozen encoders alone (e.g. for ``prepare``)."""
+def load_components(cfg: ModelConfig, with_unet: bool = True, with_vae: bool = True) -> Components:
+    """``with_unet=False`` leaves ``unet`` None: the frozen encoders alone (e.g. for ``prepare``);
+    ``with_vae=False`` leaves ``vae`` None too (the text encoders alone, for training)."""
     if cfg.name == "tiny":
         return build_tiny(cfg.seed)
     path = Path(cfg.name).expanduser()
@@ -143,12 +211,16 @@ def load_components(cfg: ModelConfig, with_unet: bool = True) -> Components:
     else:
         source, kw = cfg.name, {"revision": cfg.revision}
     try:
+        xl = model_family(source, cfg.revision) == "sdxl"
         return Components(
             unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw) if with_unet else None,
-            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **kw),
+            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **kw) if with_vae else None,
             text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw),
             tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
             noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **kw)
+            if xl else None,
+            tokenizer_2=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw) if xl else None,
         )
     except OSError as e:
         raise ModelLoadError(f"could not load Stable Diffusion components from '{cfg.name}': {e}") from None
@@ -161,18 +233,57 @@ def freeze(*modules: torch.nn.Module) -> None:
 
 
 def tokenize(components: Components, captions: list[str]) -> torch.Tensor:
-    """Caption token ids (B, L) int64, padded/truncated to the tokenizer's max length (77 for SD)."""
-    return components.tokenizer(
-        captions, padding="max_length", max_length=components.tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
-    ).input_ids
+    """Caption token ids (B, L) int64, padded/truncated to the tokenizer's max length (77 for SD);
+    SDXL: (B, 2L), the first tokenizer's ids then the second's."""
+    return torch.cat([tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt").input_ids
+                      for tokenizer in (components.tokenizer, components.tokenizer_2) if tokenizer is not None], 1)
 
 
 @torch.no_grad()
 def encode_tokens(components: Components, input_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token hidden states (B, L, D) for UNet cross-attention, pooled embedding (B, D))."""
-    out = components.text_encoder(input_ids.to(device, torch.long))
-    return out.last_hidden_state, out.pooler_output
+    """(the UNet's conditioning, pooled text embedding (B, P)), see the module's docstring. SDXL's
+    pooled embedding is the second encoder's projection (what its UNet's text-time embedding
+    takes); its time ids are left 0 here."""
+    ids = input_ids.to(device, torch.long)
+    if components.text_encoder_2 is None:
+        out = components.text_encoder(ids)
+        return out.last_hidden_state, out.pooler_output
+    first, second = ids.chunk(2, dim=1)  # as diffusers' SDXL encode_prompt: penultimate states, pooled of the 2nd
+    one = components.text_encoder(first, output_hidden_states=True).hidden_states[-2]
+    out = components.text_encoder_2(second, output_hidden_states=True)
+    hidden, pooled = torch.cat([one, out.hidden_states[-2]], -1), out.text_embeds
+    if hidden.shape[-1] < pooled.shape[-1] + TIME_IDS:
+        raise ModelLoadError(f"SDXL text states ({hidden.shape[-1]}) narrower than the pooled embedding "
+                             f"({pooled.shape[-1]}) and {TIME_IDS} time ids")
+    row = torch.zeros_like(hidden[:, :1])
+    row[:, 0, :pooled.shape[-1]] = pooled.to(row.dtype)
+    return torch.cat([hidden, row], 1), pooled
+
+
+def pooled_dim(unet_config: Optional[dict]) -> Optional[int]:
+    """The pooled text embedding's width an SDXL UNet takes (None: no text-time embedding, or no
+    diffusers config at all)."""
+    if not unet_config or unet_config.get("addition_embed_type") != "text_time":
+        return None
+    return unet_config["projection_class_embeddings_input_dim"] - TIME_IDS * unet_config["addition_time_embed_dim"]
+
+
+def attach_time_ids(cond: torch.Tensor, time_ids: torch.Tensor, pooled: int) -> torch.Tensor:
+    """SDXL conditioning (B, L + 1, D) with x's time ids (B, 6) written after the pooled embedding."""
+    cond = cond.clone()
+    cond[:, -1, pooled:pooled + TIME_IDS] = time_ids.to(cond.device, cond.dtype)
+    return cond
+
+
+def unet_kwargs(unet_config: Optional[dict], cond: torch.Tensor) -> dict:
+    """The UNet's conditioning arguments from ``cond`` (see the module's docstring)."""
+    pooled = pooled_dim(unet_config)
+    if pooled is None:
+        return {"encoder_hidden_states": cond}
+    row = cond[:, -1]
+    return {"encoder_hidden_states": cond[:, :-1],
+            "added_cond_kwargs": {"text_embeds": row[:, :pooled], "time_ids": row[:, pooled:pooled + TIME_IDS]}}
 
 
 def encode_text(components: Components, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,6 +300,7 @@ def resolve_device(name: str) -> torch.device:
 
 def save_components(c: Components, path: Path) -> None:
     """A diffusers Stable Diffusion directory (without model_index.json) of these components."""
-    for name in ("unet", "vae", "text_encoder", "tokenizer"):
-        getattr(c, name).save_pretrained(path / name)
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+        if getattr(c, name) is not None:
+            getattr(c, name).save_pretrained(path / name)
     c.noise_scheduler.save_pretrained(path / "scheduler")

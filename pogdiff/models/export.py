@@ -1,7 +1,8 @@
 """The trained model in diffusers format, and image grids.
 
     export_model(cfg, model_dir, weights, out)
-      full fine-tune:     out/unet (UNet2DConditionModel), out/pipeline (StableDiffusionPipeline)
+      full fine-tune:     out/unet (UNet2DConditionModel), out/pipeline (StableDiffusionPipeline, or
+                          StableDiffusionXLPipeline for an SDXL base)
       train.adapter=lora: out/lora/pytorch_lora_weights.safetensors (+ base.json naming the base);
                           export.fuse_lora also writes out/pipeline with the adapter fused in
     StableDiffusionPipeline.from_pretrained(out / "pipeline", safety_checker=None,
@@ -17,23 +18,37 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from PIL import Image
 
 from pogdiff.runs import atomic_path
 from pogdiff.config import ModelConfig, TrainConfig
-from pogdiff.models.components import load_components
+from pogdiff.models.components import load_components, model_family
+
+PIPELINES = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
 
 
-def make_pipeline(model_dir: str | Path, unet: UNet2DConditionModel,
-                  prediction_type: Optional[str] = None) -> StableDiffusionPipeline:
-    """A DDIM Stable Diffusion pipeline: ``model_dir``'s frozen parts around ``unet``; its scheduler
+def pipeline_class(model_dir: str | Path):
+    """The diffusers pipeline class of ``model_dir``'s model family."""
+    return PIPELINES[model_family(model_dir)]
+
+
+def make_pipeline(model_dir: str | Path, unet: UNet2DConditionModel, prediction_type: Optional[str] = None):
+    """A DDIM pipeline of ``model_dir``'s family: its frozen parts around ``unet``; its scheduler
     says ``prediction_type`` when given (what the UNet was trained to predict), else the model's."""
     from diffusers import DDIMScheduler
 
     c = load_components(ModelConfig(name=str(model_dir)), with_unet=False)
     scheduler = c.ddim_scheduler() if prediction_type is None else \
         DDIMScheduler.from_config(c.noise_scheduler.config, prediction_type=prediction_type)
+    if c.family == "sdxl":
+        import json
+
+        index = Path(model_dir) / "model_index.json"  # the base's guidance: a zero or an encoded empty caption
+        zeros = json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True) if index.is_file() else True
+        return StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2,
+                                         tokenizer=c.tokenizer, tokenizer_2=c.tokenizer_2, unet=unet, scheduler=scheduler,
+                                         force_zeros_for_empty_prompt=zeros)
     return StableDiffusionPipeline(
         vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=unet,
         scheduler=scheduler,
@@ -69,8 +84,8 @@ def export_model(tc: TrainConfig, model_dir: str | Path, weights: dict[str, torc
                 save(tmp)
         return out
     with atomic_path(out / "lora") as tmp:
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora_layers(unet), weight_name=LORA_WEIGHTS,
-                                                  safe_serialization=True)
+        pipeline_class(model_dir).save_lora_weights(tmp, unet_lora_layers=lora_layers(unet), weight_name=LORA_WEIGHTS,
+                                                    safe_serialization=True)
         (tmp / "base.json").write_text(json.dumps({
             "model_dir": str(Path(model_dir).resolve()), "prediction_type": tc.prediction_type,
             "adapter": tc.adapter, "rank": tc.lora_rank, "alpha": tc.lora_alpha or tc.lora_rank,
@@ -86,7 +101,7 @@ def export_model(tc: TrainConfig, model_dir: str | Path, weights: dict[str, torc
     return out
 
 
-def lora_pipeline(model_dir: str | Path, lora_dir: str | Path) -> StableDiffusionPipeline:
+def lora_pipeline(model_dir: str | Path, lora_dir: str | Path):
     """``model_dir``'s pipeline (its own UNet) with the LoRA weights of ``lora_dir`` loaded."""
     import json
 

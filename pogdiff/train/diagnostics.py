@@ -64,7 +64,8 @@ def text_sensitivity(engine, objective: Objective, batch: Batch, is_minority: to
     order = torch.arange(len(x0)).roll(1)  # another sample of the batch; counted where its identity differs
     differs = (own[order] != own) & (own >= 0) & (own[order] >= 0)
     t3 = t.to(device).repeat(3)
-    eps = engine(x_t.repeat(3, *([1] * (x0.dim() - 1))), t3, torch.cat([y, null, y[order.to(device)]])).float()
+    cond = objective.text.attach(torch.cat([y, null, y[order.to(device)]]), batch.time_ids, repeat=3)
+    eps = engine(x_t.repeat(3, *([1] * (x0.dim() - 1))), t3, cond).float()
     e, e_null, e_swap = eps.chunk(3)
     d_null = (e - e_null).pow(2).flatten(1).mean(1).double().cpu()
     d_swap = (e - e_swap).pow(2).flatten(1).mean(1).double().cpu()

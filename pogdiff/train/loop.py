@@ -30,6 +30,7 @@ import torch
 from pogdiff.config import Config, ConfigError, Method, ModelConfig, TrainConfig
 from pogdiff.data.dataset import Dataset
 from pogdiff.method.objectives import Batch, LossOutput, Objective, TextConditioner
+from pogdiff.models.components import unet_kwargs
 from pogdiff.runs import derive_seed
 from pogdiff.train.ema import ShardedEMA, flat_shard
 from pogdiff.train.metrics import MetricsLog, term_stats
@@ -65,7 +66,7 @@ def stream_batches(loader, start_micro: int, device: torch.device, dtype: torch.
                 skip -= 1
                 continue
             yield Batch(index=b["index"], latents=b["latents"].to(device, dtype), tokens=b["tokens"], keys=b["key"],
-                        skipped=b.get("skipped", 0))
+                        skipped=b.get("skipped", 0), time_ids=b.get("time_ids"))
         if skipped:
             log.warning("epoch %d: the reader skipped %d samples (unreadable shards, corrupt or non-finite samples; "
                         "see the warnings above)", loader.epoch - 1, skipped)
@@ -87,14 +88,18 @@ def check_data_position(saved: Optional[dict], now: dict) -> None:
 # --------------------------------------------------------------------------- model and objective setup
 
 def text_conditioner(model_dir: str, ds: Dataset, device: torch.device) -> TextConditioner:
-    """The frozen text encoder over the dataset's memory-mapped token table."""
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """The frozen text encoder(s) over the dataset's memory-mapped token table."""
+    from pogdiff.models.components import encode_tokens, freeze, load_components, tokenize
 
-    encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder").to(device).eval().requires_grad_(False)
-    tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-    null = tokenizer([""], padding="max_length", max_length=ds.index.tokens.shape[1], truncation=True,
-                     return_tensors="pt").input_ids[0]
-    return TextConditioner(lambda ids: encoder(ids.to(device)).last_hidden_state, ds.index.tokens, null)
+    c = load_components(ModelConfig(name=model_dir), with_unet=False, with_vae=False)
+    for encoder in c.text_encoders:
+        freeze(encoder.to(device))
+    null = tokenize(c, [""])[0]
+    if len(null) != ds.index.tokens.shape[1]:
+        raise ValueError(f"the dataset '{ds.root}' holds {ds.index.tokens.shape[1]} token ids per caption, the model "
+                         f"'{model_dir}' makes {len(null)}: the dataset was prepared with another model")
+    pooled = c.text_encoder_2.config.projection_dim if c.family == "sdxl" else None
+    return TextConditioner(lambda ids: encode_tokens(c, ids, device)[0], ds.index.tokens, null, pooled)
 
 
 def build_objective(cfg: Config, ds: Dataset, text: TextConditioner, alphas_cumprod: torch.Tensor,
@@ -226,7 +231,7 @@ class LocalEngine:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device_type, dtype=self.autocast, enabled=self.autocast is not None):
-            return self.module(x, t, encoder_hidden_states=cond).sample.float()
+            return self.module(x, t, **unet_kwargs(getattr(self.module, "config", None), cond)).sample.float()
 
     def backward(self, loss: torch.Tensor) -> None:
         loss = loss / self.tc.grad_accum
@@ -380,7 +385,7 @@ def _without(batches: Iterator[Batch], quarantined: set[int]) -> Iterator[Batch]
                     continue
                 batch = Batch(batch.index[keep], batch.latents[keep.to(batch.latents.device)], batch.tokens[keep],
                               [k for k, ok in zip(batch.keys, keep.tolist()) if ok] if batch.keys else None,
-                              batch.skipped)
+                              batch.skipped, None if batch.time_ids is None else batch.time_ids[keep])
         yield batch
 
 
