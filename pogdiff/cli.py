@@ -122,6 +122,14 @@ def _pretrain(cfg: Config) -> int:
     return 0
 
 
+def _pretrain_encoder(cfg: Config) -> int:
+    from pogdiff.models.ssl_encoder import pretrain_encoder
+
+    stats = pretrain_encoder(cfg)
+    print(json.dumps({k: stats[k] for k in ("images", "first_loss", "last_loss", "seconds", "go_no_go")}, indent=1))
+    return 0
+
+
 def _demo(cfg: Config) -> int:
     from pogdiff.experiment.demo import run_demo
 
@@ -141,6 +149,8 @@ VERBS: dict[str, tuple[Callable[[Config], int], str]] = {
     "report": (_report, "tables, charts and sample grids over experiment.variants x experiment.seeds"),
     "experiment": (_experiment, "train every variant x seed on the same data, evaluate, report (configs/experiment.yaml)"),
     "pretrain": (_pretrain, "the tiny model's base: UNet + text encoder from scratch on disjoint balanced identities, with a go/no-go"),
+    "pretrain-encoder": (_pretrain_encoder, "the neighbours' learned image encoder (tiny-ssl): SimCLR on disjoint "
+                         "unlabelled identities, with its go/no-go against the pixel encoder"),
     "demo": (_demo, "the end-to-end demo: prepare -> index -> density -> train-dist per method -> sample -> eval -> report"),
 }
 

@@ -306,6 +306,23 @@ class PretrainConfig:
 
 
 @dataclass
+class SSLConfig:
+    """``pogdiff pretrain-encoder``: the neighbours' learned image encoder (``data.image_encoder=tiny-ssl``),
+    SimCLR on unlabelled renders of synthetic identities disjoint from every fine-tuning profile and
+    from the recogniser's (pogdiff.models.ssl_encoder)."""
+
+    ids: int = 1024
+    images_per_id: int = 4
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 2e-3
+    temperature: float = 0.2
+    dim: int = 64  # the embedding's width
+    seed: int = 0
+    output: Optional[str] = None  # default <output_dir>/tiny-ssl
+
+
+@dataclass
 class PrepareConfig:
     """``pogdiff prepare``: data.source (a JSONL/CSV manifest, or "synthetic") -> WebDataset shards.
 
@@ -406,6 +423,7 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
@@ -529,6 +547,9 @@ RANGES: dict[str, tuple[str, float, float, str]] = {
     "train.lora_rank": ("[", 1, math.inf, ")"), "train.lora_dropout": ("[", 0, 1, ")"),
     "pretrain.eval_ids": ("[", 1, math.inf, ")"), "train.max_bad_steps": ("[", 1, math.inf, ")"), "train.lease_timeout": ("(", 0, math.inf, ")"),
     "storage.retry_timeout": ("(", 0, math.inf, ")"), "prepare.batch_size": ("[", 1, math.inf, ")"),
+    "ssl.ids": ("[", 2, math.inf, ")"), "ssl.images_per_id": ("[", 1, math.inf, ")"), "ssl.steps": ("[", 1, math.inf, ")"),
+    "ssl.batch_size": ("[", 2, math.inf, ")"), "ssl.lr": ("(", 0, math.inf, ")"), "ssl.temperature": ("(", 0, math.inf, ")"),
+    "ssl.dim": ("[", 1, math.inf, ")"),
 }
 
 

@@ -72,6 +72,7 @@ def absolute_paths(cfg: Config) -> Config:
         experiment=dataclasses.replace(cfg.experiment, report_dir=_absolute(cfg.experiment.report_dir)),
         train=dataclasses.replace(cfg.train, resume_from_checkpoint=_absolute(cfg.train.resume_from_checkpoint)),
         pretrain=dataclasses.replace(cfg.pretrain, output=_absolute(cfg.pretrain.output)),
+        ssl=dataclasses.replace(cfg.ssl, output=_absolute(cfg.ssl.output)),
     )
 
 

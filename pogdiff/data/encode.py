@@ -38,14 +38,20 @@ ImageEncoder = Callable[[Sequence[Image.Image]], torch.Tensor]  # images -> (B, 
 
 
 def load_image_encoder(name: str, device: torch.device | str = "cpu") -> ImageEncoder:
-    """The image encoder for neighbours (Eq. 8): ``tiny`` (weight-free) or a local Hugging Face
-    vision model directory (CLIP, SigLIP: ``get_image_features``; DINOv2, ViT: the pooled CLS
-    output), loaded with AutoModel/AutoImageProcessor. Nothing is downloaded."""
+    """The image encoder for neighbours (Eq. 8): ``tiny`` (weight-free pixel correlation),
+    ``tiny-ssl`` (the committed self-supervised CNN, pogdiff.models.ssl_encoder) or a directory
+    ``pogdiff pretrain-encoder`` wrote, or a local Hugging Face vision model directory (CLIP,
+    SigLIP: ``get_image_features``; DINOv2, ViT: the pooled CLS output), loaded with
+    AutoModel/AutoImageProcessor. Nothing is downloaded."""
     if name == "tiny":
         return tiny_image_embedding
-    path = Path(name).expanduser()
+    from pogdiff.models.ssl_encoder import SSL_DIR, is_encoder_dir, load_encoder
+
+    path = SSL_DIR if name == "tiny-ssl" else Path(name).expanduser()
+    if is_encoder_dir(path):  # tiny-ssl, or another `pogdiff pretrain-encoder` output
+        return load_encoder(path, device)
     if not (path / "config.json").is_file() or not (path / "preprocessor_config.json").is_file():
-        raise ValueError(f"image encoder '{name}' is not 'tiny' nor a local Hugging Face model directory with "
+        raise ValueError(f"image encoder '{name}' is not 'tiny', 'tiny-ssl' nor a local Hugging Face model directory with "
                          "config.json and preprocessor_config.json (save one with model.save_pretrained() and "
                          "AutoImageProcessor.save_pretrained())")
     from transformers import AutoImageProcessor, AutoModel
