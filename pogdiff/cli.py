@@ -114,6 +114,13 @@ def _experiment(cfg: Config) -> int:
     return 0
 
 
+def _sweep(cfg: Config) -> int:
+    from pogdiff.experiment.sweep import run_sweep
+
+    print(run_sweep(cfg))
+    return 0
+
+
 def _pretrain(cfg: Config) -> int:
     from pogdiff.models.pretrain import pretrain
 
@@ -149,6 +156,7 @@ VERBS: dict[str, tuple[Callable[[Config], int], str]] = {
     "report": (_report, "tables, charts and sample grids over experiment.variants x experiment.seeds"),
     "experiment": (_experiment, "train every variant x seed on the same data, evaluate, report (configs/experiment.yaml)"),
     "pretrain": (_pretrain, "the tiny model's base: UNet + text encoder from scratch on disjoint balanced identities, with a go/no-go"),
+    "sweep": (_sweep, "PoGDiff's settings one factor at a time against the baselines, cached; sweep.md and a Pareto figure"),
     "pretrain-encoder": (_pretrain_encoder, "the neighbours' learned image encoder (tiny-ssl): SimCLR on disjoint "
                          "unlabelled identities, with its go/no-go against the pixel encoder"),
     "demo": (_demo, "the end-to-end demo: prepare -> index -> density -> train-dist per method -> sample -> eval -> report"),

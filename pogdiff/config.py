@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import enum
 import math
+import re
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -287,6 +288,16 @@ class ExperimentConfig:
 
 
 @dataclass
+class SweepConfig:
+    """``pogdiff sweep``: PoGDiff at each point (a name and its dotted overrides), against the
+    baselines on the same data and seeds (pogdiff.experiment.sweep)."""
+
+    points: dict[str, list[str]] = field(default_factory=lambda: {"paper": []})
+    baselines: list[str] = field(default_factory=lambda: ["vanilla", "cbdm"])
+    report_dir: Optional[str] = None  # default <output_dir>/<run_name>/sweep
+
+
+@dataclass
 class PretrainConfig:
     """``pogdiff pretrain``: the tiny model's base. UNet and text encoder trained from scratch on
     balanced synthetic identities disjoint from every fine-tuning profile (names from the same
@@ -424,6 +435,7 @@ class Config:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
@@ -500,6 +512,15 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), s
             merged = OmegaConf.merge(merged, raw)
         except OmegaConfBaseException as e:
             raise _explain(e, str(path), schema) from None
+    return _finish(merged, overrides, str(path or "config"), schema)
+
+
+def with_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """``cfg`` with dotted overrides applied, validated as ``load_config`` validates a file's."""
+    return _finish(OmegaConf.structured(cfg), overrides, "config", Config)
+
+
+def _finish(merged, overrides: Sequence[str], source: str, schema: Any) -> Config:
     for item in overrides:
         key, value = _parse_override(item)
         try:
@@ -509,7 +530,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), s
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        raise _explain(e, str(path or "config"), schema) from None
+        raise _explain(e, source, schema) from None
     _check_values(cfg)
     return cfg
 
@@ -621,6 +642,10 @@ def _check_values(cfg: Config) -> None:
         problems.append("sample.steps, sample.images_per_id and sample.batch_size must be >= 1")
     if not -1.0 <= cfg.eval.grecall_threshold <= 1.0:
         problems.append(f"eval.grecall_threshold is a cosine similarity in [-1, 1], got {cfg.eval.grecall_threshold}")
+    if unknown := [v for v in cfg.sweep.baselines if v not in VARIANTS or v.startswith("pogdiff")]:
+        problems.append(f"sweep.baselines: {unknown} are not baselines; choose from vanilla, cbdm, t2h")
+    if bad := [name for name in cfg.sweep.points if not re.fullmatch(r"[A-Za-z0-9_.-]+", name)]:
+        problems.append(f"sweep.points: names {bad} must be letters, digits, '_', '.' or '-' (they name run folders)")
     unknown = [v for v in cfg.experiment.variants if v not in VARIANTS]
     if unknown:
         problems.append(f"experiment.variants: unknown {unknown}; choose from {list(VARIANTS)}")

@@ -73,6 +73,7 @@ def absolute_paths(cfg: Config) -> Config:
         train=dataclasses.replace(cfg.train, resume_from_checkpoint=_absolute(cfg.train.resume_from_checkpoint)),
         pretrain=dataclasses.replace(cfg.pretrain, output=_absolute(cfg.pretrain.output)),
         ssl=dataclasses.replace(cfg.ssl, output=_absolute(cfg.ssl.output)),
+        sweep=dataclasses.replace(cfg.sweep, report_dir=_absolute(cfg.sweep.report_dir)),
     )
 
 

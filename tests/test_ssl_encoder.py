@@ -42,6 +42,7 @@ def test_augment_keeps_shape_and_range_and_draws_from_its_generator():
     assert corner > centre  # the background ring is refilled, the centre only moved and relit
 
 
+@pytest.mark.slow
 def test_pretrain_encoder_from_another_directory_and_prepare_with_it(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([POGDIFF, "pretrain-encoder", str(ROOT / "configs/encoder.yaml"), "ssl.steps=3",
