@@ -100,6 +100,9 @@ class MethodConfig:
     psi_img: bool = True  # Table 6 ablation "w/o psi_img" when false
     psi_inv: bool = True  # Table 6 ablation "w/o psi_inv" when false
     cbdm_tau: float = 1.0
+    # PoGDiff trains as Vanilla for this many steps before its pair term starts (0: from the first);
+    # a warm-up that lets the names bind before the pair term pulls y towards y'.
+    pair_start: int = 0
 
 
 @dataclass
@@ -546,7 +549,7 @@ RANGES: dict[str, tuple[str, float, float, str]] = {
     "train.validate_every": ("[", 0, math.inf, ")"), "train.validation_images": ("[", 1, math.inf, ")"),
     "train.validation_ddim_steps": ("[", 1, math.inf, ")"), "train.caption_dropout": ("[", 0, 1, "]"),
     "method.a1": ("[", 0, math.inf, ")"), "method.a2": ("[", 0, math.inf, ")"), "method.a3": ("(", 0, math.inf, ")"),
-    "method.cbdm_tau": ("[", 0, math.inf, ")"),
+    "method.cbdm_tau": ("[", 0, math.inf, ")"), "method.pair_start": ("[", 0, math.inf, ")"),
     "density.epochs": ("[", 1, math.inf, ")"), "density.lr": ("(", 0, math.inf, ")"),
     "density.batch_size": ("[", 1, math.inf, ")"), "density.latent_dim": ("[", 1, math.inf, ")"),
     "density.hidden_dim": ("[", 1, math.inf, ")"), "density.elbo_samples": ("[", 1, math.inf, ")"),

@@ -162,3 +162,20 @@ def test_min_snr_weighting_per_prediction_type(prediction_type, denominator):
         b = weighted(unet, Batch(idx, lat[idx], idx[:, None]), torch.Generator().manual_seed(seed))
         snr = ABAR[a.timesteps] / (1 - ABAR[a.timesteps])
         assert b.loss.item() == pytest.approx(a.loss.item() * (snr.clamp(max=gamma) / denominator(snr)).item(), rel=1e-5)
+
+
+def test_pogdiff_trains_as_vanilla_until_pair_start():
+    """method.pair_start: before it, the very loss (and random stream) of Vanilla; from it, PoGDiff's."""
+    idx = torch.tensor([0, 3, 5])
+    unet = LinearUNet()
+    pog, lat, _, _ = _objective(Method.pogdiff, pair_start=4)
+    vanilla, _, _, _ = _objective(Method.vanilla)
+    plain, _, _, _ = _objective(Method.pogdiff)
+    batch = Batch(idx, lat[idx], idx[:, None])
+    run = lambda obj, step: obj(unet, batch, torch.Generator().manual_seed(7), True, step)  # noqa: E731
+    early = run(pog, 3)
+    assert early.pair_mse is None and early.partner is None
+    assert early.loss.item() == run(vanilla, 3).loss.item()
+    late = run(pog, 4)
+    assert late.partner is not None and late.loss.item() == run(plain, 4).loss.item()
+    assert run(pog, None).loss.item() == late.loss.item()  # no step given: the pair term is on

@@ -149,7 +149,9 @@ class Objective:
         if caption_dropout > 0 and text.null_tokens is None:
             raise ValueError("caption_dropout > 0 needs the empty caption's tokens (TextConditioner.null_tokens)")
 
-    def __call__(self, unet: UNetFn, batch: Batch, generator: torch.Generator, with_terms: bool = False) -> LossOutput:
+    def __call__(self, unet: UNetFn, batch: Batch, generator: torch.Generator, with_terms: bool = False,
+                 step: Optional[int] = None) -> LossOutput:
+        """The loss of ``batch``; ``step`` (the optimizer step) is what ``method.pair_start`` counts."""
         x0 = batch.latents
         bsz, device = x0.shape[0], x0.device
         y = self.text(batch.tokens, device, x0.dtype)
@@ -172,6 +174,8 @@ class Objective:
             y = torch.where(to_device(dropped, device).view(-1, 1, 1), self.text.null(device, y.dtype), y)
 
         method = self.cfg.name
+        if method == Method.pogdiff and step is not None and step < self.cfg.pair_start:
+            method = Method.vanilla  # the warm-up: no y' drawn, no pair term
         target, x0_target, y_prime, nid = noise, x0, None, None
         if method == Method.vanilla:
             weights = TwoTermWeights.single(bsz, x0)

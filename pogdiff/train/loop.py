@@ -362,7 +362,7 @@ def train_step(engine, objective: Objective, batches: Iterator[Batch], seed: int
         waited += time.perf_counter() - t
         if guard is not None:
             guard.data_skipped += batch.skipped
-        out = objective(engine, batch, step_generator(seed, engine.rank, step * grad_accum + micro), with_terms)
+        out = objective(engine, batch, step_generator(seed, engine.rank, step * grad_accum + micro), with_terms, step)
         if guard is not None and guard.is_bad(engine, batch, out):
             skipped = True
             continue
