@@ -295,7 +295,9 @@ class SweepConfig:
     """``pogdiff sweep``: PoGDiff at each point (a name and its dotted overrides), against the
     baselines on the same data and seeds (pogdiff.experiment.sweep)."""
 
-    points: dict[str, list[str]] = field(default_factory=lambda: {"paper": []})
+    # name -> overrides; empty: the config as it is, as one point named "config". (A default point
+    # here would be merged into every file's points.)
+    points: dict[str, list[str]] = field(default_factory=dict)
     baselines: list[str] = field(default_factory=lambda: ["vanilla", "cbdm"])
     report_dir: Optional[str] = None  # default <output_dir>/<run_name>/sweep
 

@@ -66,3 +66,18 @@ def test_a_bad_point_override_exits_2_before_anything_runs(tmp_path):
     proc = sweep(tmp_path, "sweep.points.typo=[method.a4=2]")
     assert proc.returncode == 2 and "method.a4" in proc.stderr, proc.stderr[-2000:]
     assert not list((tmp_path / "runs").glob("*/*-seed*")) and not (tmp_path / "runs" / "datasets").exists()
+
+
+def test_the_points_are_the_files_own(tmp_path):
+    """A file's points are all the points (nothing merged in from a default); none: the config as it is."""
+    from pogdiff.experiment.sweep import point_configs
+    from pogdiff.runs import load_run_config
+
+    text = (ROOT / "configs/sweep.yaml").read_text()
+    (tmp_path / "mine.yaml").write_text(text[:text.index("  points:")] + "  points:\n    weak: [method.a3=8]\n")
+    (tmp_path / "none.yaml").write_text(text[:text.index("  points:")] + "  points: {}\n")
+    points = point_configs(load_run_config(tmp_path / "mine.yaml", [f"output_dir={tmp_path}"]))
+    assert list(points) == ["weak"]
+    point, base = points["weak"]
+    assert point.method.a3 == 8 and base.method.a3 == 1 and point.run_name == "sweep-weak" and base.run_name == "sweep-base"
+    assert list(point_configs(load_run_config(tmp_path / "none.yaml", [f"output_dir={tmp_path}"]))) == ["config"]

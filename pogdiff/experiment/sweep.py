@@ -40,7 +40,7 @@ def point_configs(cfg: Config) -> dict[str, tuple[Config, Config]]:
     """point -> (its PoGDiff experiment's config, its baselines' config); every override checked
     before anything runs (a bad one is a ConfigError, exit 2)."""
     out = {}
-    for name, overrides in cfg.sweep.points.items():
+    for name, overrides in (cfg.sweep.points or {"config": []}).items():
         point = absolute_paths(with_overrides(cfg, [*overrides, f"run_name={cfg.run_name}-{name}",
                                                     "experiment.variants=[pogdiff]"]))
         shared = sorted(o for o in overrides if not o.startswith("method."))
@@ -60,7 +60,7 @@ def run_sweep(cfg: Config, progress: bool = True) -> Path:
 
     points = point_configs(cfg)
     for name, (point, base) in points.items():
-        log.info("sweep point %s: %s", name, cfg.sweep.points[name] or "the config as it is")
+        log.info("sweep point %s: %s", name, cfg.sweep.points.get(name) or "the config as it is")
         run_experiment(base, progress)
         run_experiment(point, progress)
         write_summary(cfg, points, report_dir(cfg))
@@ -108,7 +108,7 @@ def write_summary(cfg: Config, points: dict[str, tuple[Config, Config]], out: Pa
                 better = sum((p <= q) if key in LOWER_IS_BETTER else (p >= q) for p, q in pairs)
                 wins.append(f"{better}/{len(pairs)}")
             cells.append(f"{np.mean(mine):.3f} [{' '.join(wins)}]")
-        md.append(f"| {name} | {' '.join(cfg.sweep.points[name]) or '(the config)'} | " + " | ".join(cells) + " |")
+        md.append(f"| {name} | {' '.join(cfg.sweep.points.get(name, [])) or '(the config)'} | " + " | ".join(cells) + " |")
     shared = {}  # baseline runs -> the points they stand beside
     for name, (_, base) in points.items():
         shared.setdefault(base.run_name, []).append(name)
