@@ -249,7 +249,8 @@ def encode_tokens(components: Components, input_ids: torch.Tensor, device: torch
     if components.text_encoder_2 is None:
         out = components.text_encoder(ids)
         return out.last_hidden_state, out.pooler_output
-    first, second = ids.chunk(2, dim=1)  # as diffusers' SDXL encode_prompt: penultimate states, pooled of the 2nd
+    split = components.tokenizer.model_max_length  # tokenize's layout: the first tokenizer's ids, then the second's
+    first, second = ids[:, :split], ids[:, split:]  # as diffusers' SDXL encode_prompt: penultimate states, pooled of the 2nd
     one = components.text_encoder(first, output_hidden_states=True).hidden_states[-2]
     out = components.text_encoder_2(second, output_hidden_states=True)
     hidden, pooled = torch.cat([one, out.hidden_states[-2]], -1), out.text_embeds
