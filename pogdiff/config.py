@@ -268,7 +268,8 @@ class EvalConfig:
 # Experiment variant -> method overrides (Tables 1, 2, 5: the methods; Table 6: the ablations).
 # The one list of methods and variants: the demo, the experiment and the report read it from here.
 METHODS = ["vanilla", "cbdm", "t2h", "pogdiff"]  # Tables 1, 2, 5 (and the demo)
-ABLATION = ["vanilla", "pogdiff-no_psi_img", "pogdiff-no_psi_inv", "pogdiff-stop", "pogdiff"]  # Table 6 (w/o y' is vanilla)
+ABLATION = ["vanilla", "pogdiff-no_psi_img", "pogdiff-no_psi_inv", "pogdiff-stop", "pogdiff",
+            "pogdiff-a3x16"]  # Table 6 (w/o y' is vanilla), and the sweep's best point
 VARIANTS: dict[str, dict] = {
     "vanilla": {"name": "vanilla"},  # Table 6 "w/o y'"
     "cbdm": {"name": "cbdm"},
@@ -277,6 +278,7 @@ VARIANTS: dict[str, dict] = {
     "pogdiff-stop": {"name": "pogdiff", "grad_mode": GradMode.stop},  # the y' half without gradient
     "pogdiff-no_psi_img": {"name": "pogdiff", "psi_img": False},
     "pogdiff-no_psi_inv": {"name": "pogdiff", "psi_inv": False},
+    "pogdiff-a3x16": {"name": "pogdiff", "a3": 16.0},  # the pair term at a sixteenth: docs/sweep's best point
 }
 
 

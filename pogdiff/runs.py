@@ -138,6 +138,7 @@ def method_tag(cfg: Config) -> str:
     tag = m.name.value
     if m.name == Method.pogdiff:
         tag += f"-{m.grad_mode.value}" + ("" if m.psi_img else "-no_psi_img") + ("" if m.psi_inv else "-no_psi_inv")
+        tag += ("" if m.a3 == 1 else f"-a3x{m.a3:g}") + (f"-start{m.pair_start}" if m.pair_start else "")
     if cfg.train.adapter != "none":  # beside the full fine-tune of the same method
         tag += f"-{cfg.train.adapter}"
     return f"{tag}-seed{cfg.train.seed}"

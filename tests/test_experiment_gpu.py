@@ -31,10 +31,12 @@ def test_gpu_experiment_script_stops_at_its_budget_and_resumes_to_a_full_report(
     assert "**Missing runs (not in the tables):**" in report  # what did not finish is said, not invented
 
     second, report = run_script(tmp_path, budget_s=1200)
-    assert second["stopped_at_budget"] is False and second["runs_scored"] == 14  # 7 variants x 2 seeds
+    assert second["stopped_at_budget"] is False and second["runs_scored"] == 16  # 8 variants x 2 seeds
     assert second["machine"].startswith("CPU") and Path(second["report"]) == tmp_path / "report" / "report.md"
     assert "Missing runs" not in report
     assert "| stop-gradient y' |" in report and "**Paired comparison" in report
     paired = (tmp_path / "report" / "paired.csv").read_text().splitlines()
     assert len(paired) == 1 + 2 * 3 * 3  # (All, Few) x 3 metrics x 3 baselines
     assert (tmp_path / "runs" / "experiment-gpu" / "pogdiff-stop-seed1" / "metrics.json").is_file()
+    assert (tmp_path / "runs" / "experiment-gpu" / "pogdiff-full-a3x16-seed1" / "metrics.json").is_file()
+    assert "| ψ / 16 (the sweep's best) |" in report  # beside the paper's setting

@@ -50,7 +50,7 @@ def test_sweep_shares_baselines_and_continues(tmp_path):
     assert {(r["point"], r["variant"]) for r in rows} == {(p, v) for p in ("paper", "a3x4", "ssl") for v in ("pogdiff", "vanilla")}
     by = {(r["point"], r["variant"]): r for r in rows}
     assert by[("paper", "vanilla")] == {**by[("a3x4", "vanilla")], "point": "paper"}  # the very same runs
-    assert json.loads((runs / "sweep-a3x4" / "pogdiff-full-lora-seed0" / "run_config.json").read_text())["method.a3"] == 4
+    assert json.loads((runs / "sweep-a3x4" / "pogdiff-full-a3x4-lora-seed0" / "run_config.json").read_text())["method.a3"] == 4
     md = (tmp_path / "out" / "sweep.md").read_text()
     assert "| a3x4 | method.a3=4 |" in md and "| vanilla (beside paper, a3x4) |" in md
     assert (tmp_path / "out" / "pareto.png").stat().st_size > 0
