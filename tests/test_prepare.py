@@ -324,7 +324,7 @@ def test_local_hugging_face_image_encoders(tmp_path):
         want_clip = clip.eval().visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)
     np.testing.assert_allclose(load_image_encoder(str(tmp_path / "dino"))(images), want_dino, atol=1e-5)
     np.testing.assert_allclose(load_image_encoder(str(tmp_path / "clip"))(images), want_clip, atol=1e-5)
-    with pytest.raises(ValueError, match="not 'tiny' nor a local Hugging Face model directory"):
+    with pytest.raises(ValueError, match="nor a local Hugging Face model directory"):
         load_image_encoder(str(tmp_path / "missing"))
     dataset = prepare(cfg_for(tmp_path, *SMALL, f"data.image_encoder={tmp_path / 'dino'}"), progress=False)
     assert dataset["image_emb_dim"] == 32 and dataset["image_encoder"] == str(tmp_path / "dino")

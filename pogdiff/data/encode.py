@@ -51,9 +51,9 @@ def load_image_encoder(name: str, device: torch.device | str = "cpu") -> ImageEn
     if is_encoder_dir(path):  # tiny-ssl, or another `pogdiff pretrain-encoder` output
         return load_encoder(path, device)
     if not (path / "config.json").is_file() or not (path / "preprocessor_config.json").is_file():
-        raise ValueError(f"image encoder '{name}' is not 'tiny', 'tiny-ssl' nor a local Hugging Face model directory with "
-                         "config.json and preprocessor_config.json (save one with model.save_pretrained() and "
-                         "AutoImageProcessor.save_pretrained())")
+        raise ValueError(f"image encoder '{name}' is not 'tiny', 'tiny-ssl', a `pogdiff pretrain-encoder` output nor "
+                         "a local Hugging Face model directory with config.json and preprocessor_config.json (save one "
+                         "with model.save_pretrained() and AutoImageProcessor.save_pretrained())")
     from transformers import AutoImageProcessor, AutoModel
 
     processor = AutoImageProcessor.from_pretrained(str(path))
