@@ -50,9 +50,13 @@ def base_env(**extra: str) -> dict[str, str]:
 
 
 def free_port_block(size: int) -> int:
-    """A base port with ``size`` consecutive free ports (Ray needs fixed, disjoint ports per node)."""
+    """A base port with ``size`` consecutive free ports (Ray needs fixed, disjoint ports per node),
+    below the kernel's ephemeral range: a block inside it (once 38184) can be taken by any outgoing
+    connection between this check and Ray binding it, and the head then fails to start."""
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) \
+        if Path("/proc/sys/net/ipv4/ip_local_port_range").is_file() else 32768
     for _ in range(50):
-        base = random.randrange(20000, 40000 - size)
+        base = random.randrange(10000, max(10001, ephemeral_low - size))
         try:
             for port in range(base, base + size):
                 with socket.socket() as s:
