@@ -26,6 +26,7 @@ from torch import nn
 from pogdiff.config import Config
 from pogdiff.data.encode import ImageEncoder, images_to_tensor, load_image_encoder
 from pogdiff.data.synthetic import make_identity
+from pogdiff.models.ssl_encoder import conv_block
 from pogdiff.models.tiny_vae import disjoint_records
 
 log = logging.getLogger("pogdiff.eval")
@@ -36,17 +37,13 @@ SHUFFLE_BUFFER = 1000  # own data: PNGs mixed across the shards the training str
 ROWS_PER_READ = 1 << 20  # rows of the memory-mapped identity column read at once
 
 
-def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
 class Recognizer(nn.Module):
     def __init__(self, dim: int = 64, n_classes: int = 1):
         super().__init__()
         self.features = nn.Sequential(
-            _block(3, 16), _block(16, 16), nn.MaxPool2d(2),
-            _block(16, 32), _block(32, 32), nn.MaxPool2d(2),
-            _block(32, 64), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64 * 16, dim),
+            conv_block(3, 16), conv_block(16, 16), nn.MaxPool2d(2),
+            conv_block(16, 32), conv_block(32, 32), nn.MaxPool2d(2),
+            conv_block(32, 64), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64 * 16, dim),
         )
         self.classifier = nn.Linear(dim, n_classes, bias=False)
 

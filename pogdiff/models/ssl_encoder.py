@@ -42,7 +42,8 @@ SALT = 4  # the tiny VAE, the recogniser (2) and tiny-base (3) use other salts
 RECOGNISER_SALT, RECOGNISER_LOOKS = 2, 1024  # the recogniser's first identities, whose looks are excluded
 
 
-def _block(cin: int, cout: int) -> nn.Sequential:
+def conv_block(cin: int, cout: int) -> nn.Sequential:
+    """3x3 conv, batch norm, ReLU: the block of this encoder and of the evaluation's recogniser."""
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
@@ -53,9 +54,9 @@ class SSLEncoder(nn.Module):
         super().__init__()
         self.size = size
         self.backbone = nn.Sequential(
-            _block(3, 16), _block(16, 16), nn.MaxPool2d(2),
-            _block(16, 32), _block(32, 32), nn.MaxPool2d(2),
-            _block(32, 64), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64 * 4, dim),
+            conv_block(3, 16), conv_block(16, 16), nn.MaxPool2d(2),
+            conv_block(16, 32), conv_block(32, 32), nn.MaxPool2d(2),
+            conv_block(32, 64), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64 * 4, dim),
         )
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
 
