@@ -1,4 +1,5 @@
-"""The data path at scale: synthetic N records at 32 px through prepare -> index -> density -> train-dist.
+"""The data path at scale: synthetic N records at 32 px through prepare -> index -> density -> train-dist
+-> sample -> eval.
 
     .venv/bin/python benchmarks/data_scale.py --n 10000 100000 [--steps 100] [--workers 2] [--out r.json]
 
@@ -12,6 +13,9 @@ logged window but the first). Prints one JSON object with the machine it ran on.
 Settings: the tiny model (VAE not pretrained: ``model.tiny_vae_steps=0``, which changes no cost of
 the pipeline), 60% of the records in identities of 30 images and 40% in identities of 2,
 ``prepare.workers`` processes, ``density.epochs=2`` (the VAE's cost is linear in N and epochs).
+sample and eval on a fixed subset: every majority identity and ``--few-ids`` minority ones
+(``sample.few_ids``), ``--images-per-id`` images each at 1 DDIM step; eval's recogniser trains for
+50 steps. eval still embeds every training image (its real-image statistics), so its cost grows with N.
 """
 from __future__ import annotations
 
@@ -120,6 +124,10 @@ def measure(n: int, args, work: Path) -> dict:
                  data_wait_fraction_first_window=round(logged[0]["data_wait"], 4),
                  samples_per_s=round(args.steps * 8 * args.workers / max(r["seconds"] for r in ranks), 1))
     result["train_dist"] = train
+    subset = [f"sample.few_ids={args.few_ids}", f"sample.images_per_id={args.images_per_id}", "sample.steps=1",
+              "eval.recognizer_steps=50"]
+    result["sample"] = run_stage([POGDIFF, "sample", cfg, *overrides, *subset], work)
+    result["eval"] = run_stage([POGDIFF, "eval", cfg, *overrides, *subset], work)
     dataset = Path(prep["output"]["output"])
     sizes = {p.name: p.stat().st_size for p in dataset.glob("*.npy")}
     result["index_tables_mb"] = {k: round(v / 2**20, 2) for k, v in sizes.items()}
@@ -133,10 +141,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--few-ids", type=int, default=100, help="minority identities sampled and scored")
+    parser.add_argument("--images-per-id", type=int, default=2)
     parser.add_argument("--work", default=None, help="working directory (default: a temporary one, removed after)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    report = {"benchmark": "data_scale", "machine": machine(), "steps": args.steps, "workers": args.workers, "runs": {}}
+    report = {"benchmark": "data_scale", "machine": machine(), "steps": args.steps, "workers": args.workers,
+              "few_ids": args.few_ids, "images_per_id": args.images_per_id, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="pogdiff-scale-") as tmp:
         for n in args.n:
             work = Path(args.work or tmp) / f"n{n}"

@@ -562,6 +562,7 @@ RANGES: dict[str, tuple[str, float, float, str]] = {
     "data.minority_ids": ("[", 0, math.inf, ")"), "data.majority_images": ("[", 1, math.inf, ")"),
     "sample.guidance_scale": ("[", 0, math.inf, ")"), "sample.ray_workers": ("[", 0, math.inf, ")"),
     "sample.few_ids": ("[", 0, math.inf, ")"),
+    "sample.images_per_id": ("[", 2, math.inf, ")"),  # eval's per-identity FID needs 2 images of each identity
     "eval.min_encoder_accuracy": ("[", 0, 1, "]"), "eval.fid_eps": ("[", 0, math.inf, ")"),
     "eval.batch_size": ("[", 1, math.inf, ")"), "eval.recognizer_ids": ("[", 2, math.inf, ")"),
     "eval.recognizer_images_per_id": ("[", 2, math.inf, ")"), "eval.recognizer_steps": ("[", 1, math.inf, ")"),
@@ -645,8 +646,8 @@ def _check_values(cfg: Config) -> None:
         problems.append("density.temperature must be > 0 (or null for the embedding dimension)")
     if cfg.method.a3 <= 0:
         problems.append("method.a3 must be > 0")
-    if cfg.sample.steps < 1 or cfg.sample.images_per_id < 1 or cfg.sample.batch_size < 1:
-        problems.append("sample.steps, sample.images_per_id and sample.batch_size must be >= 1")
+    if cfg.sample.steps < 1 or cfg.sample.batch_size < 1:
+        problems.append("sample.steps and sample.batch_size must be >= 1")
     if not -1.0 <= cfg.eval.grecall_threshold <= 1.0:
         problems.append(f"eval.grecall_threshold is a cosine similarity in [-1, 1], got {cfg.eval.grecall_threshold}")
     if unknown := [v for v in cfg.sweep.baselines if v not in VARIANTS or v.startswith("pogdiff")]:

@@ -74,6 +74,7 @@ def test_value_constraints():
     ("train.steps=-5", "train.steps"), ("method.a1=-1", "method.a1"), ("train.caption_dropout=2", "train.caption_dropout"),
     ("train.lr=nan", "train.lr"), ("train.log_every=0", "train.log_every"), ("data.image_size=7", "data.image_size"),
     ("method.a2=inf", "method.a2"), ("density.epochs=0", "density.epochs"), ("train.adam_beta2=1.5", "train.adam_beta2"),
+    ("sample.images_per_id=1", "sample.images_per_id"),
 ])
 def test_every_value_is_constrained_at_load(override, key, capsys):
     from pogdiff.cli import main
