@@ -55,9 +55,26 @@ def emit(report: dict, out: str | None) -> dict:
     return report
 
 
+def label(cmdline: str) -> str:
+    """A short name for a process of a stage's tree: the pogdiff verb, a Ray component, a Ray worker's title."""
+    words = cmdline.split()
+    if not words:
+        return "?"
+    if words[0].startswith("ray::"):
+        return words[0]
+    names = [Path(w).name for w in words[:4]]
+    if "pogdiff" in names:
+        return "driver: pogdiff " + words[names.index("pogdiff") + 1]
+    for part in ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env", "agent"):
+        if any(part in n for n in names):
+            return part
+    return " ".join(names)[:60]
+
+
 def run_stage(argv: list[str], cwd: Path) -> dict:
     """Run one CLI verb; poll its process tree for per-process peak RSS."""
     peaks: dict[int, float] = {}
+    labels: dict[int, str] = {}  # what each process is: its command line, or a Ray worker's title (ray::<task or actor>)
     peak_sum = 0.0
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -74,8 +91,11 @@ def run_stage(argv: list[str], cwd: Path) -> dict:
                 for p in procs:
                     try:
                         rss = p.memory_info().rss / 2**20
+                        title = " ".join(p.cmdline()) or p.name()
                     except psutil.Error:
                         continue
+                    if p.pid not in labels or not title.startswith("ray::IDLE"):
+                        labels[p.pid] = label(title)
                     peaks[p.pid] = max(peaks.get(p.pid, 0.0), rss)
                     total += rss
                 peak_sum = max(peak_sum, total)
@@ -94,6 +114,7 @@ def run_stage(argv: list[str], cwd: Path) -> dict:
     return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb_driver": round(peaks.get(proc.pid, 0.0), 1),
             "peak_rss_mb_max_process": round(max(peaks.values()), 1),
             "peak_rss_mb_sum": round(peak_sum, 1), "processes": len(peaks),
+            "per_process": sorted(([labels.get(pid, "?"), round(mb, 1)] for pid, mb in peaks.items()), key=lambda x: -x[1]),
             "output": json.loads(last[-1]) if last else None}
 
 

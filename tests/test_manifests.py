@@ -91,3 +91,21 @@ def test_csv_stray_quote_is_reported_with_its_lines(tmp_path, capsys):
     assert [r["record"].split(":")[-1] for r in records] == ["4", "5", "6", "7", "8"]
     assert all("unbalanced quote" in r["detail"] and "lines 4-8" in r["detail"] for r in records)
 
+
+
+def test_csv_line_that_is_not_utf8_is_reported_where_it_stands(tmp_path, capsys):
+    """The CSV reader streams: a line it cannot decode is a counted skip with its number, and the
+    rows around it keep theirs (blank lines and all)."""
+    for i in range(5):
+        grey(40 * i).save(tmp_path / f"im{i}.png")
+    lines = [b"\n", b"image,caption,identity\n", b"im0.png,a card 0,a\n", b"im1.png,caf\xe9 card,a\n", b"\n",
+             b"im2.png,a card 2,b\n", b"im3.png,,b\n", b"im4.png,a card 4,b\n"]
+    (tmp_path / "m.csv").write_bytes(b"".join(lines))
+    rc, result, err = prepare(capsys, tmp_path, tmp_path / "m.csv")
+    assert rc == 0, err
+    assert result["rows_in"] == 5 and result["samples"] == 3
+    records = json.loads(open(f"{result['output']}/dataset.json").read())["summary"]["skipped_records"]
+    assert {(r["record"].split(" ")[0].split(":")[-1], r["reason"]) for r in records} == \
+        {("4", "bad_manifest_row"), ("7", "empty_caption")}
+    index = DatasetIndex.load(result["output"])
+    assert sorted(index.keys) == ["im0", "im2", "im4"]

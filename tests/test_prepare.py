@@ -16,7 +16,7 @@ from pogdiff.cli import main as cli_main
 from pogdiff.config import ModelConfig, load_config
 from pogdiff.data.encode import encode_batch, tiny_image_embedding
 from pogdiff.models.components import load_components, tokenize
-from pogdiff.data.prepare import PrepareError, imbalanced_subset, mask_caption, prepare
+from pogdiff.data.prepare import PrepareError, mask_caption, prepare, select_identities
 from pogdiff.data.shards import DatasetIndex
 from pogdiff.data.synthetic import iter_records, make_identity, render
 
@@ -246,22 +246,29 @@ def test_name_masking_is_consistent_per_identity(tmp_path):
     assert json.loads((tmp_path / "again" / "name_map.json").read_text()) == name_map
 
 
-def test_imbalanced_subset_counts_and_seed():
+def test_select_identities_counts_and_seed():
     labels = [f"big{i}" for i in range(5) for _ in range(35)] + [f"small{i}" for i in range(8) for _ in range(3)]
     labels += ["single0", "single1"]
+    by_label = {}
+    for pos, label in enumerate(labels):
+        by_label.setdefault(label, []).append(pos)
+    sizes = {label: len(p) for label, p in by_label.items()}
     counts = [30, 30, 2, 2, 2, 2]
-    kept, singles = imbalanced_subset(labels, counts, seed=0)
-    per_label = {}
-    for pos in kept:
-        per_label[labels[pos]] = per_label.get(labels[pos], 0) + 1
-    assert sorted(per_label.values(), reverse=True) == counts
-    assert all(lab.startswith("big") for lab, c in per_label.items() if c == 30)
-    assert [labels[p] for p in singles] == ["single0", "single1"]
-    assert kept == sorted(kept) and len(set(kept)) == len(kept)
-    assert imbalanced_subset(labels, counts, seed=0)[0] == kept
-    assert imbalanced_subset(labels, counts, seed=1)[0] != kept
+
+    def select(counts, seed):
+        chosen, singles = select_identities(sizes, counts, seed, by_label.__getitem__)
+        return chosen, singles
+
+    chosen, singles = select(counts, 0)
+    assert sorted(map(len, chosen.values()), reverse=True) == counts
+    assert all(lab.startswith("big") for lab, kept in chosen.items() if len(kept) == 30)
+    assert all(labels[p] == lab for lab, kept in chosen.items() for p in kept)  # an identity's own images
+    assert all(len(set(kept)) == len(kept) for kept in chosen.values())
+    assert singles == ["single0", "single1"]
+    assert select(counts, 0)[0] == chosen
+    assert select(counts, 1)[0] != chosen
     with pytest.raises(PrepareError, match="6 identities with >= 30 images are needed but the data has 5"):
-        imbalanced_subset(labels, [30] * 6, seed=0)
+        select([30] * 6, 0)
 
 
 def test_imbalance_protocol_end_to_end_with_plot(tmp_path, monkeypatch):
@@ -282,6 +289,9 @@ def test_imbalance_protocol_end_to_end_with_plot(tmp_path, monkeypatch):
     assert dataset["summary"]["skipped"] == {"single_image_identity": 1}
     assert dataset["summary"]["imbalance"]["records_selected"] == 16
     assert dataset["summary"]["imbalance"]["short_identities"] == {}
+    summary = dataset["summary"]  # the single-image identity's row is skipped, not also "not selected"
+    assert summary["rows_in"] == 31 == summary["samples"] + summary["heldout"] + summary["skipped_total"] + \
+        summary["not_selected"]
     ids = DatasetIndex.load(tmp_path / "ds").identities
     assert sorted(np.unique(ids, return_counts=True)[1].tolist(), reverse=True) == [5, 5, 2, 2, 2]
     assert plotted == [[5, 5, 2, 2, 2]]

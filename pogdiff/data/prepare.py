@@ -2,10 +2,11 @@
 
     pogdiff prepare configs/prepare_agedb.yaml data.source=/data/agedb/manifest.jsonl prepare.output=/shared/agedb-l
 
-The driver reads the manifest (JSONL or CSV: ``image``, ``caption``, optional ``identity``, ``key``,
-``name``), does the cheap checks (empty caption, missing identity, duplicate key), applies the
-imbalance protocol and name masking, and fixes the plan: records -> shard tasks of
-``prepare.samples_per_shard`` records. Tasks (Ray tasks on a cluster, processes on one machine)
+The driver reads the manifest (JSONL, CSV or Parquet: ``image``, ``caption``, optional ``identity``,
+``key``, ``name``) into an on-disk row store, does the cheap checks (empty caption, missing identity,
+duplicate key), applies the imbalance protocol and name masking, and fixes the plan: records ->
+shard tasks of ``prepare.samples_per_shard`` records, one file each (its memory stays O(identities +
+tasks)). Tasks (Ray tasks on a cluster, processes on one machine)
 load and resize the images, run the frozen encoders, and write their shard parts and a sidecar
 (pogdiff/shards.py); a task whose sidecar exists is not redone. The driver then merges the
 sidecars into the dataset index and draws the label distribution (the paper's Fig. 4).
@@ -25,9 +26,11 @@ import os
 import pickle
 import re
 import shutil
+import sqlite3
 import stat
-from collections import Counter
-from dataclasses import asdict, dataclass, replace
+import tempfile
+from collections import Counter, deque
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -121,28 +124,7 @@ def read_manifest(path: Path) -> Iterator[tuple[str, Optional[dict], str]]:
                 continue
             yield where, row if isinstance(row, dict) else None, "not a JSON object"
     elif path.suffix == ".csv":
-        lines = list(_lines(path))
-        header = next(((n, text) for n, text, _ in lines if text is not None and text.strip()), None)
-        if header is None:
-            raise PrepareError(f"{path}: a CSV manifest needs a header line naming its columns")
-        for n, text, problem in lines:
-            if text is None:
-                yield f"{path}:{n}", None, problem
-        fed = [header] + [(n, text) for n, text, _ in lines if text is not None and n > header[0]]
-        orig = [n for n, _ in fed]  # orig[i - 1]: the file's line number of the parser's line i
-        reader = csv.DictReader(io.StringIO("".join(text for _, text in fed)))
-        prev = 1
-        for row in reader:
-            start, end = prev + 1, reader.line_num
-            prev = end
-            values = [v for v in row.values() if isinstance(v, str)]
-            if end > start and any("\n" in v for v in values):
-                # a stray quote merged lines into one record: every line it swallowed is reported
-                for line_no in orig[start - 1:end]:
-                    yield (f"{path}:{line_no}", None, f"an unbalanced quote (\") merges lines {orig[start - 1]}-"
-                           f"{orig[end - 1]} into one record; fix the quoting")
-                continue
-            yield f"{path}:{orig[end - 1]}", row, ""
+        yield from read_csv(path)
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -159,6 +141,52 @@ def read_manifest(path: Path) -> Iterator[tuple[str, Optional[dict], str]]:
         raise PrepareError(f"data.source '{path}': a manifest is a .jsonl, .csv or .parquet file, an image folder "
                            "with metadata.jsonl, a directory (or brace pattern) of WebDataset .tar shards, a prepared "
                            "dataset directory, or 'synthetic'")
+
+
+def read_csv(path: Path) -> Iterator[tuple[str, Optional[dict], str]]:
+    """A CSV manifest's rows, streamed: the parser sees the UTF-8 lines (a line that is not is reported
+    where it stands), and each row is named by its file line number."""
+    lines = _lines(path)
+    header = None
+    for n, text, problem in lines:
+        if text is None:
+            yield f"{path}:{n}", None, problem
+        elif text.strip():
+            header = n, text
+            break
+    if header is None:
+        raise PrepareError(f"{path}: a CSV manifest needs a header line naming its columns")
+    numbers = deque([header[0]])  # the file line numbers of the lines the parser has read and not yet given out
+    undecodable: list[tuple[int, str]] = []  # met while the parser reads a record's lines
+
+    def fed() -> Iterator[str]:
+        yield header[1]
+        for n, text, problem in lines:
+            if text is None:
+                undecodable.append((n, problem))
+            else:
+                numbers.append(n)
+                yield text
+
+    reader = csv.DictReader(fed())
+    prev = 1
+    for row in reader:
+        if prev == 1:
+            numbers.popleft()  # the header
+        span = [numbers.popleft() for _ in range(reader.line_num - prev)]
+        prev = reader.line_num
+        for n, problem in undecodable:
+            yield f"{path}:{n}", None, problem
+        undecodable.clear()
+        if len(span) > 1 and any("\n" in v for v in row.values() if isinstance(v, str)):
+            # a stray quote merged lines into one record: every line it swallowed is reported
+            for line_no in span:
+                yield (f"{path}:{line_no}", None, f"an unbalanced quote (\") merges lines {span[0]}-{span[-1]} "
+                       "into one record; fix the quoting")
+            continue
+        yield f"{path}:{span[-1]}", row, ""
+    for n, problem in undecodable:
+        yield f"{path}:{n}", None, problem
 
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # what img2dataset writes
@@ -295,32 +323,31 @@ def sanitize_key(key: str) -> str:
     return clean
 
 
-def imbalanced_subset(labels: Sequence[str], counts: Sequence[int], seed: int) -> tuple[list[int], list[int]]:
-    """The imbalance protocol on any identity-labelled list: for each target count (e.g. 30 for a
+def select_identities(sizes: dict[str, int], counts: Sequence[int], seed: int,
+                      positions: Callable[[str], list[int]]) -> tuple[dict[str, list[int]], list[str]]:
+    """The imbalance protocol on any identity-labelled data: for each target count (e.g. 30 for a
     majority identity, 2 for a minority one; largest first) a random identity with at least that
-    many images, and a random subset of its images of exactly that size.
+    many images, and a random subset of its images of exactly that size. ``sizes``: images per
+    identity, in the order identities first appear; ``positions(label)``: where its images are.
 
-    Returns (positions kept, in input order; positions of identities with a single image, which
-    can never be a minority identity). Raises if the data cannot fill the requested counts.
+    Returns (the positions kept, per chosen identity; the identities with a single image, which can
+    never be a minority identity). Raises if the data cannot fill the requested counts.
     """
-    by_label: dict[str, list[int]] = {}
-    for pos, label in enumerate(labels):
-        by_label.setdefault(label, []).append(pos)
-    singles = [by_label[lab][0] for lab in by_label if len(by_label[lab]) == 1]
-    available = sorted(lab for lab in by_label if len(by_label[lab]) >= 2)
+    singles = [lab for lab, n in sizes.items() if n == 1]
+    available = sorted(lab for lab, n in sizes.items() if n >= 2)
     rng = np.random.default_rng(seed)
-    kept: list[int] = []
+    chosen: dict[str, list[int]] = {}
     for need in sorted(counts, reverse=True):
-        eligible = [lab for lab in available if len(by_label[lab]) >= need]
+        eligible = [lab for lab in available if sizes[lab] >= need]
         if not eligible:
-            have = sum(len(by_label[lab]) >= need for lab in by_label)
+            have = sum(n >= need for n in sizes.values())
             raise PrepareError(
                 f"imbalance protocol: {sum(c >= need for c in counts)} identities with >= {need} images are needed "
                 f"but the data has {have}; lower data.majority_ids/minority_ids or pick a smaller data.profile")
         label = eligible[int(rng.integers(len(eligible)))]
         available.remove(label)
-        kept += rng.choice(by_label[label], size=need, replace=False).tolist()
-    return sorted(kept), singles
+        chosen[label] = rng.choice(positions(label), size=need, replace=False).tolist()
+    return chosen, singles
 
 
 def generic_names(real_names: Sequence[str], seed: int) -> list[str]:
@@ -358,50 +385,77 @@ def label_order(labels: set[str]) -> list[str]:
 @dataclass
 class Plan:
     num_records: int
-    items: Optional[list[Item]]  # manifest records; None for synthetic
+    tasks_dir: Optional[Path]  # a manifest's records: one file of Items per shard task (write_task_files); None for synthetic
     synthetic: Optional[tuple]  # (images per identity, seed, image size, first image index)
     skipped: list[dict]  # found by the driver
     name_map: dict[str, str]  # identity label -> generic name (name masking)
     selection: dict  # what the imbalance protocol did
-    heldout_items: Optional[list[Item]] = None  # the held-out split of a manifest
+    heldout_count: int = 0  # the held-out split's records
     heldout_synthetic: Optional[tuple] = None  # (images per identity, seed, image size, first image index)
     rows_in: Optional[int] = None  # manifest data lines read
+    identity_counts: Optional[Counter] = None  # a manifest's planned training records per identity
+    records_hash: Optional[object] = None  # sha256 of the records' JSON so far (a manifest's plan)
 
     def fingerprint(self, cfg: Config) -> str:
         pc = cfg.prepare
-        records = lambda items: [(i.key, i.image, i.caption, i.identity, i.name) for i in items or []]  # noqa: E731
-        content = {
-            "records": records(self.items) if self.items is not None else self.synthetic,
-            "heldout": records(self.heldout_items) if self.items is not None else self.heldout_synthetic,
+        rest = {
             "keep_images": pc.keep_images,
             "model": [cfg.model.name, cfg.model.revision, cfg.model.seed], "image_encoder": cfg.data.image_encoder,
             "image_size": cfg.data.image_size, "samples_per_shard": pc.samples_per_shard,
             "crop": None if cfg.data.center_crop else cfg.data.seed, "random_flip": cfg.data.random_flip,
             "max_shard_bytes": pc.max_shard_bytes, "format": FORMAT,
         }
-        return hashlib.sha256(json.dumps(content).encode()).hexdigest()
+        if self.records_hash is None:
+            content = {"records": self.synthetic, "heldout": self.heldout_synthetic, **rest}
+            return hashlib.sha256(json.dumps(content).encode()).hexdigest()
+        h = self.records_hash.copy()  # the same text json.dumps gives with the records in the dict
+        h.update(b", " + json.dumps(rest)[1:].encode())
+        return h.hexdigest()
 
 
-def plan_manifest(cfg: Config, path: Path) -> Plan:
+def plan_manifest(cfg: Config, path: Path, work: Path) -> Plan:
     root = Path(cfg.prepare.image_root) if cfg.prepare.image_root else path.parent
-    return plan_rows(cfg, read_manifest(path), root)
+    return plan_rows(cfg, read_manifest(path), root, work)
 
 
-def plan_webdataset(cfg: Config, shards: Sequence[Path]) -> Plan:
+def plan_webdataset(cfg: Config, shards: Sequence[Path], work: Path) -> Plan:
     """The samples of WebDataset shards; the caption is the ``txt`` member, or the json field
     ``data.caption_column``."""
-    return plan_rows(cfg, read_webdataset(shards), None, ("__image__", cfg.data.caption_column or "__txt__"))
+    return plan_rows(cfg, read_webdataset(shards), None, work, ("__image__", cfg.data.caption_column or "__txt__"))
 
 
-def plan_rows(cfg: Config, source_rows: Iterator[tuple[str, Optional[dict], str]], root: Optional[Path],
+ACCEPTED, HELDOUT, SKIPPED, NOT_SELECTED = 0, 1, -1, -2  # a row's state in the plan's row store
+
+
+def plan_rows(cfg: Config, source_rows: Iterator[tuple[str, Optional[dict], str]], root: Optional[Path], work: Path,
               fixed_columns: Optional[tuple[str, str]] = None) -> Plan:
     """The plan of a manifest's (or shards') rows. ``root``: what image paths are relative to (None:
     the rows give complete references); ``fixed_columns``: (image, caption) columns, else found
-    from the first row."""
+    from the first row. The rows go to an SQLite file as they are read, and every
+    step that needs them all (duplicate keys, identities, the imbalance protocol, the held-out
+    split) is a query on it, so the driver holds O(identities + shard tasks), not O(rows): a
+    10^7-row manifest's keys, paths and captions are GBs. The plan ends as one file of records per
+    shard task under ``work`` (write_task_files), which the tasks read."""
+    # the row store is the driver's alone: on local disk ($TMPDIR), where SQLite's locks work, not on
+    # the shared output folder; a scratch file rebuilt from the source on every run, so no journal and no fsync
+    with tempfile.TemporaryDirectory(prefix="pogdiff-plan-") as scratch:
+        db = sqlite3.connect(Path(scratch) / "rows.sqlite")
+        try:
+            db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA locking_mode=EXCLUSIVE;"
+                             "PRAGMA cache_size=-16384; CREATE TABLE rows(pos INTEGER PRIMARY KEY, key TEXT UNIQUE, "
+                             "place TEXT, image TEXT, caption TEXT, label TEXT, name TEXT, state INTEGER)")
+            skipped: list[dict] = []
+            rows_in = read_rows(cfg, source_rows, root, db, skipped, fixed_columns)
+            return select_rows(cfg, db, skipped, rows_in, work)
+        finally:
+            db.close()
+
+
+def read_rows(cfg: Config, source_rows: Iterator[tuple[str, Optional[dict], str]], root: Optional[Path],
+              db: sqlite3.Connection, skipped: list[dict], fixed_columns: Optional[tuple[str, str]] = None) -> int:
+    """The row-by-row checks, each row stored as it passes them (or as SKIPPED: it still holds its
+    key). Returns the rows read."""
     pc, d = cfg.prepare, cfg.data
-    skipped: list[dict] = []
-    rows: list[dict] = []
-    seen: dict[str, str] = {}
     image_col, caption_col = fixed_columns or (None, None)
     rows_in = 0
     for where, row, problem in source_rows:
@@ -420,77 +474,140 @@ def plan_rows(cfg: Config, source_rows: Iterator[tuple[str, Optional[dict], str]
             skip_record(skipped, pc.strict, where, "outside_image_root",
                         f"'{image}' resolves to '{full}', outside '{root}' (set prepare.allow_outside_root=true to allow)")
             continue
-        if key in seen:
-            skip_record(skipped, pc.strict, where, "duplicate_key", f"key '{key}' was already used by {seen[key]}")
-            continue
-        seen[key] = where
         caption = " ".join(str(row.get(caption_col) or "").split())
-        if not caption:
-            skip_record(skipped, pc.strict, where, "empty_caption", f"the caption (column '{caption_col}') is empty")
-            continue
         label = row.get(d.identity_column)
         label = "" if label is None else str(label).strip()
         name = str(row.get(d.name_column) or "").strip() or label.replace("_", " ")
-        rows.append(dict(where=where, key=key, image=str(root / image) if root is not None else image, caption=caption,
-                         label=label, name=name))
+        try:
+            db.execute("INSERT INTO rows VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (rows_in, key, where, str(root / image) if root is not None else image, caption, label, name,
+                        ACCEPTED if caption else SKIPPED))
+        except sqlite3.IntegrityError:
+            (first,) = db.execute("SELECT place FROM rows WHERE key = ?", (key,)).fetchone()
+            skip_record(skipped, pc.strict, where, "duplicate_key", f"key '{key}' was already used by {first}")
+            continue
+        if not caption:
+            skip_record(skipped, pc.strict, where, "empty_caption", f"the caption (column '{caption_col}') is empty")
+    return rows_in
 
-    labelled = pc.imbalance or pc.mask_names or any(r["label"] for r in rows)
+
+def select_rows(cfg: Config, db: sqlite3.Connection, skipped: list[dict], rows_in: int, work: Path) -> Plan:
+    """Identities, the imbalance protocol, name masking and the held-out split over the stored rows."""
+    pc, d = cfg.prepare, cfg.data
+    labelled = pc.imbalance or pc.mask_names or \
+        db.execute("SELECT 1 FROM rows WHERE state = ? AND label != '' LIMIT 1", (ACCEPTED,)).fetchone() is not None
     if labelled:
-        for r in [r for r in rows if not r["label"]]:
-            why = "the dataset is identity-labelled (or prepare.imbalance/mask_names is on) but this record has no identity"
-            skip_record(skipped, pc.strict, r["where"], "missing_identity", why)
-        rows = [r for r in rows if r["label"]]
+        why = "the dataset is identity-labelled (or prepare.imbalance/mask_names is on) but this record has no identity"
+        for (where,) in db.execute("SELECT place FROM rows WHERE state = ? AND label = '' ORDER BY pos", (ACCEPTED,)):
+            skip_record(skipped, pc.strict, where, "missing_identity", why)
+        db.execute("UPDATE rows SET state = ? WHERE state = ? AND label = ''", (SKIPPED, ACCEPTED))
+    db.execute("CREATE INDEX by_label ON rows(label, state, pos)")
+
+    def sizes() -> dict[str, int]:  # accepted rows per identity, in the order identities first appear
+        return dict(db.execute("SELECT label, COUNT(*) FROM rows WHERE state = ? GROUP BY label ORDER BY MIN(pos)",
+                               (ACCEPTED,)))
+
+    def positions(label: str) -> list[int]:
+        return [p for (p,) in db.execute("SELECT pos FROM rows WHERE label = ? AND state = ? ORDER BY pos",
+                                         (label, ACCEPTED))]
+
+    def keep_only(kept: Iterator[int], other: int) -> None:
+        db.execute("CREATE TEMP TABLE chosen(pos INTEGER PRIMARY KEY)")
+        db.executemany("INSERT INTO chosen VALUES (?)", ((int(p),) for p in kept))
+        db.execute("UPDATE rows SET state = ? WHERE state = ? AND pos NOT IN (SELECT pos FROM chosen)", (other, ACCEPTED))
+        db.execute("DROP TABLE chosen")
 
     selection: dict = {}
     if pc.imbalance:
         counts = profile_counts(d.profile, d.majority_ids, d.minority_ids, d.majority_images, d.minority_images)
-        kept, singles = imbalanced_subset([r["label"] for r in rows], counts, pc.seed)
-        for pos in singles:
-            skip_record(skipped, pc.strict, rows[pos]["where"], "single_image_identity",
-                        f"identity '{rows[pos]['label']}' has a single image; the imbalance protocol needs >= 2")
-        selection = {"target_counts": counts, "records_before": len(rows), "records_selected": len(kept),
-                     "identities_before": len({r["label"] for r in rows})}
-        rows = [rows[pos] for pos in kept]
+        have = sizes()
+        chosen, singles = select_identities(have, counts, pc.seed, positions)
+        for label in singles:  # skipped, so not also counted as not selected (rows in = samples + skipped + ...)
+            (pos, where) = db.execute("SELECT pos, place FROM rows WHERE label = ? AND state = ?",
+                                      (label, ACCEPTED)).fetchone()
+            skip_record(skipped, pc.strict, where, "single_image_identity",
+                        f"identity '{label}' has a single image; the imbalance protocol needs >= 2")
+            db.execute("UPDATE rows SET state = ? WHERE pos = ?", (SKIPPED, pos))
+        # records_before: the records the protocol chose from (identities with >= 2 images)
+        selection = {"target_counts": counts, "records_before": sum(have.values()) - len(singles),
+                     "records_selected": sum(len(p) for p in chosen.values()), "identities_before": len(have)}
+        keep_only((p for kept in chosen.values() for p in kept), NOT_SELECTED)
 
-    order = label_order({r["label"] for r in rows}) if labelled else []
-    identity_of = {lab: i for i, lab in enumerate(order)}
+    have = sizes() if labelled else {}
+    identity_of = {lab: i for i, lab in enumerate(label_order(set(have)))}
     name_map: dict[str, str] = {}
     if pc.mask_names:
-        real = {r["label"]: r["name"] for r in reversed(rows)}  # the first name given for each identity
-        name_map = dict(zip(order, generic_names([real[lab] for lab in order], pc.seed)))
-    heldout_pos = heldout_positions([r["label"] for r in rows], d.heldout_images, d.minority_images, pc.seed) \
-        if labelled else set()
-    items, heldout = [], []
-    for r_pos, r in enumerate(rows):
-        caption, name = r["caption"], r["name"]
-        if pc.mask_names:
-            caption, name = mask_caption(caption, name, name_map[r["label"]]), name_map[r["label"]]
-        split = heldout if r_pos in heldout_pos else items
-        split.append(Item(len(split), r["key"], r["image"], caption, identity_of.get(r["label"], -1), name, r["where"]))
-    if d.max_train_samples is not None and len(items) > d.max_train_samples:  # diffusers' --max_train_samples
-        keep = sorted(np.random.default_rng(d.seed).choice(len(items), d.max_train_samples, replace=False).tolist())
-        selection["left_out_by_max_train_samples"] = len(items) - len(keep)
-        items = [replace(items[pos], ordinal=i) for i, pos in enumerate(keep)]
-    return Plan(len(items), items, None, skipped, name_map, selection, heldout_items=heldout, rows_in=rows_in)
+        real = dict(db.execute("SELECT label, name FROM rows WHERE pos IN (SELECT MIN(pos) FROM rows WHERE state = ? "
+                               "GROUP BY label)", (ACCEPTED,)))  # the first name given for each identity
+        name_map = dict(zip(identity_of, generic_names([real[lab] for lab in identity_of], pc.seed)))
+    if d.heldout_images:
+        # ``heldout_images`` random rows of every identity that keeps more than ``minority_images`` training
+        # images after giving them: never trained on, the real set of the DINO-style score. Minority
+        # identities give none (their few images are what the method is about).
+        rng = np.random.default_rng([pc.seed, 7])
+        for label in sorted(have):
+            if have[label] - d.heldout_images > d.minority_images:
+                out = rng.choice(positions(label), size=d.heldout_images, replace=False)
+                db.executemany("UPDATE rows SET state = ? WHERE pos = ?", ((HELDOUT, int(p)) for p in out))
+    (train_n,) = db.execute("SELECT COUNT(*) FROM rows WHERE state = ?", (ACCEPTED,)).fetchone()
+    keep = None
+    if d.max_train_samples is not None and train_n > d.max_train_samples:  # diffusers' --max_train_samples
+        keep = np.sort(np.random.default_rng(d.seed).choice(train_n, d.max_train_samples, replace=False))
+        selection["left_out_by_max_train_samples"] = train_n - d.max_train_samples
+
+    def records(state: int) -> Iterator[Item]:
+        ordinal = 0
+        cursor = db.execute("SELECT key, image, caption, label, name, place FROM rows WHERE state = ? ORDER BY pos",
+                            (state,))
+        for index, (key, image, caption, label, name, where) in enumerate(cursor):
+            if keep is not None and state == ACCEPTED and (ordinal >= len(keep) or keep[ordinal] != index):
+                continue
+            if pc.mask_names:
+                caption, name = mask_caption(caption, name, name_map[label]), name_map[label]
+            yield Item(ordinal, key, image, caption, identity_of.get(label, -1), name, where)
+            ordinal += 1
+
+    h = hashlib.sha256()
+    h.update(b'{"records": ')
+    num_records, identity_counts = write_task_files(records(ACCEPTED), work / "train", pc.samples_per_shard, h)
+    h.update(b', "heldout": ')
+    heldout_count, _ = write_task_files(records(HELDOUT), work / "heldout", pc.samples_per_shard, h)
+    return Plan(num_records, work, None, skipped, name_map, selection, heldout_count=heldout_count, rows_in=rows_in,
+                identity_counts=identity_counts, records_hash=h)
 
 
-def heldout_positions(labels: Sequence[str], per_id: int, minority_images: int, seed: int) -> set[int]:
-    """``per_id`` random rows of every identity that keeps more than ``minority_images`` training
-    images after giving them: never trained on, the real set of the DINO-style score. Minority
-    identities give none (their few images are what the method is about)."""
-    by_label: dict[str, list[int]] = {}
-    for pos, label in enumerate(labels):
-        by_label.setdefault(label, []).append(pos)
-    rng = np.random.default_rng([seed, 7])
-    out: set[int] = set()
-    for label in sorted(by_label):
-        rows = by_label[label]
-        if per_id and len(rows) - per_id > minority_images:
-            out.update(rng.choice(rows, size=per_id, replace=False).tolist())
-    return out
+def write_task_files(items: Iterator[Item], folder: Path, per_task: int, h) -> tuple[int, Counter]:
+    """The split's records as ``task-<t>.jsonl`` files of ``per_task`` records each (what shard
+    task t reads); feeds ``h`` the JSON list of (key, image, caption, identity, name) that the
+    plan's fingerprint hashes. Returns (records, records per identity)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    n, per_identity, out = 0, Counter(), None
+    h.update(b"[")
+    for item in items:
+        if n % per_task == 0:
+            if out is not None:
+                out.close()
+            out = (folder / f"task-{n // per_task:06d}.jsonl").open("w")
+        out.write(json.dumps(astuple(item)) + "\n")
+        h.update((", " if n else "").encode() + json.dumps([item.key, item.image, item.caption, item.identity,
+                                                            item.name]).encode())
+        per_identity[item.identity] += 1
+        n += 1
+    if out is not None:
+        out.close()
+    h.update(b"]")
+    return n, per_identity
 
 
-def make_plan(cfg: Config) -> Plan:
+def task_items(path: str) -> list[Item]:
+    with open(path) as f:
+        return [Item(*json.loads(line)) for line in f]
+
+
+def make_plan(cfg: Config, work: Path) -> Plan:
+    """``work``: where a manifest's plan is written (plan_rows)."""
     d = cfg.data
     if d.source == "synthetic":
         if d.max_train_samples is not None:
@@ -501,10 +618,11 @@ def make_plan(cfg: Config) -> Plan:
         counts = profile_counts(d.profile, d.majority_ids, d.minority_ids, d.majority_images, d.minority_images)
         heldout = [d.heldout_images] * len(counts) if d.heldout_images else None
         return Plan(sum(counts), None, (counts, d.seed, d.image_size, [0] * len(counts)), [], {}, {},
+                    heldout_count=d.heldout_images * len(counts),
                     heldout_synthetic=(heldout, d.seed, d.image_size, counts) if heldout else None)
     if (shards := webdataset_shards(d.source)) is not None:
-        return plan_webdataset(cfg, shards)
-    return plan_manifest(cfg, manifest_path(d.source)[0])
+        return plan_webdataset(cfg, shards, work)
+    return plan_manifest(cfg, manifest_path(d.source)[0], work)
 
 
 # ---------------------------------------------------------------- shard tasks (workers)
@@ -525,7 +643,8 @@ class Task:
     crop_seed: Optional[int] = None  # None: centre crops; else random crops drawn per record from it
     random_flip: bool = False  # also encode each image's mirror
     precision: str = "auto"  # the encoders' autocast on a GPU (prepare.precision)
-    items: Optional[list[Item]] = None
+    items_file: Optional[str] = None  # a manifest's records for this task (write_task_files)
+    size: int = 0  # its records
     # the identities it touches: counts, seed, size, first image indices, start, stop (in them), the
     # first's identity, the first record's ordinal (synthetic_task)
     synthetic: Optional[tuple] = None
@@ -619,7 +738,7 @@ def task_records(task: Task) -> Iterator[tuple[Item, tuple[Image.Image, list[int
             item = Item(ordinal, rec.key, "", rec.caption, rec.identity, rec.name, f"synthetic:{rec.key}")
             yield item, (rec.image, [size, size, 0, 0, size])  # generated at the target size
         return
-    for item in task.items:
+    for item in task_items(task.items_file):
         try:
             seed = None if task.crop_seed is None else derive_seed(task.crop_seed, int(hashlib.sha256(item.key.encode()).hexdigest()[:8], 16))
             yield item, load_image(item.image, task.image_size, seed)
@@ -842,10 +961,6 @@ def run_pipeline(tasks: list[Task], pc: PrepareConfig, ray_address: Optional[str
             yield result
 
 
-def task_size(task: Task) -> int:
-    return len(task.items) if task.items is not None else task.synthetic[5] - task.synthetic[4]
-
-
 # ---------------------------------------------------------------- the driver
 
 def source_fingerprint(cfg: Config) -> str:
@@ -906,13 +1021,14 @@ def calibration_images(plan: Plan, size: int) -> list[Image.Image]:
         counts, seed, img_size, bases = plan.synthetic
         return [r.image for r in synthetic_slice(counts, seed, img_size, bases, 0, min(CALIBRATION_IMAGES, sum(counts)))]
     images = []
-    for item in plan.items:
-        try:
-            images.append(load_image(item.image, size)[0])
-        except BadRecord:
-            continue  # the task that owns the record logs and counts it
-        if len(images) == CALIBRATION_IMAGES:
-            break
+    for path in sorted((plan.tasks_dir / "train").glob("task-*.jsonl")):
+        for item in task_items(str(path)):
+            try:
+                images.append(load_image(item.image, size)[0])
+            except BadRecord:
+                continue  # the task that owns the record logs and counts it
+            if len(images) == CALIBRATION_IMAGES:
+                return images
     return images
 
 
@@ -984,7 +1100,7 @@ def tally_split(shards: Path, num_tasks: int) -> SplitTally:
     return tally
 
 
-def pending_tasks(shards: Path, items: Optional[list[Item]], synthetic: Optional[tuple], num_records: int,
+def pending_tasks(shards: Path, items_dir: Optional[Path], synthetic: Optional[tuple], num_records: int,
                   common: dict, pc: PrepareConfig) -> tuple[int, list[Task]]:
     """(the split's number of tasks, those not finished yet); damaged finished ones are redone."""
     shards.mkdir(parents=True, exist_ok=True)
@@ -1004,10 +1120,12 @@ def pending_tasks(shards: Path, items: Optional[list[Item]], synthetic: Optional
             record = None
         if record is not None:
             continue
-        if items is not None:
-            tasks.append(Task(t, folder=str(shards), items=items[a:b], **common))
+        if items_dir is not None:
+            tasks.append(Task(t, folder=str(shards), items_file=str(items_dir / f"task-{t:06d}.jsonl"), size=b - a,
+                              **common))
         else:
-            tasks.append(Task(t, folder=str(shards), synthetic=synthetic_task(synthetic, offsets, a, b), **common))
+            tasks.append(Task(t, folder=str(shards), synthetic=synthetic_task(synthetic, offsets, a, b), size=b - a,
+                              **common))
     log.info("%s: %d records in %d shard tasks, %d to do", shards, num_records, num_tasks, len(tasks))
     return num_tasks, tasks
 
@@ -1039,7 +1157,7 @@ def prepare(cfg: Config, progress: bool = True, stages: Stages = Stages()) -> di
 def prepare_into(out: Path, cfg: Config, progress: bool, stages: Stages) -> dict:
     """``prepare`` into the local folder ``out`` (its caller holds the folder's lease)."""
     pc, d = cfg.prepare, cfg.data
-    plan = make_plan(cfg)
+    plan = make_plan(cfg, out / "plan")
     log_skipped(plan.skipped)
     fingerprint = plan.fingerprint(cfg)
     plan_file = out / "plan.json"
@@ -1054,14 +1172,14 @@ def prepare_into(out: Path, cfg: Config, progress: bool, stages: Stages) -> dict
                   batch_size=pc.batch_size, max_samples=pc.samples_per_shard, max_bytes=pc.max_shard_bytes,
                   strict=pc.strict, keep_images=pc.keep_images, random_flip=d.random_flip,
                   crop_seed=None if d.center_crop else d.seed, precision=pc.precision)
-    heldout_n = len(plan.heldout_items) if plan.heldout_items else \
-        (sum(plan.heldout_synthetic[0]) if plan.heldout_synthetic else 0)
-    train_tasks, todo = pending_tasks(out / "shards", plan.items, plan.synthetic, plan.num_records, common, pc)
+    heldout_n = plan.heldout_count
+    split_dir = lambda split: plan.tasks_dir / split if plan.tasks_dir else None  # noqa: E731
+    train_tasks, todo = pending_tasks(out / "shards", split_dir("train"), plan.synthetic, plan.num_records, common, pc)
     if heldout_n:  # one pipeline for both splits
-        heldout_tasks, heldout_todo = pending_tasks(out / "heldout" / "shards", plan.heldout_items or None,
+        heldout_tasks, heldout_todo = pending_tasks(out / "heldout" / "shards", split_dir("heldout"),
                                                     plan.heldout_synthetic, heldout_n, common, pc)
         todo += heldout_todo
-    run_tasks(todo, pc, progress, sum(task_size(t) for t in todo), cfg.dist.ray_address, stages)
+    run_tasks(todo, pc, progress, sum(t.size for t in todo), cfg.dist.ray_address, stages)
     train = tally_split(out / "shards", train_tasks)
     heldout_skipped: list[dict] = []
     if heldout_n:
@@ -1075,7 +1193,7 @@ def prepare_into(out: Path, cfg: Config, progress: bool, stages: Stages) -> dict
     skipped = plan.skipped + train.skipped + heldout_skipped
     if plan.selection.get("target_counts"):  # bad images found after the selection leave an identity short of its count
         have = train.identities
-        want = Counter(item.identity for item in plan.items)
+        want = plan.identity_counts
         plan.selection["short_identities"] = {str(i): [have[i], n] for i, n in sorted(want.items()) if have[i] < n}
         if plan.selection["short_identities"]:
             log.warning("imbalance protocol: identities below their count after skipping bad records "
@@ -1103,6 +1221,7 @@ def prepare_into(out: Path, cfg: Config, progress: bool, stages: Stages) -> dict
             "synthetic": {"counts": plan.synthetic[0], "seed": plan.synthetic[1], "image_size": plan.synthetic[2],
                           "heldout_images": d.heldout_images} if plan.synthetic is not None else None}
     dataset = write_index(out, train.tasks, plan.num_records, meta)
+    shutil.rmtree(out / "plan", ignore_errors=True)  # the tasks' records: every task has its sidecar now
     if plan.name_map:
         atomic_write(out / "name_map.json", json.dumps(plan.name_map, indent=1))
     counts = sorted((n for i, n in train.identities.items() if i >= 0), reverse=True)
