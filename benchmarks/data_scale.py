@@ -11,7 +11,8 @@ share of step time spent waiting for data (``data_wait`` in metrics.jsonl, stead
 logged window but the first). Prints one JSON object with the machine it ran on.
 
 Settings: the tiny model (VAE not pretrained: ``model.tiny_vae_steps=0``, which changes no cost of
-the pipeline), 60% of the records in identities of 30 images and 40% in identities of 2,
+the pipeline), 60% of the records in identities of 30 images and 40% in identities of 2
+(``--majority-share``; the generator names at most 184,788 identities, so 10^6 records need 0.8),
 ``prepare.workers`` processes, ``density.epochs=2`` (the VAE's cost is linear in N and epochs).
 sample and eval on a fixed subset: every majority identity and ``--few-ids`` minority ones
 (``sample.few_ids``), ``--images-per-id`` images each at 1 DDIM step; eval's recogniser trains for
@@ -119,7 +120,7 @@ def run_stage(argv: list[str], cwd: Path) -> dict:
 
 
 def measure(n: int, args, work: Path) -> dict:
-    majority = max(1, round(0.6 * n / 30))
+    majority = max(1, round(args.majority_share * n / 30))
     minority = max(1, (n - 30 * majority) // 2)
     overrides = [f"output_dir={work}", "run_name=scale", "data.profile=custom", f"data.majority_ids={majority}",
                  f"data.minority_ids={minority}", "data.majority_images=30", "data.minority_images=2",
@@ -162,12 +163,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--majority-share", type=float, default=0.6,
+                        help="share of the records in identities of 30 (the rest in identities of 2)")
     parser.add_argument("--few-ids", type=int, default=100, help="minority identities sampled and scored")
     parser.add_argument("--images-per-id", type=int, default=2)
     parser.add_argument("--work", default=None, help="working directory (default: a temporary one, removed after)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     report = {"benchmark": "data_scale", "machine": machine(), "steps": args.steps, "workers": args.workers,
+              "majority_share": args.majority_share,
               "few_ids": args.few_ids, "images_per_id": args.images_per_id, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="pogdiff-scale-") as tmp:
         for n in args.n:

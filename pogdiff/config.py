@@ -608,6 +608,12 @@ def _check_values(cfg: Config) -> None:
                         "(the VAE halves it and the UNet halves the latent once more)")
     elif cfg.model.name != "tiny" and cfg.data.image_size % 8:
         problems.append(f"data.image_size={cfg.data.image_size} must be a multiple of 8 (the Stable Diffusion VAE's factor)")
+    if cfg.data.source == "synthetic" and cfg.data.profile == "custom":
+        from pogdiff.data.synthetic import MAX_IDENTITIES
+
+        if (ids := cfg.data.majority_ids + cfg.data.minority_ids) > MAX_IDENTITIES:
+            problems.append(f"data.majority_ids + data.minority_ids = {ids}: the synthetic generator names at most "
+                            f"{MAX_IDENTITIES} distinct identities; use fewer identities with more images each")
     if cfg.train.prediction_type not in (None, "epsilon", "v_prediction", "sample"):
         problems.append(f"train.prediction_type must be epsilon|v_prediction|sample (or null: the model's), "
                         f"got '{cfg.train.prediction_type}'")

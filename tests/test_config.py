@@ -82,3 +82,13 @@ def test_every_value_is_constrained_at_load(override, key, capsys):
     assert main(["config", "configs/demo.yaml", override]) == 2
     err = capsys.readouterr().err
     assert key in err and "outside" in err or "multiple of" in err, err
+
+
+def test_more_synthetic_identities_than_the_generator_names_exit_2_before_anything_starts(capsys):
+    """It used to fail in a prepare worker once the pipeline reached identity 184,789 (after ~30 minutes at 10^6)."""
+    from pogdiff.cli import main
+
+    assert main(["prepare", "configs/demo.yaml", "data.profile=custom", "data.majority_ids=20000",
+                 "data.minority_ids=200000"]) == 2
+    err = capsys.readouterr().err
+    assert "data.majority_ids + data.minority_ids = 220000" in err and "184788" in err, err

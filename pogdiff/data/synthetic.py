@@ -29,6 +29,7 @@ LAST_NAMES = (
     "frost gale hale irwin"
 ).split()
 MIDDLE_NAMES = FIRST_NAMES  # third name only when more identities than first x last exist
+MAX_IDENTITIES = len(FIRST_NAMES) * len(LAST_NAMES) * (len(MIDDLE_NAMES) + 1)  # distinct generic names
 
 FACE_SHAPES = {"round": (0.62, 0.66), "oval": (0.52, 0.72), "long": (0.46, 0.78), "square": (0.6, 0.62), "heart": (0.56, 0.7)}
 SKIN_TONES = {
@@ -95,8 +96,8 @@ def identity_name(index: int, seed: int) -> str:
     cell = int(perm[index % grid])
     name = f"{FIRST_NAMES[cell // n_last]} {LAST_NAMES[cell % n_last]}"
     if index >= grid:
-        if index >= grid * (len(MIDDLE_NAMES) + 1):
-            raise ValueError(f"at most {grid * (len(MIDDLE_NAMES) + 1)} distinct synthetic identities")
+        if index >= MAX_IDENTITIES:
+            raise ValueError(f"at most {MAX_IDENTITIES} distinct synthetic identities")
         first, last = name.split()
         name = f"{first} {MIDDLE_NAMES[index // grid - 1]} {last}"
     return name
