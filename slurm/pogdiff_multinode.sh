@@ -209,31 +209,51 @@ done
 
 # 5. A real wait until every node has joined (or the head died, or the timeout passed).
 python - "${#nodes[@]}" "${POGDIFF_RAY_JOIN_TIMEOUT:-300}" "$head_pid" <<'EOF' || exit 3
-import os, sys, time
+import os, sys, threading, time
 import ray
 
 want, timeout, head_pid = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 deadline = time.monotonic() + timeout
+joined = threading.Event()
+alive = 0
 
 def fail(msg):
-    sys.exit(f"pogdiff_multinode: {msg} (Ray logs: the node-local temp dir, see POGDIFF_RAY_TMPDIR)")
+    print(f"pogdiff_multinode: {msg} (Ray logs: the node-local temp dir, see POGDIFF_RAY_TMPDIR)", file=sys.stderr,
+          flush=True)
+    os._exit(1)  # from the watchdog too: ray.init can block for minutes on a head that is not there
 
-while True:
+def head_exited():
+    # the head's srun is this script's child: once it exits it stays a zombie (nobody reaps it while
+    # this wait runs), and a zombie still answers kill(pid, 0), so read its state
+    try:
+        with open(f"/proc/{head_pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except OSError:  # gone, or no /proc
+        pass
     try:
         os.kill(head_pid, 0)
     except ProcessLookupError:
-        fail("the Ray head exited before the cluster formed (see its output above)")
+        return True
+    return False
+
+def watchdog():
+    while not joined.wait(1):
+        if head_exited():
+            fail("the Ray head exited before the cluster formed (see its output above)")
+        if time.monotonic() > deadline:
+            fail(f"only {alive} of {want} Ray nodes joined within {timeout:.0f} s" if alive else
+                 f"could not reach the Ray head at {os.environ['RAY_ADDRESS']} within {timeout:.0f} s")
+
+threading.Thread(target=watchdog, daemon=True).start()
+while True:
     try:
         ray.init(logging_level="ERROR", log_to_driver=False)
         break
     except ConnectionError:
-        if time.monotonic() > deadline:
-            fail(f"could not reach the Ray head at {os.environ['RAY_ADDRESS']} within {timeout:.0f} s")
         time.sleep(2)
 while (alive := sum(n["Alive"] for n in ray.nodes())) < want:
-    if time.monotonic() > deadline:
-        fail(f"only {alive} of {want} Ray nodes joined within {timeout:.0f} s")
     time.sleep(1)
+joined.set()
 print(f"pogdiff_multinode: all {want} Ray nodes joined: {ray.cluster_resources()}", flush=True)
 EOF
 

@@ -223,6 +223,25 @@ def test_slurm_derived_workers_reach_the_config_check_and_the_driver(slurm, tmp_
         assert args == ["configs/demo.yaml", *driver_args], log
 
 
+def test_slurm_job_fails_at_once_when_the_ray_head_cannot_start(slurm, tmp_path, ray_tmp):
+    """The head's GCS port is taken, so `ray start --head` exits. Its srun then stays a zombie
+    child of the batch script, which kill(pid, 0) took for alive: the job sat RUNNING until the
+    join timeout. It must fail as soon as the head is gone, long before that timeout (600 s here)."""
+    base = free_port_block(300)
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", base))
+        taken.listen()
+        start = time.monotonic()
+        job = slurm.sbatch(tmp_path, "configs/demo.yaml", [], POGDIFF_DRIVER="true", POGDIFF_RAY_JOIN_TIMEOUT="600",
+                           POGDIFF_RAY_TMPDIR=str(ray_tmp), **ray_ports_env(base))
+        info = slurm.wait(job, 240)
+    log = slurm.log(job)
+    assert info["JobState"] == "FAILED", f"{log}\n{slurm.daemon_logs()}"
+    assert "the Ray head exited before the cluster formed" in log, log
+    assert "running: true" not in log, log  # the driver never started
+    assert time.monotonic() - start < 240
+
+
 def ray_checkpoints(cfg) -> list[Path]:
     """The driver's complete checkpoints (every rank's optimizer shard present), oldest first."""
     done = []
