@@ -158,12 +158,13 @@ def serial_runs(sizes: list[int], tmp: Path) -> dict:
                                                    "peak_rss_mb": [s["peak_rss_mb_driver"] for s in stages]}
                 print(json.dumps({f"{procs} serial processes, {n}": runs[f"{procs} processes, {n}"]}), file=sys.stderr)
             small, large = runs[f"{procs} processes, {sizes[0]}"], runs[f"{procs} processes, {sizes[-1]}"]
-            runs[f"{procs} processes, marginal records_per_s"] = round(
-                procs * (sizes[-1] - sizes[0]) / (large["seconds"] - small["seconds"]), 1)
+            extra = large["seconds"] - small["seconds"]  # sizes too close to measure: none
+            runs[f"{procs} processes, marginal records_per_s"] = \
+                round(procs * (sizes[-1] - sizes[0]) / extra, 1) if extra > 0 else None
     finally:
         del os.environ["OMP_NUM_THREADS"]
-    runs["ratio_2_over_1 (marginal records_per_s)"] = round(
-        runs["2 processes, marginal records_per_s"] / runs["1 processes, marginal records_per_s"], 3)
+    one, two = runs["1 processes, marginal records_per_s"], runs["2 processes, marginal records_per_s"]
+    runs["ratio_2_over_1 (marginal records_per_s)"] = round(two / one, 3) if one and two else None
     return runs
 
 
