@@ -156,7 +156,7 @@ def read_csv(path: Path) -> Iterator[tuple[str, Optional[dict], str]]:
             break
     if header is None:
         raise PrepareError(f"{path}: a CSV manifest needs a header line naming its columns")
-    numbers = deque([header[0]])  # the file line numbers of the lines the parser has read and not yet given out
+    numbers: deque[int] = deque()  # file line numbers of the data lines the parser has read and not yet given out
     undecodable: list[tuple[int, str]] = []  # met while the parser reads a record's lines
 
     def fed() -> Iterator[str]:
@@ -169,10 +169,8 @@ def read_csv(path: Path) -> Iterator[tuple[str, Optional[dict], str]]:
                 yield text
 
     reader = csv.DictReader(fed())
-    prev = 1
+    prev = 1  # the parser's line 1 is the header
     for row in reader:
-        if prev == 1:
-            numbers.popleft()  # the header
         span = [numbers.popleft() for _ in range(reader.line_num - prev)]
         prev = reader.line_num
         for n, problem in undecodable:
