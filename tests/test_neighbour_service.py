@@ -355,10 +355,38 @@ def test_shard_actors_killed_from_outside_mid_build_and_mid_search_change_nothin
     x, labels = clustered_embeddings(120_000, 64, seed=8)
     here, _ = build_knn_graph(ArraySource(x, labels), 5, actor_cfg("nb-straight", shards=2, type=IndexType.ivf),
                               root=tmp_path / "straight", progress=False)
-    with killing({"ray::ShardIndex.build": always, "ray::ShardIndex.search_rows": always}) as killed:
+    with killing({"ray::ShardIndex.build": always, "ray::ShardIndex.search_rows_in_parts": always}) as killed:
         there, stats = build_knn_graph(ArraySource(x, labels), 5, actor_cfg("nb-kill", shards=2, type=IndexType.ivf),
                                        root=tmp_path / "ray", progress=False)
     assert stats["actors"] and stats["shards"] == 2 and not stats["reused"]
-    assert set(killed) == {"ray::ShardIndex.build", "ray::ShardIndex.search_rows"}, killed
+    assert set(killed) == {"ray::ShardIndex.build", "ray::ShardIndex.search_rows_in_parts"}, killed
     for name in ("ids", "sims", "different_identity"):
         torch.testing.assert_close(getattr(there, name), getattr(here, name))
+
+
+def test_an_ivf_shard_takes_the_bytes_of_its_rows_not_a_grown_vector_of_them():
+    """Its lists are sized before the rows go in, so the shard fits the memory its plan asks Ray for
+    (without: 1.5x the rows' bytes here)."""
+    import ctypes
+
+    import psutil
+
+    from pogdiff.dist.neighbour_service import ShardIndex, index_spec
+
+    def resident_after_freeing() -> int:  # what the process holds, not what glibc keeps for reuse
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return psutil.Process().memory_info().rss
+
+    n, dim = 150_000, 64
+    x, labels = clustered_embeddings(n, dim, seed=5)
+    source = ArraySource(x, labels)
+    spec = index_spec(IndexType.ivf, n, dim, IndexConfig(nlist=512))
+    shard = ShardIndex(None)
+    trained = shard.train(source, spec)
+    before = resident_after_freeing()
+    shard.build(source, 0, n, spec, trained)
+    grown = resident_after_freeing() - before
+    data = n * (dim * 4 + 8)  # vectors and ids: 38 MB
+    assert grown < 1.15 * data, f"{grown / 2**20:.0f} MB for {data / 2**20:.0f} MB of lists"
+    _, ids, _ = shard.search(x[:50], 5)
+    assert (ids[:, 0] == np.arange(50)).all()  # each vector finds itself first

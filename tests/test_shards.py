@@ -223,3 +223,29 @@ def test_unfinished_task_is_not_done(tmp_path):
     assert read_task_record(shards, 0) is None
     with pytest.raises(RuntimeError, match="have not finished"):
         write_index(tmp_path, 1, 3, {})
+
+
+def test_identity_counts_and_minority_split_read_the_column_in_chunks(tmp_path):
+    """Counted a chunk at a time (no O(N) sort), and the split is one flag per identity, read per row."""
+    from pogdiff.data.shards import DatasetIndex
+
+    rng = np.random.default_rng(3)
+    identities = rng.choice(np.r_[-1, np.arange(40)], size=5000, p=np.r_[0.05, np.full(40, 0.95 / 40)])
+    identities[identities == 7] = 8  # an identity with no row
+    np.save(tmp_path / "identities.npy", identities.astype(np.int64))
+    index = DatasetIndex(tmp_path, {"num_samples": len(identities)}, np.load(tmp_path / "identities.npy", mmap_mode="r"),
+                         None, None, None)
+    ids, counts = np.unique(identities, return_counts=True)
+    want = dict(zip(ids.tolist(), counts.tolist()))
+    assert index.identity_counts() == want
+    small = index._identity_bincount(chunk_rows=333)
+    assert dict(enumerate(small[0].tolist())) | {-1: small[1]} == {i: want.get(i, 0) for i in range(-1, 40)}
+
+    few = sorted(counts[ids >= 0])[10]
+    split = index.is_minority(int(few))
+    table = {i: c for i, c in want.items() if i >= 0}
+    expected = np.array([i >= 0 and table[i] <= few for i in identities])
+    np.testing.assert_array_equal(split[:].numpy(), expected)
+    rows = rng.integers(0, len(identities), 64)
+    np.testing.assert_array_equal(split[rows].numpy(), expected[rows])
+    assert len(split) == len(identities) and 0 < expected.sum() < len(expected)

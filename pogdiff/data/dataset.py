@@ -36,6 +36,7 @@ from pogdiff.config import Config
 from pogdiff.data.shards import DatasetIndex, EmbeddingSource
 from pogdiff.method.density import TextDensity, fit_text_density
 from pogdiff.method.neighbours import NeighbourTable, summarize_psi
+from pogdiff.npyrows import NpyRows
 from pogdiff.runs import atomic_path, fingerprint, is_uri, write_json
 
 log = logging.getLogger("pogdiff.data")
@@ -204,13 +205,22 @@ def psi_table_for(cfg: Config, ds: Dataset, progress: bool = True) -> tuple[np.n
             map_row_ranges(psi_rows, n, psi, (str(neighbours_dir(cfg, ds)), m.a1, m.a2, m.psi_img, density, nll, m.a3),
                            distributed=uses_cluster(n, cfg.density, cfg.dist.ray_address),
                            ray_address=cfg.dist.ray_address, progress=progress)
-        stats = summarize_psi(_load(path), ds.index.is_minority(cfg.data.minority_images))
+        stats = summarize_psi(NpyRows(path), ds.index.is_minority(cfg.data.minority_images))
         write_json(stats_path, stats)
         ratio = stats.get("tail_over_head")
         if ratio is not None and ratio < 1:
             log.warning("E[psi | tail] / E[psi | head] = %.3f < 1: psi weights minority samples below majority "
                         "ones with these settings (method.a1/a2/a3, density.temperature)", ratio)
     return _load(path), json.loads(stats_path.read_text())
+
+
+def training_tables(cfg: Config, ds: Dataset) -> tuple[NeighbourTable, NpyRows]:
+    """The neighbour table and psi (built on first use) as row readers (pogdiff.npyrows): a training
+    step reads its batch's rows from the files, and no memory map keeps the rows read resident."""
+    psi_table_for(cfg, ds, progress=False)
+    folder = neighbours_dir(cfg, ds)
+    return NeighbourTable(*(NpyRows(folder / f"{name}.npy") for name in ("ids", "sims", "different_identity"))), \
+        NpyRows(psi_path(cfg, ds))
 
 
 def prepare_artifacts(cfg: Config, ds: Dataset, progress: bool = True) -> dict:

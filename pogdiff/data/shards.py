@@ -37,6 +37,7 @@ from typing import BinaryIO, Iterable, Iterator, Optional
 
 import numpy as np
 
+from pogdiff.npyrows import NpyRows, NpyWriter, read_rows
 from pogdiff.runs import atomic_path, atomic_write, file_sha256
 
 FORMAT = "pogdiff-shards/2"  # 2: every sample carries CHECKSUM
@@ -331,28 +332,6 @@ def read_task_record(folder: Path, task: int) -> Optional[dict]:
     return record
 
 
-class NpyAppender:
-    """A .npy file written front to back, a block of rows at a time. Not a memory map: a map's
-    written pages stay in the writer's resident memory, O(N) for an index of N rows."""
-
-    def __init__(self, path: Path, dtype, shape: tuple):
-        self.path, self.dtype, self.shape, self.rows = path, np.dtype(dtype), shape, 0
-        self.file = open(path, "wb")
-        np.lib.format.write_array_header_1_0(self.file, {"descr": np.lib.format.dtype_to_descr(self.dtype),
-                                                         "fortran_order": False, "shape": shape})
-
-    def append(self, block: np.ndarray) -> None:
-        if self.rows + len(block) > self.shape[0]:
-            raise ValueError(f"{self.path}: more than the {self.shape[0]} rows declared")
-        self.file.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
-        self.rows += len(block)
-
-    def close(self) -> None:
-        self.file.close()
-        if self.rows != self.shape[0]:
-            raise ValueError(f"{self.path}: {self.rows} rows written, {self.shape[0]} declared")
-
-
 def write_index(root: Path, num_tasks: int, num_records: int, meta: dict) -> dict:
     """Merge the finished tasks' sidecars into the dataset index, one task at a time (memory
     O(one task + number of shards)); ``dataset.json`` last."""
@@ -374,9 +353,9 @@ def write_index(root: Path, num_tasks: int, num_records: int, meta: dict) -> dic
     with np.load(shards / f"{task_name(filled[0])}.npz") as first:
         widths = {name: first[name].shape[1:] for name in COLUMNS}
     tmp = {name: root / f".{name}.npy.tmp" for name in (*COLUMNS, "identities", "row_of_ordinal")}
-    columns = {name: NpyAppender(tmp[name], dtype, (n, *widths[name])) for name, dtype in COLUMNS.items()}
-    identities = NpyAppender(tmp["identities"], np.int64, (n,))
-    row_of_ordinal = NpyAppender(tmp["row_of_ordinal"], np.int64, (num_records,))
+    columns = {name: NpyWriter(tmp[name], dtype, (n, *widths[name])) for name, dtype in COLUMNS.items()}
+    identities = NpyWriter(tmp["identities"], np.int64, (n,))
+    row_of_ordinal = NpyWriter(tmp["row_of_ordinal"], np.int64, (num_records,))
     row = 0
     with atomic_path(root / "index.jsonl") as index_tmp, open(index_tmp, "w") as lines:
         for t in filled:
@@ -387,7 +366,7 @@ def write_index(root: Path, num_tasks: int, num_records: int, meta: dict) -> dic
             ordinals = np.array([s["ordinal"] for s in record["samples"]], dtype=np.int64)
             rows = np.arange(row, row + len(ordinals), dtype=np.int64)
             # the planned records a task did not keep (skipped) are -1; tasks hold ascending ordinal ranges
-            row_of_ordinal.append(np.full(int(ordinals[0]) - row_of_ordinal.rows, -1, np.int64))
+            row_of_ordinal.append(np.full(int(ordinals[0]) - row_of_ordinal.rows_written, -1, np.int64))
             gaps = np.full(int(ordinals[-1]) + 1 - int(ordinals[0]), -1, np.int64)
             gaps[ordinals - ordinals[0]] = rows
             row_of_ordinal.append(gaps)
@@ -396,7 +375,7 @@ def write_index(root: Path, num_tasks: int, num_records: int, meta: dict) -> dic
                 lines.write(json.dumps({"key": s["key"], "shard": f"shards/{s['shard']}", "ordinal": s["ordinal"],
                                         "identity": s["identity"], "name": s["name"], "caption": s["caption"]}) + "\n")
             row += len(ordinals)
-    row_of_ordinal.append(np.full(num_records - row_of_ordinal.rows, -1, np.int64))
+    row_of_ordinal.append(np.full(num_records - row_of_ordinal.rows_written, -1, np.int64))
     for writer in (*columns.values(), identities, row_of_ordinal):
         writer.close()
     for name, path in tmp.items():
@@ -453,15 +432,29 @@ class DatasetIndex:
         base = shard_root(self.root)
         return [f"{base}/{p['url']}" for p in self.meta["shards"]]
 
-    def identity_counts(self) -> dict[int, int]:
-        ids, counts = np.unique(np.asarray(self.identities), return_counts=True)
-        return dict(zip(ids.tolist(), counts.tolist()))
+    def _identity_bincount(self, chunk_rows: int = 1 << 20) -> tuple[np.ndarray, int]:
+        """(rows per identity 0..max, rows without one): the identity column read a chunk at a time."""
+        counts, unlabelled = np.zeros(0, np.int64), 0
+        path = self.root / "identities.npy"
+        for start in range(0, len(self.identities), chunk_rows):
+            ids = read_rows(path, start, start + chunk_rows)
+            unlabelled += int((ids < 0).sum())
+            chunk = np.bincount(ids[ids >= 0])
+            if len(chunk) > len(counts):
+                counts = np.pad(counts, (0, len(chunk) - len(counts)))
+            counts[:len(chunk)] += chunk
+        return counts, unlabelled
 
-    def is_minority(self, few_max_images: int) -> np.ndarray:
+    def identity_counts(self) -> dict[int, int]:
+        counts, unlabelled = self._identity_bincount()
+        out = {-1: unlabelled} if unlabelled else {}
+        out.update((i, c) for i, c in enumerate(counts.tolist()) if c)
+        return out
+
+    def is_minority(self, few_max_images: int) -> "MinorityRows":
         """Per row: its identity has at most ``few_max_images`` training images (the "Few" split)."""
-        counts = self.identity_counts()
-        table = np.array([counts.get(i, 0) for i in range(int(self.identities.max(initial=-1)) + 1)], dtype=np.int64)
-        return (self.identities >= 0) & (table[self.identities.clip(min=0)] <= few_max_images)
+        counts, _ = self._identity_bincount()
+        return MinorityRows(NpyRows(self.root / "identities.npy"), (counts > 0) & (counts <= few_max_images))
 
     def identity_names(self) -> dict[int, str]:
         """identity -> its name (the manifest's name column, else the identity label), first row wins."""
@@ -500,16 +493,36 @@ class DatasetIndex:
         return cls(root, meta, mm("identities"), mm("tokens"), mm("image_emb"), mm("pooled"))
 
 
+class MinorityRows:
+    """Per dataset row, whether its identity is a minority one: ``split[rows]`` (a slice or an index
+    array) is a bool tensor, read from the identity column when asked; the process holds one flag
+    per identity (``minority``), never one per row."""
+
+    def __init__(self, identities: NpyRows, minority: np.ndarray):
+        self.identities, self.minority = identities, minority
+
+    def __len__(self) -> int:
+        return len(self.identities)
+
+    def __getitem__(self, rows):
+        import torch
+
+        ids = self.identities[rows]
+        return torch.from_numpy((ids >= 0) & self.minority[ids.clip(0, max(len(self.minority) - 1, 0))]
+                                if len(self.minority) else np.zeros(ids.shape, bool))
+
+
 class EmbeddingSource:
     """The FAISS builder's view of a prepared dataset: image embeddings and identities, read one slice
-    at a time from the memory-mapped index; picklable by path, so Ray shard actors open it themselves."""
+    at a time from the index's files (pogdiff.npyrows: no map keeps the rows read resident); picklable
+    by path, so Ray shard actors open it themselves."""
 
     def __init__(self, root: str | Path):
         self.root = str(root)
         self.n, self.dim = np.load(Path(self.root) / "image_emb.npy", mmap_mode="r").shape
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        return np.asarray(np.load(Path(self.root) / "image_emb.npy", mmap_mode="r")[start:stop], dtype=np.float32)
+        return read_rows(Path(self.root) / "image_emb.npy", start, stop).astype(np.float32, copy=False)
 
     def identities(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
-        return np.load(Path(self.root) / "identities.npy", mmap_mode="r")[start:stop].astype(np.int64)
+        return read_rows(Path(self.root) / "identities.npy", start, self.n if stop is None else stop).astype(np.int64)

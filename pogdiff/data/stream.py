@@ -41,7 +41,7 @@ A shard that cannot be opened or read (missing, truncated, corrupt) is logged an
 ``max_consecutive_errors`` in a row, it raises instead of spinning forever.
 
 The neighbour's conditioning y'. The training step gets y' as the neighbour's caption token ids
-from the dataset index's ``tokens.npy`` ((N, L) int32, memory-mapped; ``tokens_for``) and runs
+from the dataset index's ``tokens.npy`` ((N, L) int32, read by rows: ``tokens_for``) and runs
 the frozen text encoder on [y; y'] in the step. Cost per sample and step for SD v1.5 (L = 77,
 CLIP ViT-L/14 text encoder, 768-d), as counted by ``benchmarks/data_pipeline.py``: 308 bytes of
 y' tokens read (the whole table is 30.8 MB per 100k samples and stays in the page cache) and one
@@ -68,6 +68,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pogdiff.data.shards import FORMAT, LATENT, LATENT_FLIP, META, TOKENS, UnsupportedTar, npy_load, read_tar, verify_sample
+from pogdiff.npyrows import NpyRows
 from pogdiff.runs import derive_seed
 from pogdiff.storage import StorageUnavailable, open_read, shard_root
 
@@ -177,7 +178,7 @@ class ShardStream(IterableDataset):
         self.row_of_ordinal_path, self.max_consecutive_errors = row_of_ordinal, max_consecutive_errors
         self.random_flip, self.epoch = random_flip, 0
         self.epoch_len: Optional[int] = None  # batches per rank and epoch (resampled): each worker makes its share
-        self._rows: Optional[np.ndarray] = None
+        self._rows: Optional[NpyRows] = None
         self.expected: dict[str, int] = {}  # shard url -> samples it holds (from dataset.json)
         self.checksums = False  # every sample must carry one (a dataset of the current FORMAT)
 
@@ -198,7 +199,7 @@ class ShardStream(IterableDataset):
         meta = json.loads(sample[META])
         if self.row_of_ordinal_path is not None:
             if self._rows is None:
-                self._rows = np.load(self.row_of_ordinal_path, mmap_mode="r")
+                self._rows = NpyRows(self.row_of_ordinal_path)
             row = int(self._rows[meta["ordinal"]]) if meta["ordinal"] < len(self._rows) else -1
             if row < 0:
                 raise ValueError(f"sample '{meta['key']}' in {sample['__url__']} is not in the dataset index "
@@ -258,7 +259,7 @@ class TrainLoader:
         self.stream, self.num_workers, self.epoch_len, self.pin_memory = stream, num_workers, epoch_len, pin_memory
         stream.epoch_len = epoch_len
         self.epoch = 0
-        self._tokens = np.load(tokens_path, mmap_mode="r") if tokens_path is not None else None
+        self._tokens = NpyRows(tokens_path) if tokens_path is not None else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -5,7 +5,7 @@
 Every dataset row queries every shard for its k+1 most similar rows (itself among them), in
 batches of ``index.batch_size``; the shards read the query rows from the source themselves, so
 only row ranges and results cross the wire. Each batch's merged rows go straight into the
-memory-mapped table files. Below ``index.actor_min_n`` rows (and with one shard) the shard runs
+table's files. Below ``index.actor_min_n`` rows (and with one shard) the shard runs
 in-process; above, as Ray actors planned from the alive nodes (``plan_shards``), with several
 batches in flight.
 """
@@ -25,10 +25,11 @@ import torch
 
 from pogdiff.config import IndexConfig, IndexType
 from pogdiff.method.neighbours import NeighbourTable
+from pogdiff.npyrows import NpyWriter
 from pogdiff.runs import atomic_path
 
-from pogdiff.dist.neighbour_service import (NeighbourService, as_vectors, cluster_nodes, describe_nodes, drop_self, faiss,
-                                            merge_topk, plan_shards, read_rows, shard_bounds, this_machine)
+from pogdiff.dist.neighbour_service import (NeighbourService, as_vectors, cluster_nodes, describe_nodes, drop_self,
+                                            exact_search, merge_topk, plan_shards, read_rows, shard_bounds, this_machine)
 
 log = logging.getLogger("pogdiff.index")
 # The neighbour table's columns, each (N, k): <name>.npy in the table's folder.
@@ -66,18 +67,10 @@ def fingerprint(source, chunk: int = 1 << 20) -> str:
 # --- the graph ------------------------------------------------------------------------------------
 
 
-def exact_topk(source, rows: np.ndarray, k: int, chunk: int = 262_144) -> np.ndarray:
-    """Brute-force top-k ids of the given dataset rows, self excluded (the recall reference)."""
-    q = as_vectors(read_rows(source, rows), source.dim)
-    heap = faiss.ResultHeap(len(rows), k + 1, keep_max=True)
-    for a in range(0, source.n, chunk):
-        xb = as_vectors(source.read(a, min(a + chunk, source.n)), source.dim)
-        sims, ids = faiss.knn(q, xb, min(k + 1, len(xb)), metric=faiss.METRIC_INNER_PRODUCT)
-        pad = k + 1 - ids.shape[1]
-        sims, ids = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf), np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
-        heap.add_result(np.ascontiguousarray(sims), np.ascontiguousarray(np.where(ids >= 0, ids + a, -1)))
-    heap.finalize()
-    return drop_self(heap.D, heap.I, heap.I, rows)[1]
+def exact_topk(source, rows: np.ndarray, k: int) -> np.ndarray:
+    """Brute-force top-k ids of the given dataset rows, self excluded, in this process."""
+    sims, ids = exact_search(source, as_vectors(read_rows(source, rows), source.dim), k + 1)
+    return drop_self(sims, ids, ids, rows)[1]
 
 
 def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
@@ -112,20 +105,17 @@ def ensure_index(svc: NeighbourService, src, source, spec, seed: int, progress: 
 
 
 @contextlib.contextmanager
-def table_columns(out: Optional[Path], n: int, k: int) -> Iterator[dict[str, np.ndarray]]:
-    """The (N, k) columns the search fills: in memory for ``out`` None, else memory-mapped
-    <name>.npy files in a temp folder beside ``out`` that replaces it when the block completes."""
+def table_columns(out: Optional[Path], n: int, k: int) -> Iterator[dict]:
+    """The (N, k) columns the search fills: in memory for ``out`` None, else <name>.npy files
+    written by rows (pogdiff.npyrows) in a temp folder beside ``out`` that replaces it when the block
+    completes."""
     if out is None:
         yield {name: np.zeros((n, k), dtype) for name, dtype in COLUMNS}
         return
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as folder:
+    with atomic_path(out) as folder, contextlib.ExitStack() as opened:
         folder.mkdir()
-        columns = {name: np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=(n, k))
-                   for name, dtype in COLUMNS}
-        yield columns
-        for column in columns.values():
-            column.flush()
+        yield {name: opened.enter_context(NpyWriter(folder / f"{name}.npy", dtype, (n, k))) for name, dtype in COLUMNS}
 
 
 def load_table(out: Path) -> NeighbourTable:
@@ -145,8 +135,9 @@ def search_graph(svc: NeighbourService, src, source, k: int, batch_size: int, co
 
     bar = tqdm(total=source.n, desc="knn graph", unit="query", disable=not progress)
 
-    def collect(a: int, b: int, futures: list) -> None:
-        s, i, ident = drop_self(*merge_topk(svc.get(futures), k + 1), np.arange(a, b))
+    def collect(a: int, b: int, streams: list) -> None:
+        parts = [tuple(np.concatenate(column) for column in zip(*stream)) for stream in streams]
+        s, i, ident = drop_self(*merge_topk(parts, k + 1), np.arange(a, b))
         q = source.identities(a, b)[:, None]
         columns["ids"][a:b], columns["sims"][a:b] = i, np.where(i >= 0, s, 0)
         columns["different_identity"][a:b] = (i >= 0) & (q >= 0) & (ident >= 0) & (ident != q)
@@ -155,7 +146,7 @@ def search_graph(svc: NeighbourService, src, source, k: int, batch_size: int, co
     pending: deque = deque()
     for a in range(0, source.n, batch_size):
         b = min(a + batch_size, source.n)
-        pending.append((a, b, svc.call("search_rows", src, a, b, k + 1, retries=-1)))
+        pending.append((a, b, svc.stream("search_rows_in_parts", src, a, b, k + 1, retries=-1)))
         while len(pending) > (2 if svc.remote else 0):  # remote: the next batches run while this one merges
             collect(*pending.popleft())
     while pending:
@@ -207,14 +198,18 @@ def build_knn_graph(source, k: int, icfg: IndexConfig, root: Optional[str | Path
         with table_columns(None if out is None else Path(out), n, k) as columns:
             search_graph(svc, src, source, k, icfg.batch_size, columns, progress)
         t2, c2 = time.perf_counter(), time.process_time()
+        exact = None
+        if spec.kind != IndexType.flat and icfg.recall_sample and n > 1:
+            # the reference scans all N rows: each shard its own slice, merged here like a search
+            rows = np.sort(np.random.default_rng(icfg.seed).choice(n, min(icfg.recall_sample, n), replace=False))
+            parts = svc.get(svc.call("exact_rows", src, rows, k + 1, retries=-1))
+            exact = drop_self(*merge_topk(parts, k + 1), rows)[1]
     table = load_table(Path(out)) if out is not None else NeighbourTable(*(torch.from_numpy(columns[name]) for name, _ in COLUMNS))
     stats.update(search_s=round(t2 - t1, 3), queries_per_s=round(n / max(t2 - t1, 1e-9), 1))
     if not remote:  # CPU seconds of this process (all its FAISS threads): what a busy machine does not inflate
         stats.update(build_cpu_s=round(c1 - c0, 3), search_cpu_s=round(c2 - c1, 3))
-    if spec.kind != IndexType.flat and icfg.recall_sample and n > 1:
-        rows = np.sort(np.random.default_rng(icfg.seed).choice(n, min(icfg.recall_sample, n), replace=False))
-        stats.update(recall_at_k=round(recall_at_k(table.ids[rows].numpy(), exact_topk(source, rows, k)), 4),
-                     recall_sample=len(rows))
+    if exact is not None:
+        stats.update(recall_at_k=round(recall_at_k(table.ids[rows].numpy(), exact), 4), recall_sample=len(rows))
     return table, stats
 
 

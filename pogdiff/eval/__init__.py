@@ -12,13 +12,13 @@ encoder. "All" averages over every identity, "Few" over the minority identities 
 
 Features are extracted a batch at a time, streaming over the dataset's shards and the run's
 sample shards, in this process or (``sample.ray_workers`` > 0) by a pool of Ray actors, one encoder
-each (a GPU each on a cluster with GPUs). They go into memory-mapped (n, d) float32 files grouped
-by identity: the real ones in the dataset's eval cache (``artifacts/eval-<encoder fp>/``, shared by
+each (a GPU each on a cluster with GPUs). They go into (n, d) float32 .npy files grouped by
+identity: the real ones in the dataset's eval cache (``artifacts/eval-<encoder fp>/``, shared by
 every run scored with that encoder), the generated ones beside the samples. The metrics are then
 computed one identity at a time from that identity's rows, so no process holds more than a batch
-of images and one identity's embeddings. Embeddings rather than per-identity sufficient
-statistics, because gRecall needs every training embedding (which of them a generated image
-covers), and because the metrics then come from the same arithmetic on the same arrays as
+of images and one identity's embeddings (the files are written and read by rows, never mapped:
+pogdiff.npyrows). Embeddings rather than per-identity sufficient statistics, because gRecall needs
+every training embedding (which of them a generated image covers), and because the metrics then come from the same arithmetic on the same arrays as
 pogdiff.eval.metrics on in-memory embeddings: the same values.
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ import torch
 
 from pogdiff.config import Config
 from pogdiff.eval import metrics as M
+from pogdiff.npyrows import NpyWriter, read_rows
 from pogdiff.runs import RunFiles, atomic_path, fingerprint, write_json
 
 METRICS = ("fid", "dino", "grecall")
@@ -52,16 +53,15 @@ def few_ids(cfg: Config, index) -> list[int]:
 
 
 class IdentityEmbeddings(Mapping):
-    """identity -> its (n, d) float32 embeddings: rows ``ranges[identity]`` of a memory-mapped .npy,
-    read when asked for."""
+    """identity -> its (n, d) float32 embeddings: rows ``ranges[identity]`` of a .npy, read from the
+    file when asked for (pogdiff.npyrows: no memory map keeps the rows read in this process)."""
 
     def __init__(self, path: Optional[Path], ranges: dict[int, tuple[int, int]]):
         self.path, self.ranges = path, ranges
-        self._rows = np.load(path, mmap_mode="r") if path is not None else None
 
     def __getitem__(self, identity: int) -> np.ndarray:
         start, stop = self.ranges[identity]
-        return np.array(self._rows[start:stop])
+        return read_rows(self.path, start, stop)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.ranges)
@@ -91,11 +91,11 @@ def write_grouped(path: Path, counts: Mapping[int, int], batches: Batches) -> Id
         offsets[identity], total = total, total + count
     filled = dict.fromkeys(counts, 0)
     if total:
-        with atomic_path(path) as tmp:
+        with atomic_path(path) as tmp, contextlib.ExitStack() as opened:
             out = None
             for identities, emb in batches:
                 if out is None:
-                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, emb.shape[1]))
+                    out = opened.enter_context(NpyWriter(tmp, np.float32, (total, emb.shape[1])))
                 slots = []
                 for identity in identities:
                     slots.append(offsets[identity] + filled[identity])
@@ -105,8 +105,6 @@ def write_grouped(path: Path, counts: Mapping[int, int], batches: Batches) -> Id
                 wrong = {i: (filled[i], c) for i, c in counts.items() if filled[i] != c}
                 raise RuntimeError(f"{path.name}: identity -> (images read, images the index lists): "
                                    f"{dict(list(wrong.items())[:5])}")
-            out.flush()
-            del out
     ranges = {i: (offsets[i], offsets[i] + c) for i, c in counts.items() if c}
     write_json(path.with_suffix(".json"), {"ranges": [[i, a, b] for i, (a, b) in ranges.items()]})
     return IdentityEmbeddings(path if ranges else None, ranges)

@@ -174,7 +174,7 @@ def plot_psi(cfg: Config, ds, variants: list[str], path: Path) -> bool:
     if not variants:
         return False
     plt = _plt()
-    tail = torch.from_numpy(ds.index.is_minority(cfg.data.minority_images))
+    tail = ds.index.is_minority(cfg.data.minority_images)[:]
     usable = neighbour_table(cfg, ds, progress=False).ids >= 0
     fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 3.2), squeeze=False)
     for ax, v in zip(axes[0], variants):

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pogdiff.config import DensityConfig
+from pogdiff import npyrows
 from pogdiff.method.neighbours import NeighbourTable, check_finite, psi_table
 from pogdiff.runs import atomic_path, derive_seed
 
@@ -151,9 +152,9 @@ Column = str | np.ndarray  # a column as the path of its .npy, or an array
 def column_source(column: np.ndarray | torch.Tensor | object) -> Column | object:
     """How a column is read: a whole memory-mapped .npy by its path, a tensor as its array; any
     other value as it is. A path travels to a Ray task as it is (a pickled memmap is a copy of
-    its data), and each ``read_rows`` maps the file anew and unmaps it after: the pages it read
-    leave this process's resident set, which a resource manager that counts RSS would otherwise
-    see grow to the whole column."""
+    its data), and ``read_rows`` reads its rows from the file (pogdiff.npyrows), never through a
+    map whose pages would stay in this process's resident set, which a resource manager that counts
+    RSS would otherwise see grow to the whole column."""
     if isinstance(column, torch.Tensor):
         return column.detach().cpu().numpy()
     whole_file = isinstance(column, np.memmap) and column.filename is not None \
@@ -167,7 +168,10 @@ def _open(column: Column) -> np.ndarray:
 
 def read_rows(column: Column, start: int, stop: int, dtype=np.float32) -> np.ndarray:
     """Rows [start, stop) of a column as a new array (``dtype`` None: the column's)."""
-    return np.array(_open(column)[start:stop], dtype=dtype)
+    if isinstance(column, str):
+        rows = npyrows.read_rows(column, start, stop)
+        return rows if dtype is None else rows.astype(dtype, copy=False)
+    return np.array(column[start:stop], dtype=dtype)
 
 
 def column_stats(column: Column, what: str, chunk_rows: int = STATS_CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
@@ -308,12 +312,16 @@ def nll_rows(start: int, stop: int, density: TextDensity, embeddings: Column, de
 def psi_rows(start: int, stop: int, neighbours: str, a1: float, a2: float, use_psi_img: bool,
              density: Optional[TextDensity] = None, nll: Optional[Column] = None, a3: float = 1.0) -> np.ndarray:
     """Eq. 12 for rows [start, stop): psi per (row, neighbour) from the neighbour table in the folder
-    ``neighbours`` (ids/sims/different_identity.npy) and the rows' -ELBO (None: w/o psi_inv)."""
-    table = NeighbourTable(*(torch.from_numpy(read_rows(str(Path(neighbours) / f"{name}.npy"), start, stop, dtype=None))
-                             for name in ("ids", "sims", "different_identity")))
-    log_inv = None if density is None else \
-        density.log_psi_inv_from_nll(torch.from_numpy(read_rows(nll, start, stop)), a3)
-    return psi_table(table, log_inv, a1, a2, use_psi_img=use_psi_img).numpy()
+    ``neighbours`` (ids/sims/different_identity.npy) and the rows' -ELBO (None: w/o psi_inv), one
+    scoring block at a time (the temporaries of a whole range would be several times its table)."""
+
+    def block(a: int, b: int) -> np.ndarray:
+        table = NeighbourTable(*(torch.from_numpy(read_rows(str(Path(neighbours) / f"{name}.npy"), a, b, dtype=None))
+                                 for name in ("ids", "sims", "different_identity")))
+        log_inv = None if density is None else density.log_psi_inv_from_nll(torch.from_numpy(read_rows(nll, a, b)), a3)
+        return psi_table(table, log_inv, a1, a2, use_psi_img=use_psi_img).numpy()
+
+    return np.concatenate([block(a, min(a + SCORE_BLOCK_ROWS, stop)) for a in range(start, stop, SCORE_BLOCK_ROWS)])
 
 
 def uses_cluster(n: int, cfg: DensityConfig, ray_address: Optional[str]) -> bool:
@@ -322,16 +330,26 @@ def uses_cluster(n: int, cfg: DensityConfig, ray_address: Optional[str]) -> bool
 
 
 @contextlib.contextmanager
-def rows_output(path: Optional[Path], shape: tuple[int, ...], dtype) -> Iterator[np.ndarray]:
-    """An array for ``map_row_ranges`` to fill: in memory, or (``path``) a .npy memory map at a
-    temporary name, moved onto ``path`` once every range is written."""
+def rows_output(path: Optional[Path], shape: tuple[int, ...], dtype) -> Iterator[np.ndarray | npyrows.NpyWriter]:
+    """An array for ``map_row_ranges`` to fill: in memory, or (``path``) a .npy written by rows
+    (pogdiff.npyrows) at a temporary name, moved onto ``path`` once every range is written."""
     if path is None:
         yield np.empty(shape, dtype)
         return
-    with atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+    with atomic_path(path) as tmp, npyrows.NpyWriter(tmp, dtype, shape) as out:
         yield out
-        out.flush()
+
+
+def _in_parts(fn: Callable[..., np.ndarray], start: int, stop: int, *args, **kwargs) -> Iterator[np.ndarray]:
+    """A scoring task's rows, yielded ``RESULT_PART_BYTES`` at a time: as a Ray streaming generator,
+    parts under Ray's inline limit come back in the reply, not through the object store, whose pages
+    stay in the RSS of the process that reads them (pogdiff.dist.neighbour_service.NeighbourService.stream)."""
+    from pogdiff.dist.neighbour_service import RESULT_PART_BYTES
+
+    rows = fn(start, stop, *args, **kwargs)
+    step = max(1, RESULT_PART_BYTES // max(1, rows[:1].nbytes))
+    for a in range(0, len(rows), step):
+        yield rows[a:a + step]
 
 
 def map_row_ranges(fn: Callable[..., np.ndarray], n: int, out: np.ndarray, args: tuple, distributed: bool = False,
@@ -341,10 +359,10 @@ def map_row_ranges(fn: Callable[..., np.ndarray], n: int, out: np.ndarray, args:
     tasks (through pogdiff.dist.cluster.connect) when ``distributed``, else here, one range at a time.
 
     ``device`` (auto|cpu|cuda) is where ``fn`` computes: resolved here; a task takes a GPU when it is
-    cuda, or auto on a cluster with GPUs. Results come back to this process, which writes them (the
-    workers need read access to the inputs only); at most twice the cluster's CPUs of them are
-    pending at once (``ray.wait``), so the object store never holds O(N). A memory-mapped column in
-    ``args`` reaches ``fn`` as its path (``column_source``)."""
+    cuda, or auto on a cluster with GPUs. Results come back to this process in small parts
+    (``_in_parts``), which it writes (the workers need read access to the inputs only); at most
+    twice the cluster's CPUs of tasks are pending at once (``ray.wait``), so nothing holds O(N). A
+    memory-mapped column in ``args`` reaches ``fn`` as its path (``column_source``)."""
     if rows_per_task % SCORE_BLOCK_ROWS:
         raise ValueError(f"rows_per_task={rows_per_task} must be a multiple of SCORE_BLOCK_ROWS={SCORE_BLOCK_ROWS}")
     ranges = [(a, min(a + rows_per_task, n)) for a in range(0, n, rows_per_task)]
@@ -368,20 +386,27 @@ def map_row_ranges(fn: Callable[..., np.ndarray], n: int, out: np.ndarray, args:
     with session(ray_address):
         gpu = device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
         kwargs = {} if device is None else {"device": "cuda" if gpu else "cpu"}
-        task = ray.remote(fn).options(num_cpus=1, num_gpus=1 if gpu else 0)
+        task = ray.remote(_in_parts).options(name=fn.__name__, num_cpus=1, num_gpus=1 if gpu else 0,
+                                             num_returns="streaming")
         shared = [ray.put(a) for a in args]
         limit = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
         todo, pending = iter(ranges), {}
         for a, b in todo:
-            pending[task.remote(a, b, *shared, **kwargs)] = (a, b)
+            pending[task.remote(fn, a, b, *shared, **kwargs)] = (a, b)
             if len(pending) >= limit:
                 break
         while pending:
             [done], _ = ray.wait(list(pending), num_returns=1)
             a, b = pending.pop(done)
-            out[a:b] = ray.get(done)
+            row = a
+            for ref in done:
+                part = ray.get(ref)
+                out[row:row + len(part)] = part
+                row += len(part)
+            if row != b:
+                raise RuntimeError(f"{fn.__name__}: rows {a}:{b} came back as {row - a} rows")
             bar.update(b - a)
             nxt = next(todo, None)
             if nxt is not None:
-                pending[task.remote(*nxt, *shared, **kwargs)] = nxt
+                pending[task.remote(fn, *nxt, *shared, **kwargs)] = nxt
         bar.close()

@@ -109,8 +109,9 @@ def psi_table(
 class NeighbourSampler:
     """Draws, each step and afresh, one neighbour j ~ Cat(w) per sample (Eq. 8) and its psi.
 
-    The tables may be memory-mapped (N, k) arrays: only the batch's rows are read, and the
-    weights are computed for those rows alone, so no per-process table grows with N."""
+    The tables may be tensors or row readers (pogdiff.npyrows.NpyRows over the (N, k) files): only
+    the batch's rows are read, and the weights are computed for those rows alone, so no
+    per-process table grows with N."""
 
     def __init__(self, table: NeighbourTable, psi: torch.Tensor):
         self.table, self.psi = table, psi
@@ -118,7 +119,7 @@ class NeighbourSampler:
     def sample(self, index: torch.Tensor, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(neighbour dataset indices (B,), psi (B,)); a sample with no usable neighbour gets itself and psi 0."""
         index = index.cpu()
-        ids, sims, psi = self.table.ids[index], self.table.sims[index], self.psi[index]
+        ids, sims, psi = (torch.as_tensor(column[index.numpy()]) for column in (self.table.ids, self.table.sims, self.psi))
         w = neighbour_weights(sims, ids)
         has_mass = w.sum(1) > 0
         # Rows with no mass draw any slot (psi is 0 there) so multinomial always has support.

@@ -29,8 +29,10 @@ import torch
 
 from pogdiff.config import Config, ConfigError, Method, ModelConfig, TrainConfig
 from pogdiff.data.dataset import Dataset
+from pogdiff.data.shards import MinorityRows
 from pogdiff.method.objectives import Batch, LossOutput, Objective, TextConditioner
 from pogdiff.models.components import unet_kwargs
+from pogdiff.npyrows import NpyRows
 from pogdiff.runs import derive_seed
 from pogdiff.train.ema import ShardedEMA, flat_shard
 from pogdiff.train.metrics import MetricsLog, term_stats
@@ -99,20 +101,20 @@ def text_conditioner(model_dir: str, ds: Dataset, device: torch.device) -> TextC
         raise ValueError(f"the dataset '{ds.root}' holds {ds.index.tokens.shape[1]} token ids per caption, the model "
                          f"'{model_dir}' makes {len(null)}: the dataset was prepared with another model")
     pooled = c.text_encoder_2.config.projection_dim if c.family == "sdxl" else None
-    return TextConditioner(lambda ids: encode_tokens(c, ids, device)[0], ds.index.tokens, null, pooled)
+    return TextConditioner(lambda ids: encode_tokens(c, ids, device)[0], NpyRows(ds.root / "tokens.npy"), null,
+                           pooled)
 
 
 def build_objective(cfg: Config, ds: Dataset, text: TextConditioner, alphas_cumprod: torch.Tensor,
                     prediction_type: str = "epsilon") -> Objective:
-    """The method's objective over the dataset's artifacts (memory-mapped: rows are read per batch)."""
-    from pogdiff.data.dataset import neighbour_table, psi_table_for, text_density
+    """The method's objective over the dataset's artifacts (rows are read per batch)."""
+    from pogdiff.data.dataset import text_density, training_tables
     from pogdiff.method.neighbours import NeighbourSampler
 
     m = cfg.method
     sampler = log_density = None
     if m.name == Method.pogdiff:
-        psi, _ = psi_table_for(cfg, ds, progress=False)
-        sampler = NeighbourSampler(neighbour_table(cfg, ds, progress=False), torch.from_numpy(psi))
+        sampler = NeighbourSampler(*training_tables(cfg, ds))
     if m.name == Method.t2h:
         _, nll = text_density(cfg, ds, progress=False)
         log_density = -torch.from_numpy(nll)
@@ -127,8 +129,8 @@ def build_objective(cfg: Config, ds: Dataset, text: TextConditioner, alphas_cump
 class TrainingInputs:
     unet: torch.nn.Module  # the dataset model's UNet, the starting point
     objective: Objective
-    is_minority: torch.Tensor  # (N,) bool per dataset row: the psi head/tail split of the logs
-    identities: object  # (N,) identity per dataset row (memory-mapped): the diagnostics' same-identity tests
+    is_minority: MinorityRows  # per dataset row, read by rows: the psi head/tail split of the logs
+    identities: NpyRows  # (N,) identity per dataset row, read by rows: the diagnostics' same-identity tests
 
 
 def training_inputs(cfg: Config, ds: Dataset, device: torch.device) -> TrainingInputs:
@@ -139,8 +141,8 @@ def training_inputs(cfg: Config, ds: Dataset, device: torch.device) -> TrainingI
     prediction_type = cfg.train.prediction_type or scheduler.config.prediction_type  # the model's, unless overridden
     objective = build_objective(cfg, ds, text_conditioner(ds.model_dir, ds, device), scheduler.alphas_cumprod,
                                 prediction_type)
-    return TrainingInputs(unet, objective, torch.from_numpy(ds.index.is_minority(cfg.data.minority_images)),
-                          ds.index.identities)
+    return TrainingInputs(unet, objective, ds.index.is_minority(cfg.data.minority_images),
+                          NpyRows(ds.root / "identities.npy"))
 
 
 def configure_unet(unet: torch.nn.Module, cfg: ModelConfig, device: torch.device) -> None:
