@@ -1,11 +1,11 @@
 """.npy files read and written a block of rows at a time with positional file I/O, never a memory map.
 
 Every page a memory map has touched stays in the process's resident set until the map is closed,
-so a process that fills or scans an N-row table through one shows RSS O(N), and a resource manager
-that counts RSS (Ray's memory monitor, a Slurm cgroup) sees it. pread/pwrite pass through the page
-cache instead, which the kernel reclaims. Measured on the 10^6-record scale benchmark
-(benchmarks/RESULTS.md): eval's cache of training embeddings written through a map added its
-whole 244 MB to eval's peak RSS.
+so a process that fills or scans an N-row table through one shows an RSS of O(N): what ps, psutil
+and the issue's memory bar measure, and pages the kernel keeps in preference to unmapped cache.
+pread/pwrite leave the file's pages in the page cache, outside the process. Measured on the
+10^6-record scale benchmark (benchmarks/RESULTS.md): eval's cache of training embeddings written
+through a map added its whole 244 MB to eval's peak RSS.
 
     out = NpyWriter(path, np.float32, (n, d))   # the file at full size; rows not yet written read 0
     out[a:b] = block; out[rows] = block         # a slice, or any rows in any order

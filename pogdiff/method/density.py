@@ -153,8 +153,7 @@ def column_source(column: np.ndarray | torch.Tensor | object) -> Column | object
     """How a column is read: a whole memory-mapped .npy by its path, a tensor as its array; any
     other value as it is. A path travels to a Ray task as it is (a pickled memmap is a copy of
     its data), and ``read_rows`` reads its rows from the file (pogdiff.npyrows), never through a
-    map whose pages would stay in this process's resident set, which a resource manager that counts
-    RSS would otherwise see grow to the whole column."""
+    map whose pages would stay in this process's resident set until it grew to the whole column."""
     if isinstance(column, torch.Tensor):
         return column.detach().cpu().numpy()
     whole_file = isinstance(column, np.memmap) and column.filename is not None \
