@@ -303,6 +303,14 @@ def read_rows(source, rows: np.ndarray, chunk_bytes: int = 16 * 2**20) -> np.nda
                            for a in range(0, source.n, chunk)])
 
 
+def result_parts(*columns: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
+    """The rows of equal-length arrays, ``RESULT_PART_BYTES`` at a time: the items of a Ray streaming
+    generator that come back in the reply, not through the object store (``NeighbourService.stream``)."""
+    step = max(1, RESULT_PART_BYTES // max(1, sum(c[:1].nbytes for c in columns)))
+    for a in range(0, len(columns[0]), step):
+        yield tuple(c[a:a + step] for c in columns)
+
+
 def exact_search(source, queries: np.ndarray, k: int, start: int = 0, stop: Optional[int] = None,
                  chunk_bytes: int = 16 * 2**20) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force top-k (sims, dataset ids) of normalised ``queries`` over dataset rows [start, stop)
@@ -489,11 +497,8 @@ class ShardIndex:
         return sims.astype(np.float32), ids, np.full_like(ids, -1)
 
     def search_rows_in_parts(self, source, start: int, stop: int, k: int):
-        """``search_rows``, yielded ``RESULT_PART_BYTES`` at a time (see ``NeighbourService.stream``)."""
-        sims, ids, identities = self.search_rows(source, start, stop, k)
-        rows = max(1, RESULT_PART_BYTES // (k * (sims.itemsize + ids.itemsize + identities.itemsize)))
-        for a in range(0, len(ids), rows):
-            yield sims[a:a + rows], ids[a:a + rows], identities[a:a + rows]
+        """``search_rows`` in ``result_parts``."""
+        yield from result_parts(*self.search_rows(source, start, stop, k))
 
     def add(self, vectors: Any, identities: Optional[Sequence[int]] = None) -> np.ndarray:
         """Online: append samples after the build; returns their dataset ids (continuing at N)."""

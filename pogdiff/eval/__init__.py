@@ -18,8 +18,9 @@ every run scored with that encoder), the generated ones beside the samples. The 
 computed one identity at a time from that identity's rows, so no process holds more than a batch
 of images and one identity's embeddings (the files are written and read by rows, never mapped:
 pogdiff.npyrows). Embeddings rather than per-identity sufficient statistics, because gRecall needs
-every training embedding (which of them a generated image covers), and because the metrics then come from the same arithmetic on the same arrays as
-pogdiff.eval.metrics on in-memory embeddings: the same values.
+every training embedding (which of them a generated image covers), and because the metrics then
+come from the same arithmetic on the same arrays as pogdiff.eval.metrics on in-memory embeddings:
+the same values.
 """
 from __future__ import annotations
 

@@ -340,15 +340,13 @@ def rows_output(path: Optional[Path], shape: tuple[int, ...], dtype) -> Iterator
 
 
 def _in_parts(fn: Callable[..., np.ndarray], start: int, stop: int, *args, **kwargs) -> Iterator[np.ndarray]:
-    """A scoring task's rows, yielded ``RESULT_PART_BYTES`` at a time: as a Ray streaming generator,
-    parts under Ray's inline limit come back in the reply, not through the object store, whose pages
-    stay in the RSS of the process that reads them (pogdiff.dist.neighbour_service.NeighbourService.stream)."""
-    from pogdiff.dist.neighbour_service import RESULT_PART_BYTES
+    """A scoring task's rows in small parts (a Ray streaming generator's items: they come back in
+    the reply, not through the object store, whose pages stay in the RSS of the process that reads
+    them; pogdiff.dist.neighbour_service.result_parts)."""
+    from pogdiff.dist.neighbour_service import result_parts
 
-    rows = fn(start, stop, *args, **kwargs)
-    step = max(1, RESULT_PART_BYTES // max(1, rows[:1].nbytes))
-    for a in range(0, len(rows), step):
-        yield rows[a:a + step]
+    for (part,) in result_parts(fn(start, stop, *args, **kwargs)):
+        yield part
 
 
 def map_row_ranges(fn: Callable[..., np.ndarray], n: int, out: np.ndarray, args: tuple, distributed: bool = False,
