@@ -46,6 +46,9 @@
 #   POGDIFF_RAY_JOIN_TIMEOUT=300      seconds to wait for every node to join
 #   POGDIFF_RAY_NODE_RESTARTS=3       times a lost worker node's Ray is restarted during the job
 #   POGDIFF_DRIVER="python -m pogdiff.dist.ray_driver"   command train-dist runs with CONFIG [overrides]
+#   RAY_task_events_report_interval_ms=0  Ray's task events, off (the GCS would keep ~2.5 KB per task
+#                                     and actor call, up to ~250 MB); 1000 turns them on for
+#                                     `ray list tasks` and the dashboard's timeline
 #   RAY_AUTH_MODE=token, RAY_AUTH_TOKEN   Ray's token authentication (default: a fresh token per job);
 #                                         another mode is refused unless POGDIFF_ALLOW_NO_AUTH=1
 set -uo pipefail
@@ -141,6 +144,7 @@ workers=()
 for n in "${nodes[@]}"; do [[ $n == "$head_node" ]] || workers+=("$n"); done
 head_ip=${POGDIFF_RAY_HEAD_IP:-$(python -c 'import ray.util; print(ray.util.get_node_ip_address())')}
 export RAY_ADDRESS=$head_ip:$port RAY_USAGE_STATS_ENABLED=0
+export RAY_task_events_report_interval_ms=${RAY_task_events_report_interval_ms:-0}  # as pogdiff.dist.cluster.RAY_NODE_ENV
 # Token authentication on every node and the driver: a fresh secret per job (passed to the nodes in
 # the srun environment) unless RAY_AUTH_MODE / RAY_AUTH_TOKEN[_PATH] are already set.
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}

@@ -202,6 +202,16 @@ def test_slurm_script_runs_any_verb(verb, driver):
     assert out.returncode == 0 and f"verb: {driver}" in out.stdout, out.stdout + out.stderr
 
 
+def test_slurm_script_starts_ray_with_pogdiffs_ray_settings():
+    """The Slurm script's cluster gets the embedded cluster's Ray settings, unless the job's
+    environment sets them."""
+    from pogdiff.dist.cluster import RAY_NODE_ENV
+
+    script = (ROOT / "slurm/pogdiff_multinode.sh").read_text()
+    for key, value in RAY_NODE_ENV.items():
+        assert f"export {key}=${{{key}:-{value}}}" in script, key
+
+
 def test_slurm_derived_workers_reach_the_config_check_and_the_driver(slurm, tmp_path, ray_tmp):
     """On the CPU-only test cluster (2 nodes, --cpus-per-task=2, demo's dist.cpus_per_worker=1) the
     script derives 4 CPU workers, and passes them to the config check and to the driver, here a

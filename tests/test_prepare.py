@@ -300,6 +300,23 @@ def test_imbalance_protocol_end_to_end_with_plot(tmp_path, monkeypatch):
     assert len(set(png.convert("RGB").getdata())) > 10  # something was drawn
 
 
+def test_label_distribution_of_many_identities_is_the_same_picture_in_bounded_memory(tmp_path, monkeypatch):
+    import tracemalloc
+
+    counts = np.sort(np.random.default_rng(0).zipf(1.6, 60_000).clip(1, 500))[::-1]
+    prep.plot_label_distribution(counts[:10], tmp_path / "warm.png", "t")  # matplotlib's fonts, once
+    tracemalloc.start()
+    steps = prep.plot_label_distribution(counts, tmp_path / "steps.png", "t")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(steps) <= prep.PLOT_STEPS and steps[0] == counts[0] and steps[-1] >= counts[-1]
+    assert peak < 10 * 2**20, peak  # 1.2 MB; a step per identity: 29 MB
+    monkeypatch.setattr(prep, "PLOT_STEPS", len(counts))
+    assert prep.plot_label_distribution(counts, tmp_path / "all.png", "t") == counts.tolist()
+    a, b = (np.asarray(Image.open(tmp_path / f).convert("L"), np.int16) for f in ("steps.png", "all.png"))
+    assert (np.abs(a - b) > 8).mean() < 0.002
+
+
 def test_cli_verb(tmp_path, capsys):
     rc = cli_main(["prepare", "configs/demo.yaml", f"output_dir={tmp_path}", "prepare.backend=serial", *SMALL,
                    "data.majority_ids=1", "data.minority_ids=1"])

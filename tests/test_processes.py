@@ -1,5 +1,6 @@
 """No orphans: a killed `prepare` takes its worker processes with it, and a killed driver leaves no
-process of its embedded Ray cluster (SIGKILL included)."""
+process of its embedded Ray cluster (SIGKILL included). The embedded cluster's GCS does not grow
+with the number of calls a job makes."""
 from __future__ import annotations
 
 import json
@@ -88,3 +89,47 @@ def test_a_killed_prepare_leaves_no_worker(sig, tmp_path):
     proc.wait(120)
     left = gone(tree, "\0never\0", timeout=30)
     assert not left, f"prepare workers still running after {sig.name}:\n" + "\n".join(left)
+
+
+CALLS = """
+import json, time
+import psutil, ray
+from pogdiff.dist.cluster import session
+@ray.remote
+class Echo:
+    def call(self, x):
+        return x
+def gcs_mb(port):
+    gcs = [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "gcs_server"
+           and f"--gcs_server_port={port}" in " ".join(p.info["cmdline"] or [])]
+    return gcs[0].memory_info().rss / 2**20
+with session(num_cpus=1):
+    port = ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
+    echo = Echo.remote()
+    ray.get([echo.call.remote(i) for i in range(1000)])
+    time.sleep(2)
+    before = gcs_mb(port)
+    for _ in range(15):
+        ray.get([echo.call.remote(i) for i in range(1000)])
+    time.sleep(2)  # task events reach the GCS every second
+    print(json.dumps({"grew_mb": gcs_mb(port) - before}))
+"""
+
+
+@pytest.mark.parametrize("events", [None, "1000"])
+def test_the_embedded_gcs_does_not_grow_with_calls(events, tmp_path):
+    """Ray's task events (~2.5 KB a call in the GCS, up to 100,000 calls) are off unless the
+    environment turns them on: 15,000 actor calls grow the GCS by ~40 MB with them, not at all
+    without."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
+    env.pop("RAY_task_events_report_interval_ms", None)
+    if events:
+        env["RAY_task_events_report_interval_ms"] = events  # the user's setting wins
+    out = subprocess.run([sys.executable, "-c", CALLS], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    grew = json.loads(out.stdout.strip().splitlines()[-1])["grew_mb"]
+    if events:
+        assert grew > 20, grew
+    else:
+        assert grew < 8, grew

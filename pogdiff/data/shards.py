@@ -387,6 +387,15 @@ def write_index(root: Path, num_tasks: int, num_records: int, meta: dict) -> dic
     return dataset
 
 
+def add_identity_counts(counts: np.ndarray, identities: np.ndarray) -> tuple[np.ndarray, int]:
+    """(``counts``, images per identity 0, 1, ..., plus those of ``identities``, grown as needed;
+    how many of ``identities`` are -1, unlabelled)."""
+    labelled = identities[identities >= 0]
+    found = np.bincount(labelled, minlength=len(counts)).astype(np.int64, copy=False)
+    found[:len(counts)] += counts
+    return found, len(identities) - len(labelled)
+
+
 @dataclass
 class DatasetIndex:
     """A prepared dataset's index. Arrays are memory-mapped and the per-row text of index.jsonl
@@ -437,12 +446,8 @@ class DatasetIndex:
         counts, unlabelled = np.zeros(0, np.int64), 0
         path = self.root / "identities.npy"
         for start in range(0, len(self.identities), chunk_rows):
-            ids = read_rows(path, start, start + chunk_rows)
-            unlabelled += int((ids < 0).sum())
-            chunk = np.bincount(ids[ids >= 0])
-            if len(chunk) > len(counts):
-                counts = np.pad(counts, (0, len(chunk) - len(counts)))
-            counts[:len(chunk)] += chunk
+            counts, without = add_identity_counts(counts, read_rows(path, start, start + chunk_rows))
+            unlabelled += without
         return counts, unlabelled
 
     def identity_counts(self) -> dict[int, int]:
