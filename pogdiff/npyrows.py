@@ -1,9 +1,9 @@
 """.npy files read and written a block of rows at a time with positional file I/O, never a memory map.
 
 Every page a memory map has touched stays in the process's resident set until the map is closed,
-so a process that fills or scans an N-row table through one shows an RSS of O(N): what ps, psutil
-and the issue's memory bar measure, and pages the kernel keeps in preference to unmapped cache.
-pread/pwrite leave the file's pages in the page cache, outside the process. Measured on the
+so a process that fills or scans an N-row table through one shows an RSS of O(N), which is what
+ps, psutil and the issue's memory bar measure. pread/pwrite leave the file's pages in the page
+cache, outside the process. Measured on the
 10^6-record scale benchmark (benchmarks/RESULTS.md): eval's cache of training embeddings written
 through a map added its whole 244 MB to eval's peak RSS.
 
