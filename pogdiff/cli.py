@@ -56,7 +56,10 @@ def _density(cfg: Config) -> int:
 
     ds = resolve_dataset(cfg)
     density, nll = text_density(cfg, ds)
-    out = {"dataset": str(ds.root), "temperature": density.temperature, "median_nll": density.median_nll}
+    out = {"dataset": str(ds.root), "form": density.form, "anchor_nll": density.anchor_nll,
+           "median_nll": density.median_nll}
+    if density.form == "temperature":
+        out["temperature"] = density.temperature
     if cfg.method.name.value == "pogdiff":
         out["psi"] = psi_table_for(cfg, ds)[1]
     print(json.dumps(out))

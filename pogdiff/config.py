@@ -19,6 +19,8 @@ from typing import Any, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from pogdiff.seeds import derive_seed
+
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message says where and what to do."""
@@ -29,6 +31,11 @@ class Method(str, enum.Enum):
     vanilla = "vanilla"
     cbdm = "cbdm"
     t2h = "t2h"
+
+
+class DensityForm(str, enum.Enum):
+    eq11 = "eq11"  # psi_inv = exp(-ELBO) / a3 (Eq. 11 as printed), in log space
+    temperature = "temperature"  # this project's earlier map: exp(-ELBO)^(1/T), clipped (not the paper's)
 
 
 class GradMode(str, enum.Enum):
@@ -77,6 +84,9 @@ class DataConfig:
     minority_ids: int = 1
     majority_images: int = 30
     minority_images: int = 2
+    # Synthetic identities' names: "distinct" (no first or last name shared by two identities, as
+    # the paper's distinct people) or "grid" (first x last name grid, names shared; the pretraining's).
+    names: str = "distinct"
     image_size: int = 32
     # Per identity, never trained on: the DINO-style score's real set. A manifest identity gives
     # these only while it keeps more than data.minority_images training images; synthetic ones always.
@@ -115,12 +125,16 @@ class DensityConfig:
     batch_size: int = 256
     lr: float = 1e-3
     elbo_samples: int = 16  # Monte-Carlo samples per ELBO evaluation
-    # log psi_inv = clip((nll - median_nll) / temperature, +-log_clip) - log a3, with nll = -ELBO.
-    # None: the standard deviation of the training NLL, so psi_inv = exp(z-score of the caption's
-    # NLL) (on the demo data E[psi|tail]/E[psi|head] = 5.2; T = D gave 0.81, inverted). 1.0 is
-    # Eq. 11 verbatim, up to the constant exp(median_nll) folded into a3.
-    temperature: Optional[float] = None
-    log_clip: float = 3.0  # |log psi_inv + log a3| is clipped here (3 sd): psi_inv in [e^-3, e^3], always finite
+    # How -ELBO becomes psi_inv (pogdiff.method.density), with nll = -ELBO:
+    # eq11 (the paper's Eq. 11): log psi_inv = nll - anchor - log a3, anchor = the anchor_quantile
+    #   quantile of the training NLL (a caption that rare gets psi_inv = 1 / a3; no exponent),
+    #   clipped only against float overflow.
+    # temperature (this project's earlier map, not the paper's): log psi_inv = clip((nll - median) / T,
+    #   +-log_clip) - log a3, i.e. exp(-ELBO)^(1/T); T = density.temperature, or None: sd(NLL).
+    form: DensityForm = DensityForm.eq11
+    anchor_quantile: float = 0.99
+    temperature: Optional[float] = None  # form=temperature only
+    log_clip: float = 3.0  # form=temperature only: |log psi_inv + log a3| <= log_clip (3 sd)
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda": where the VAE trains and scores
     # Scoring (-ELBO per row, psi per (row, neighbour)) is a map over row ranges: Ray tasks on the cluster at
@@ -243,6 +257,14 @@ class SampleConfig:
     # 0: sample and score every identity. N > 0: every majority identity and N minority ones drawn
     # with sample.seed, the same in every run (an evaluation sized to a CPU; "Few" is then their mean).
     few_ids: int = 0
+    # The seed of the initial noise; null: sample.seed (`pogdiff sample` / `eval` on a plain config).
+    # An experiment's runs (variant_config) get derive_seed(sample.seed, train.seed), whatever is set
+    # here: its seeds sample with independent noise; sample.seed still draws sample.few_ids, the
+    # same in every run.
+    noise_seed: Optional[int] = None
+    # More guidance scales at which eval samples and scores the same trained weights (each in its own
+    # samples folder; metrics.json "by_guidance"). Empty: sample.guidance_scale only.
+    guidance_scales: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -557,7 +579,7 @@ RANGES: dict[str, tuple[str, float, float, str]] = {
     "density.epochs": ("[", 1, math.inf, ")"), "density.lr": ("(", 0, math.inf, ")"),
     "density.batch_size": ("[", 1, math.inf, ")"), "density.latent_dim": ("[", 1, math.inf, ")"),
     "density.hidden_dim": ("[", 1, math.inf, ")"), "density.elbo_samples": ("[", 1, math.inf, ")"),
-    "density.log_clip": ("(", 0, math.inf, ")"), "density.distributed_min_rows": ("[", 1, math.inf, ")"),
+    "density.log_clip": ("(", 0, math.inf, ")"), "density.anchor_quantile": ("[", 0, 1, "]"), "density.distributed_min_rows": ("[", 1, math.inf, ")"),
     "data.image_size": ("[", 8, math.inf, ")"), "data.majority_ids": ("[", 0, math.inf, ")"),
     "data.minority_ids": ("[", 0, math.inf, ")"), "data.majority_images": ("[", 1, math.inf, ")"),
     "sample.guidance_scale": ("[", 0, math.inf, ")"), "sample.ray_workers": ("[", 0, math.inf, ")"),
@@ -614,6 +636,8 @@ def _check_values(cfg: Config) -> None:
         if (ids := cfg.data.majority_ids + cfg.data.minority_ids) > MAX_IDENTITIES:
             problems.append(f"data.majority_ids + data.minority_ids = {ids}: the synthetic generator names at most "
                             f"{MAX_IDENTITIES} distinct identities; use fewer identities with more images each")
+    if cfg.data.names not in ("distinct", "grid"):
+        problems.append(f"data.names must be distinct|grid, got '{cfg.data.names}'")
     if cfg.train.prediction_type not in (None, "epsilon", "v_prediction", "sample"):
         problems.append(f"train.prediction_type must be epsilon|v_prediction|sample (or null: the model's), "
                         f"got '{cfg.train.prediction_type}'")
@@ -649,11 +673,13 @@ def _check_values(cfg: Config) -> None:
     if cfg.density.device not in ("auto", "cpu", "cuda"):
         problems.append(f"density.device must be auto|cpu|cuda, got '{cfg.density.device}'")
     if cfg.density.temperature is not None and cfg.density.temperature <= 0:
-        problems.append("density.temperature must be > 0 (or null for the embedding dimension)")
+        problems.append("density.temperature must be > 0 (or null: the spread of the training NLL)")
     if cfg.method.a3 <= 0:
         problems.append("method.a3 must be > 0")
     if cfg.sample.steps < 1 or cfg.sample.batch_size < 1:
         problems.append("sample.steps and sample.batch_size must be >= 1")
+    if bad := [g for g in cfg.sample.guidance_scales if not (math.isfinite(g) and g > 0)]:
+        problems.append(f"sample.guidance_scales must be positive finite numbers, got {bad}")
     if not -1.0 <= cfg.eval.grecall_threshold <= 1.0:
         problems.append(f"eval.grecall_threshold is a cosine similarity in [-1, 1], got {cfg.eval.grecall_threshold}")
     if unknown := [v for v in cfg.sweep.baselines if v not in VARIANTS or v.startswith("pogdiff")]:
@@ -749,7 +775,11 @@ def variant_config(cfg: Config, variant: str, seed: int) -> Config:
     overrides = {"psi_img": True, "psi_inv": True, **VARIANTS[variant]}
     overrides["name"] = Method(overrides["name"])
     method = dataclasses.replace(cfg.method, **overrides)
-    return dataclasses.replace(cfg, method=method, train=dataclasses.replace(cfg.train, seed=seed))
+    # The sampling noise of the run: its own per training seed, the same for every variant of that seed
+    # (paired comparisons), so an experiment's seeds are independent draws of the sampling noise too.
+    # sample.seed itself is kept: it draws sample.few_ids, which must be the same in every run.
+    sample = dataclasses.replace(cfg.sample, noise_seed=derive_seed(cfg.sample.seed, seed))
+    return dataclasses.replace(cfg, method=method, train=dataclasses.replace(cfg.train, seed=seed), sample=sample)
 
 
 def to_yaml(cfg: Config) -> str:

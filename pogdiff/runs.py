@@ -21,7 +21,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import numpy as np
 
 from pogdiff.config import Config, Method, load_config
 
@@ -122,11 +121,6 @@ def file_sha256(path: str | Path) -> str:
 
 def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=1))
-
-
-def derive_seed(*parts: int) -> int:
-    """One 32-bit seed from integers (numpy's SeedSequence): streams, steps and workers never share one."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
 def fingerprint(obj: Any, length: int = 16) -> str:

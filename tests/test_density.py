@@ -23,8 +23,9 @@ def test_minority_captions_weighted_above_majority(tmp_path):
     log_inv = d.log_psi_inv(y)
     assert torch.isfinite(log_inv).all()
     assert log_inv[n_major:].min() > log_inv[:n_major].max()
-    # normalisation: the training median of log psi_inv is ~0 (a3 = 1)
-    assert abs(float(log_inv.median())) < 1e-4
+    # Eq. 11's one constant: psi_inv = 1 (a3 = 1) at the anchor quantile (0.99) of the training -ELBO
+    n = len(y)
+    assert abs(float(log_inv.sort().values[round(0.99 * (n - 1))])) < 1e-4
     # a3 divides psi_inv (Eq. 11)
     torch.testing.assert_close(d.log_psi_inv(y, a3=4.0), log_inv - math.log(4.0))
     # round trip
@@ -37,12 +38,54 @@ def test_psi_inv_finite_for_extreme_inputs_and_768d():
     y = torch.randn(40, 768)
     d = fit_text_density(y, DensityConfig(epochs=5, latent_dim=4, hidden_dim=32))
     far = torch.cat([y[:2] * 1e4, torch.full((1, 768), 1e6)])
-    psi = d.log_psi_inv(far).exp()
-    assert torch.isfinite(psi).all() and (psi > 0).all()
-    # temperature 1 is Eq. 11 up to a constant: differences of log psi are differences of nll
-    d.temperature, d.log_clip = 1.0, float("inf")
+    for form in ("eq11", "temperature"):
+        d.form = form
+        psi = d.log_psi_inv(far).exp()
+        assert torch.isfinite(psi).all() and (psi >= 0).all()
+    # the temperature map at T = 1 without its clip is Eq. 11 up to a constant
+    d.form, d.temperature, d.log_clip = "temperature", 1.0, float("inf")
     nll = d.nll(y[:5])
     torch.testing.assert_close(d.log_psi_inv(y[:5]) - d.log_psi_inv(y[:5])[0], nll - nll[0])
+
+
+def test_psi_inv_is_exp_minus_elbo_over_a3_up_to_one_constant():
+    """Eq. 11 as printed, psi_inv = exp(-ELBO) / a3, computed directly (float64, 2-d inputs: -ELBO of a
+    few nats, no overflow) from the VAE's own ELBO, against the log-space default: the ratio is one
+    constant, exp(anchor), over every row and every a3."""
+    y, _ = _imbalanced(n_major=40, n_minor=3, dim=2, seed=3)
+    cfg = DensityConfig(epochs=30, latent_dim=2, hidden_dim=16, elbo_samples=4)
+    d = fit_text_density(y, cfg)
+    assert d.form == "eq11"
+    ys = (y - d.mean) / d.std
+    with torch.no_grad():  # block 0's noise, as nll uses it
+        elbo = d.vae.elbo(ys, d.elbo_samples, torch.Generator().manual_seed(d.seed)).double()
+    assert elbo.abs().max() < 50  # exp() of it is representable: the direct formula is exact here
+    for a3 in (1.0, 4.0, 0.25):
+        direct = torch.exp(-elbo) / a3
+        ours = d.log_psi_inv(y, a3=a3).double().exp()
+        torch.testing.assert_close(ours / direct, torch.full_like(direct, math.exp(-d.anchor_nll)), rtol=1e-4, atol=0)
+    # the anchor is the anchor_quantile quantile of the training -ELBO
+    k = round(cfg.anchor_quantile * (len(y) - 1))
+    assert d.anchor_nll == float((-elbo).float().sort().values[k])
+
+
+def test_eq11_clips_only_against_overflow_and_counts_it():
+    from pogdiff.method.density import MAX_LOG_PSI_INV, psi_inv_stats
+
+    y, n_major = _imbalanced(n_major=30, n_minor=2, dim=4)
+    d = fit_text_density(y, DensityConfig(epochs=5, latent_dim=2, hidden_dim=16))
+    nll = d.nll(y)
+    far = nll.clone()
+    far[-1] = d.anchor_nll + MAX_LOG_PSI_INV + 30  # a caption exp(110) times rarer than the anchor
+    log_inv = d.log_psi_inv_from_nll(far)
+    assert float(log_inv[-1]) == MAX_LOG_PSI_INV and torch.isfinite(log_inv.exp()).all()
+    torch.testing.assert_close(log_inv[:-1], far[:-1] - d.anchor_nll)  # nothing else touched: no exponent, no floor
+    is_minority = np.arange(len(y)) >= n_major
+    stats = psi_inv_stats(d, far.numpy(), is_minority)
+    assert stats["psi_inv_clipped_share"] == 1 / len(y) and stats["psi_inv_form"] == "eq11"
+    inv = log_inv.double().exp()
+    assert math.isclose(stats["psi_inv_head_mass_share"], float(inv[:n_major].sum() / inv.sum()), rel_tol=1e-9)
+    assert math.isclose(stats["psi_inv_tail_over_head"], float(inv[n_major:].mean() / inv[:n_major].mean()), rel_tol=1e-9)
 
 
 def test_nan_embedding_is_clear_error():

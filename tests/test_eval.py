@@ -453,9 +453,18 @@ def test_report_tables_are_mean_and_std_over_seeds(tmp_path):
     assert "| PoGDiff (ours) | **7.500 ± 0.707** |" in md
     assert "cbdm seed 0, cbdm seed 1" in md  # missing runs are listed, not invented
     # paired on the same seeds and identities, signed so that > 0 is PoGDiff better (FID: lower)
-    assert "| All | FID ↓ | Vanilla | +3.000, +4.000 | 2/2 | +3.500 [+3.500, +3.500] | 2 / 0 of 2 | wins |" in md
+    assert "| All | FID ↓ | Vanilla | +3.000, +4.000 | 2/0/0 | +3.500 [+3.500, +3.500] | 2 / 0 of 2 | wins |" in md
     assert "CBDM" not in md.split("**Paired comparison")[1].split("Per-seed values")[0]  # no CBDM runs: no pairs
-    assert "- FID ↓ All: PoGDiff 7.500 ± 0.707 wins against Vanilla (11.000 ± 1.414; 2/2 seeds)." in md
+    assert "- FID ↓ All: PoGDiff 7.500 ± 0.707 wins against Vanilla (11.000 ± 1.414; seeds W/T/L 2/0/0)." in md
+    assert "| All | DINO-style ↑ | Vanilla | +0.000, +0.000 | 0/2/0 |" in md  # equal is a tie, not a win
+    # per Few identity (identity 1) and seed, raw (FID: negative favours PoGDiff), identity bootstrap
+    assert "| PoGDiff (ours) | Vanilla | FID ↓ Few | 1 | 2 | -3.5000 | [-3.5000, -3.5000] | 2/0/0 |" in md
+    assert "| PoGDiff (ours) | Vanilla | gRecall ↑ Few | 1 | 2 | +0.0000 | [+0.0000, +0.0000] | 0/2/0 |" in md
+    few = {(r["method"], r["baseline"], r["metric"]): r for r in csv.DictReader(open(tmp_path / "report" / "paired_few.csv"))}
+    assert set(few) == {("pogdiff", "vanilla", f"{m}_few") for m in ("fid", "dino", "grecall")}  # no CBDM runs
+    assert (few[("pogdiff", "vanilla", "fid_few")]["wins"], few[("pogdiff", "vanilla", "fid_few")]["n_pairs"]) == ("2", "2")
+    assert "- gRecall Few: steps of 1/" in md and "- DINO-style and FID: continuous." in md
+    assert "**Few scores per guidance scale**" not in md  # no run scored at other scales
     assert "- FID ↓ Few: PoGDiff 7.500 ± 0.707 ties (no spread to judge by) against Vanilla" in md  # one identity
     paired = {(r["split"], r["metric"], r["baseline"]): r for r in csv.DictReader(open(tmp_path / "report" / "paired.csv"))}
     assert paired[("all", "dino", "vanilla")]["outcome"] == "ties" and float(paired[("all", "dino", "vanilla")]["id_mean"]) == 0
@@ -492,3 +501,45 @@ def test_sample_few_ids_scores_every_majority_identity_and_the_same_minority_sub
     other_seed = evaluated_identities(load_config(None, ["sample.few_ids=7", "sample.seed=9"]), Index())
     assert other_seed[5:] != picked[5:]
     assert evaluated_identities(load_config(None, ["sample.few_ids=400"]), Index()) == list(range(45))
+
+
+def test_sample_guidance_scales_are_validated():
+    from pogdiff.config import ConfigError, load_config
+
+    assert load_config(None, ["sample.guidance_scales=[2, 7.5]"]).sample.guidance_scales == [2.0, 7.5]
+    assert load_config(None, []).sample.guidance_scales == []
+    for bad in ("[1.5, 0]", "[-1]", "[.inf]", "[.nan]"):
+        with pytest.raises(ConfigError, match="sample.guidance_scales must be positive finite"):
+            load_config(None, [f"sample.guidance_scales={bad}"])
+
+
+def test_guidance_scales_score_the_same_weights_each_in_a_folder_of_its_own(run, caplog):
+    """sample.guidance_scales: the run's weights sampled again at each scale, each into its own
+    folder (cached: a rerun samples nothing); metrics.json's by_guidance per scale, the main
+    summary as without them; a warning that FID comes from fewer than 16 images per identity."""
+    import dataclasses
+    import json
+    import logging
+
+    from pogdiff.eval import evaluate_run
+    from pogdiff.eval.sampling import load_samples, read_plan, samples_dir
+    from pogdiff.runs import RunFiles
+
+    plain = evaluate_run(run, progress=False)
+    assert "by_guidance" not in plain and samples_dir(run) == RunFiles(run).samples
+    cfg = dataclasses.replace(run, sample=dataclasses.replace(run.sample, guidance_scales=[1.0, 3.0]))
+    with caplog.at_level(logging.WARNING, logger="pogdiff.eval"):
+        result = evaluate_run(cfg, progress=False)
+    assert "from 3 generated images per identity" in caplog.text and "fewer than 16" in caplog.text
+    assert result["summary"] == plain["summary"] and result["per_id"] == plain["per_id"]  # the main path unchanged
+    assert set(result["by_guidance"]) == {"1.0", "3.0", "5.0"}
+    assert result["by_guidance"]["5.0"] == {"summary": plain["summary"], "per_id": plain["per_id"]}
+    assert json.loads(RunFiles(cfg).metrics.read_text())["by_guidance"]["1.0"] == json.loads(json.dumps(result["by_guidance"]["1.0"]))
+    folders = {g: samples_dir(cfg, g) for g in (1.0, 3.0, 5.0)}
+    assert len(set(folders.values())) == 3 and folders[5.0] == RunFiles(cfg).samples
+    assert {g: read_plan(f)["settings"]["guidance_scale"] for g, f in folders.items()} == {1.0: 1.0, 3.0: 3.0, 5.0: 5.0}
+    low, high = load_samples(cfg, 1.0), load_samples(cfg, 3.0)
+    assert not all(np.array_equal(low[i], high[i]) for i in low)  # other guidance, other images
+    tars = {p: p.stat().st_mtime_ns for f in folders.values() for p in f.glob("shard-*.tar")}
+    assert evaluate_run(cfg, progress=False)["by_guidance"] == json.loads(json.dumps(result["by_guidance"]))
+    assert {p: p.stat().st_mtime_ns for p in tars} == tars  # cached: nothing sampled again

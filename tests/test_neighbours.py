@@ -85,3 +85,29 @@ def test_sampler_sample_without_usable_neighbour_gets_psi_zero():
     sampler = NeighbourSampler(table, torch.ones(2, 2))
     nid, psi = sampler.sample(torch.tensor([0, 1]))
     assert nid.tolist() == [0, 1] and psi.tolist() == [0.0, 0.0]
+
+
+def test_psi_summary_head_mass_and_own_identity_share_by_hand():
+    from pogdiff.method.neighbours import NeighbourTable, summarize_psi
+
+    # 4 samples, k = 2: rows 0-1 head, rows 2-3 tail; row 3 has one missing neighbour
+    ids = torch.tensor([[1, 2], [0, 3], [3, 0], [2, -1]])
+    sims = torch.tensor([[0.9, 0.5], [0.9, 0.2], [0.6, 0.2], [0.8, 0.0]])
+    different = torch.tensor([[False, True], [False, True], [False, True], [False, False]])
+    psi = np.array([[0.1, 0.3], [0.2, 0.0], [2.0, 1.0], [4.0, 0.0]], dtype=np.float32)
+    is_minority = np.array([False, False, True, True])
+    table = NeighbourTable(ids, sims, different)
+    for rows in (1, 3, 1 << 16):  # chunking changes nothing
+        out = summarize_psi(psi, is_minority, table, rows=rows)
+        assert out["head_mass_share"] == pytest.approx(0.6 / 7.6)
+        assert out["tail_over_head"] == pytest.approx(((3.0 / 2 + 4.0 / 2) / 2) / ((0.4 / 2 + 0.2 / 2) / 2))
+        # E_w[psi] of a drawn partner (w = s / sum s) and the share from the own identity
+        w = sims / sims.sum(1, keepdim=True)
+        drawn = (w.double() * torch.from_numpy(psi).double())
+        assert out["pair_weight_tail"] == pytest.approx(float(drawn[2:].sum(1).mean()))
+        own_tail = float(drawn[2, 0] + drawn[3, 0]) / float(drawn[2:].sum())
+        assert out["own_identity_mass_tail"] == pytest.approx(own_tail)
+        assert out["own_identity_mass_head"] == pytest.approx(float(drawn[0, 0] + drawn[1, 0]) / float(drawn[:2].sum()))
+        share = drawn[:, 0] / drawn.sum(1)  # per sample, then the mean over the part
+        assert out["own_identity_share_tail"] == pytest.approx(float(share[2:].mean()))
+        assert out["own_identity_share_head"] == pytest.approx(float(share[:2].mean()))

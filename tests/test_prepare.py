@@ -56,7 +56,7 @@ def test_synthetic_shards_hold_what_the_encoders_give(tmp_path):
     dataset = prepare(cfg, progress=False)
     root = tmp_path / "ds"
     assert dataset["num_samples"] == 16 and len(dataset["shards"]) == 4  # 5 + 5 + 5 + 1
-    records = list(iter_records([6, 6, 2, 2], seed=0, size=32))
+    records = list(iter_records([6, 6, 2, 2], seed=0, size=32, names=cfg.data.names))
     components = load_components(ModelConfig(name=str(root / dataset["model"])), with_unet=False)
     enc = encode_batch(components, [r.image for r in records], [r.caption for r in records], torch.device("cpu"))
     got = shard_samples(root)

@@ -31,8 +31,8 @@ def test_pogdiff_loss_falls(run_root):
     hist = json.loads(files.history.read_text())
     assert hist["method"] == "pogdiff" and hist["psi"]["psi_mean_tail"] > 0
     last = hist["history"][-1]  # the conditioning diagnostics, at every logged step
-    for key in ("text/null/head", "text/null/tail", "text/swap/head", "text/swap/tail", "pair_share",
-                "partner/same_identity/head", "partner/same_identity/tail"):
+    for key in ("text/null/head", "text/null/tail", "text/swap/head", "text/swap/tail", "text/name_swap/head",
+                "text/name_swap/tail", "pair_share", "partner/same_identity/head", "partner/same_identity/tail"):
         assert last[key] is not None and 0 <= last[key] < float("inf"), (key, last)
     assert 0 < last["pair_share"] < 1 and last["text/null/head"] > 0
     assert (files.unet / "config.json").is_file()

@@ -34,7 +34,7 @@ import torch
 
 from pogdiff.config import Config
 from pogdiff.data.shards import DatasetIndex, EmbeddingSource
-from pogdiff.method.density import TextDensity, fit_text_density
+from pogdiff.method.density import TextDensity, fit_text_density, psi_inv_stats
 from pogdiff.method.neighbours import NeighbourTable, summarize_psi
 from pogdiff.npyrows import NpyRows
 from pogdiff.runs import atomic_path, fingerprint, is_uri, write_json
@@ -158,13 +158,15 @@ def neighbour_table(cfg: Config, ds: Dataset, progress: bool = True) -> Neighbou
 
 def density_dir(cfg: Config, ds: Dataset) -> Path:
     dc = asdict(cfg.density)
-    dc.pop("temperature"), dc.pop("log_clip")  # applied when psi_inv is read, not when the VAE is fitted
+    for key in ("form", "anchor_quantile", "temperature", "log_clip"):  # applied when psi_inv is read
+        dc.pop(key)
     dc.pop("device"), dc.pop("distributed_min_rows")  # where it is computed, not what
     return ds.artifacts / f"density-{fingerprint(dc, 12)}"
 
 
 def text_density(cfg: Config, ds: Dataset, progress: bool = True) -> tuple[TextDensity, np.ndarray]:
-    """(the fitted text VAE with this config's temperature and clip, -ELBO of every row (N,), memory-mapped)."""
+    """(the fitted text VAE with this config's map to psi_inv (density.form & co), -ELBO of every row (N,),
+    memory-mapped)."""
     out = density_dir(cfg, ds)
     if not ((out / "nll.npy").is_file() and (out / "density.safetensors").is_file()):
         out.mkdir(parents=True, exist_ok=True)
@@ -172,18 +174,16 @@ def text_density(cfg: Config, ds: Dataset, progress: bool = True) -> tuple[TextD
                                    ray_address=cfg.dist.ray_address)
         with atomic_path(out / "density.safetensors") as tmp:  # after nll.npy: the two are complete
             density.save(tmp)
-    density = TextDensity.load(out / "density.safetensors")
-    density.temperature = float(cfg.density.temperature) if cfg.density.temperature is not None else density.temperature
-    density.log_clip = cfg.density.log_clip
-    return density, _load(out / "nll.npy")
+    nll = _load(out / "nll.npy")
+    return TextDensity.load(out / "density.safetensors").normalised(cfg.density, str(out / "nll.npy")), nll
 
 
 # ----------------------------------------------------------------------------------------- psi (Eq. 12)
 
 def psi_path(cfg: Config, ds: Dataset) -> Path:
     m, dc = cfg.method, cfg.density
-    key = dict(k=m.k, a1=m.a1, a2=m.a2, a3=m.a3, psi_img=m.psi_img, psi_inv=m.psi_inv, temperature=dc.temperature,
-               log_clip=dc.log_clip, density=density_dir(cfg, ds).name if m.psi_inv else None,
+    key = dict(k=m.k, a1=m.a1, a2=m.a2, a3=m.a3, psi_img=m.psi_img, psi_inv=m.psi_inv, form=dc.form.value,
+               anchor_quantile=dc.anchor_quantile, temperature=dc.temperature, log_clip=dc.log_clip, density=density_dir(cfg, ds).name if m.psi_inv else None,
                minority_images=cfg.data.minority_images)
     return ds.artifacts / f"psi-{fingerprint(key, 12)}.npy"
 
@@ -205,12 +205,23 @@ def psi_table_for(cfg: Config, ds: Dataset, progress: bool = True) -> tuple[np.n
             map_row_ranges(psi_rows, n, psi, (str(neighbours_dir(cfg, ds)), m.a1, m.a2, m.psi_img, density, nll, m.a3),
                            distributed=uses_cluster(n, cfg.density, cfg.dist.ray_address),
                            ray_address=cfg.dist.ray_address, progress=progress)
-        stats = summarize_psi(NpyRows(path), ds.index.is_minority(cfg.data.minority_images))
+        is_minority = ds.index.is_minority(cfg.data.minority_images)
+        stats = summarize_psi(NpyRows(path), is_minority, neighbour_rows(cfg, ds))
+        if not any(i >= 0 for i in ds.index.identity_counts()):  # no labels: no neighbour is of another identity
+            for key in ("own_identity_share_head", "own_identity_share_tail", "own_identity_mass_head",
+                        "own_identity_mass_tail"):
+                stats[key] = None
+        if density is not None:
+            stats.update(psi_inv_stats(density, nll, is_minority, m.a3))
+            if stats["psi_inv_clipped_share"]:
+                log.warning("psi_inv clipped on %.2f%% of the rows (density.form=%s)",
+                            100 * stats["psi_inv_clipped_share"], density.form)
         write_json(stats_path, stats)
+        log.info("psi (%s): %s", path.name, json.dumps(stats))
         ratio = stats.get("tail_over_head")
         if ratio is not None and ratio < 1:
             log.warning("E[psi | tail] / E[psi | head] = %.3f < 1: psi weights minority samples below majority "
-                        "ones with these settings (method.a1/a2/a3, density.temperature)", ratio)
+                        "ones with these settings (method.a1/a2/a3, density.form)", ratio)
     return _load(path), json.loads(stats_path.read_text())
 
 
@@ -218,9 +229,13 @@ def training_tables(cfg: Config, ds: Dataset) -> tuple[NeighbourTable, NpyRows]:
     """The neighbour table and psi (built on first use) as row readers (pogdiff.npyrows): a training
     step reads its batch's rows from the files, and no memory map keeps the rows read resident."""
     psi_table_for(cfg, ds, progress=False)
+    return neighbour_rows(cfg, ds), NpyRows(psi_path(cfg, ds))
+
+
+def neighbour_rows(cfg: Config, ds: Dataset) -> NeighbourTable:
+    """The built neighbour table's columns as row readers."""
     folder = neighbours_dir(cfg, ds)
-    return NeighbourTable(*(NpyRows(folder / f"{name}.npy") for name in ("ids", "sims", "different_identity"))), \
-        NpyRows(psi_path(cfg, ds))
+    return NeighbourTable(*(NpyRows(folder / f"{name}.npy") for name in ("ids", "sims", "different_identity")))
 
 
 def prepare_artifacts(cfg: Config, ds: Dataset, progress: bool = True) -> dict:

@@ -43,7 +43,8 @@ from pogdiff.data.encode import encode_batch, encode_latents, images_to_tensor, 
 from pogdiff.models.components import Components, load_components
 from pogdiff.data.shards import (FORMAT, Sample, add_identity_counts, damaged_parts, read_task_record, write_index,
                                  write_task)
-from pogdiff.runs import atomic_path, atomic_write, derive_seed, is_uri, run_lease
+from pogdiff.runs import atomic_path, atomic_write, is_uri, run_lease
+from pogdiff.seeds import derive_seed
 from pogdiff.storage import read_json, upload_dataset
 from pogdiff.data.synthetic import Record, identity_name, iter_records, profile_counts
 from pogdiff.models.components import resolve_device
@@ -394,6 +395,7 @@ class Plan:
     rows_in: Optional[int] = None  # manifest data lines read
     identity_counts: Optional[Counter] = None  # a manifest's planned training records per identity
     records_hash: Optional[object] = None  # sha256 of the records' JSON so far (a manifest's plan)
+    synthetic_names: str = "grid"  # the synthetic records' name scheme (data.names)
 
     def fingerprint(self, cfg: Config) -> str:
         pc = cfg.prepare
@@ -406,6 +408,8 @@ class Plan:
         }
         if self.records_hash is None:
             content = {"records": self.synthetic, "heldout": self.heldout_synthetic, **rest}
+            if self.synthetic_names != "grid":  # grid plans keep the fingerprint they had before data.names
+                content["names"] = self.synthetic_names
             return hashlib.sha256(json.dumps(content).encode()).hexdigest()
         h = self.records_hash.copy()  # the same text json.dumps gives with the records in the dict
         h.update(b", " + json.dumps(rest)[1:].encode())
@@ -618,7 +622,8 @@ def make_plan(cfg: Config, work: Path) -> Plan:
         heldout = [d.heldout_images] * len(counts) if d.heldout_images else None
         return Plan(sum(counts), None, (counts, d.seed, d.image_size, [0] * len(counts)), [], {}, {},
                     heldout_count=d.heldout_images * len(counts),
-                    heldout_synthetic=(heldout, d.seed, d.image_size, counts) if heldout else None)
+                    heldout_synthetic=(heldout, d.seed, d.image_size, counts) if heldout else None,
+                    synthetic_names=d.names)
     if (shards := webdataset_shards(d.source)) is not None:
         return plan_webdataset(cfg, shards, work)
     return plan_manifest(cfg, manifest_path(d.source)[0], work)
@@ -647,6 +652,7 @@ class Task:
     # the identities it touches: counts, seed, size, first image indices, start, stop (in them), the
     # first's identity, the first record's ordinal (synthetic_task)
     synthetic: Optional[tuple] = None
+    names: str = "grid"  # the synthetic records' name scheme (data.names)
 
 
 class BadRecord(Exception):
@@ -706,16 +712,17 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def synthetic_slice(counts: Sequence[int], seed: int, size: int, bases: Sequence[int], start: int,
-                    stop: int, first_identity: int = 0) -> Iterator[Record]:
+                    stop: int, first_identity: int = 0, names: str = "grid") -> Iterator[Record]:
     """Records ``start .. stop`` of the synthetic stream (identity after identity, from identity
-    ``first_identity``; its ``i``-th identity's images from ``bases[i]`` on), rendered on the spot."""
+    ``first_identity``; its ``i``-th identity's images from ``bases[i]`` on), rendered on the spot;
+    ``names``: the name scheme (data.names)."""
     sub, starts, offset = [], [], 0
     for c, base in zip(counts, bases):
         a, b = max(start - offset, 0), min(stop - offset, c)
         sub.append(max(b - a, 0))
         starts.append(base + (a if b > a else 0))
         offset += c
-    return iter_records(sub, seed, size, starts, first_identity)
+    return iter_records(sub, seed, size, starts, first_identity, names)
 
 
 def synthetic_task(synthetic: tuple, offsets: np.ndarray, a: int, b: int) -> tuple:
@@ -732,8 +739,8 @@ def task_records(task: Task) -> Iterator[tuple[Item, tuple[Image.Image, list[int
     """(record, (its image, crop geometry) or why it is unusable)."""
     if task.synthetic is not None:
         counts, seed, size, bases, start, stop, first_identity, first_ordinal = task.synthetic
-        for ordinal, rec in enumerate(synthetic_slice(counts, seed, size, bases, start, stop, first_identity),
-                                      first_ordinal):
+        for ordinal, rec in enumerate(synthetic_slice(counts, seed, size, bases, start, stop, first_identity,
+                                                      task.names), first_ordinal):
             item = Item(ordinal, rec.key, "", rec.caption, rec.identity, rec.name, f"synthetic:{rec.key}")
             yield item, (rec.image, [size, size, 0, 0, size])  # generated at the target size
         return
@@ -979,6 +986,8 @@ def source_fingerprint(cfg: Config) -> str:
 
         content["synthetic_seed"] = d.seed
         content["synthetic_version"] = GENERATOR_VERSION
+        if d.names != "grid":  # a grid dataset keeps the folder it had before data.names existed
+            content["synthetic_names"] = d.names
     elif (shards := webdataset_shards(d.source)) is not None:  # names, sizes and times: not GBs of bytes
         content.update(shards=[[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in shards],
                        columns=[d.caption_column, d.identity_column, d.name_column])
@@ -1018,7 +1027,8 @@ def output_location(cfg: Config) -> str:
 def calibration_images(plan: Plan, size: int) -> list[Image.Image]:
     if plan.synthetic is not None:
         counts, seed, img_size, bases = plan.synthetic
-        return [r.image for r in synthetic_slice(counts, seed, img_size, bases, 0, min(CALIBRATION_IMAGES, sum(counts)))]
+        return [r.image for r in synthetic_slice(counts, seed, img_size, bases, 0, min(CALIBRATION_IMAGES, sum(counts)),
+                                                 names=plan.synthetic_names)]
     images = []
     for path in sorted((plan.tasks_dir / "train").glob("task-*.jsonl")):
         for item in task_items(str(path)):
@@ -1186,7 +1196,7 @@ def prepare_into(out: Path, cfg: Config, progress: bool, stages: Stages) -> dict
     common = dict(model=model, image_encoder=d.image_encoder, image_size=d.image_size, device=pc.device,
                   batch_size=pc.batch_size, max_samples=pc.samples_per_shard, max_bytes=pc.max_shard_bytes,
                   strict=pc.strict, keep_images=pc.keep_images, random_flip=d.random_flip,
-                  crop_seed=None if d.center_crop else d.seed, precision=pc.precision)
+                  crop_seed=None if d.center_crop else d.seed, precision=pc.precision, names=plan.synthetic_names)
     heldout_n = plan.heldout_count
     split_dir = lambda split: plan.tasks_dir / split if plan.tasks_dir else None  # noqa: E731
     train_tasks, todo = pending_tasks(out / "shards", split_dir("train"), plan.synthetic, plan.num_records, common, pc)
@@ -1234,7 +1244,8 @@ def prepare_into(out: Path, cfg: Config, progress: bool, stages: Stages) -> dict
             "summary": summary, "prepare": asdict(pc), "keep_images": pc.keep_images, "random_flip": d.random_flip,
             "heldout": {"samples": heldout_samples, "per_identity": d.heldout_images} if heldout_samples else None,
             "synthetic": {"counts": plan.synthetic[0], "seed": plan.synthetic[1], "image_size": plan.synthetic[2],
-                          "heldout_images": d.heldout_images} if plan.synthetic is not None else None}
+                          "heldout_images": d.heldout_images, "names": plan.synthetic_names}
+            if plan.synthetic is not None else None}
     dataset = write_index(out, train.tasks, plan.num_records, meta)
     shutil.rmtree(out / "plan", ignore_errors=True)  # the tasks' records: every task has its sidecar now
     if plan.name_map:

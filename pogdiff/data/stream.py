@@ -69,7 +69,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pogdiff.data.shards import FORMAT, LATENT, LATENT_FLIP, META, TOKENS, UnsupportedTar, npy_load, read_tar, verify_sample
 from pogdiff.npyrows import NpyRows
-from pogdiff.runs import derive_seed
+from pogdiff.seeds import derive_seed
 from pogdiff.storage import StorageUnavailable, open_read, shard_root
 
 log = logging.getLogger("pogdiff.stream")

@@ -7,6 +7,7 @@ images never sit in memory, and any one of them can be regenerated on its own.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -30,6 +31,26 @@ LAST_NAMES = (
 ).split()
 MIDDLE_NAMES = FIRST_NAMES  # third name only when more identities than first x last exist
 MAX_IDENTITIES = len(FIRST_NAMES) * len(LAST_NAMES) * (len(MIDDLE_NAMES) + 1)  # distinct generic names
+
+# How identities are named (data.names). "grid": FIRST_NAMES x LAST_NAMES (then a middle name), so
+# identities share first or last names; the pretraining sets (pogdiff pretrain, the SSL encoder,
+# the tiny VAE, the recogniser) keep it, as does every function here by default. "distinct" (the
+# fine-tuning default, issue 31): every identity has a first and a last name of its own, pseudo-
+# words no other identity of the dataset uses in either place, like the paper's distinct people.
+NAME_SCHEMES = ("distinct", "grid")
+# Distinct names are syllables: a first name is three open syllables ("kelomu": it ends in a
+# vowel), a last name two closed ones ("bandok": it ends in a consonant), so no word is both. The
+# letter sets keep every such word off the words of vocabulary() (captions' words, the grid's
+# names: no first name starts with "t" ("tanaka"), no last name ends in n, r or d ("person",
+# "keller", "konrad")), so a name never reuses a word the base was trained on as a whole.
+_ONSETS, _VOWELS = "bdfgklmnprstvz", "aeiou"
+_FIRST_SYLLABLES = (tuple(o + v for o in _ONSETS.replace("t", "") for v in _VOWELS),
+                    tuple(o + v for o in _ONSETS for v in _VOWELS),
+                    tuple(o + v for o in _ONSETS for v in _VOWELS))
+_LAST_SYLLABLES = (tuple(o + v + c for o in _ONSETS for v in _VOWELS for c in "lmnrsktd"),
+                   tuple(o + v + c for o in _ONSETS for v in _VOWELS for c in "lmskt"))
+DISTINCT_CAPACITY = min(math.prod(map(len, _FIRST_SYLLABLES)), math.prod(map(len, _LAST_SYLLABLES)))  # 196,000
+assert DISTINCT_CAPACITY >= MAX_IDENTITIES  # MAX_IDENTITIES bounds both schemes (the config check's limit)
 
 FACE_SHAPES = {"round": (0.62, 0.66), "oval": (0.52, 0.72), "long": (0.46, 0.78), "square": (0.6, 0.62), "heart": (0.56, 0.7)}
 SKIN_TONES = {
@@ -88,8 +109,13 @@ def _rng(*parts: int | str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest, "little"))
 
 
-def identity_name(index: int, seed: int) -> str:
-    """A generic name, unique per identity within a seed (a bijection on the name grid)."""
+def identity_name(index: int, seed: int, names: str = "grid") -> str:
+    """A generic name, unique per identity within a seed: ``names="grid"``, a bijection on the name
+    grid (identities share first and last names); ``"distinct"``, ``distinct_name``."""
+    if names == "distinct":
+        return distinct_name(index, seed)
+    if names != "grid":
+        raise ValueError(f"unknown name scheme '{names}'; choose one of {list(NAME_SCHEMES)}")
     n_first, n_last = len(FIRST_NAMES), len(LAST_NAMES)
     grid = n_first * n_last
     perm = _rng("names", seed).permutation(grid)
@@ -103,12 +129,62 @@ def identity_name(index: int, seed: int) -> str:
     return name
 
 
-def make_identity(index: int, seed: int) -> Identity:
+VOCABULARY_NAMED = min(len(FIRST_NAMES), len(LAST_NAMES))  # identities named from the vocabulary
+
+
+@functools.lru_cache(maxsize=16)
+def _syllable_orders(seed: int, part: str) -> tuple[tuple[int, ...], ...]:
+    tables = _FIRST_SYLLABLES if part == "first" else _LAST_SYLLABLES
+    return tuple(tuple(int(v) for v in _rng("distinct-names", seed, part, p).permutation(len(table)))
+                 for p, table in enumerate(tables))
+
+
+def _spread(index: int, sizes: Sequence[int]) -> list[int]:
+    """A bijection of ``[0, prod(sizes))`` onto positions ``v[p] in [0, sizes[p])``: ``index``'s
+    mixed-radix digits ``d``, then ``v[0] = d[0]``, ``v[p] = d[p] + d[0] - (d[1] + .. + d[p-1])``
+    (mod ``sizes[p]``): triangular, so invertible. With ``sizes[0]`` the smallest, the first
+    ``sizes[0]`` indices differ at every position (no syllable of a small set repeats in place)."""
+    digits = []
+    for m in sizes:
+        index, d = divmod(index, m)
+        digits.append(d)
+    return [digits[0]] + [(digits[p] + digits[0] - sum(digits[1:p])) % m for p, m in enumerate(sizes) if p]
+
+
+def distinct_name(index: int, seed: int) -> str:
+    """``data.names=distinct``: a first and a last name that no other identity of the seed has, in
+    either place; a bijection of ``index``.
+
+    The first ``VOCABULARY_NAMED`` identities take whole names of the vocabulary (each first and
+    each last name once, in a seeded order): words the committed tiny base's tokenizer holds as one
+    token and its text encoder was pretrained on, as a real text encoder knows real names. Beyond
+    them, lowercase a-z pseudo-words that are no vocabulary word (first names end in a vowel, last
+    names in a consonant; syllables by ``_spread``, each position's syllables in a seeded order):
+    the tokenizer splits them into pieces no pretraining caption held, so their embeddings are
+    nearly untrained (benchmarks/RESULTS.md, "Distinct synthetic names")."""
+    if not 0 <= index < MAX_IDENTITIES:
+        raise ValueError(f"at most {MAX_IDENTITIES} distinct synthetic identities")
+    if index < VOCABULARY_NAMED:
+        first = _rng("distinct-vocabulary-names", seed, "first").permutation(len(FIRST_NAMES))
+        last = _rng("distinct-vocabulary-names", seed, "last").permutation(len(LAST_NAMES))
+        return f"{FIRST_NAMES[first[index]]} {LAST_NAMES[last[index]]}"
+    words = []
+    for part, tables in (("first", _FIRST_SYLLABLES), ("last", _LAST_SYLLABLES)):
+        orders = _syllable_orders(seed, part)
+        # the last name's positions are taken from its end: the first min(sizes) identities differ in every syllable
+        positions = _spread(index, [len(t) for t in tables]) if part == "first" else \
+            _spread(index, [len(t) for t in tables[::-1]])[::-1]
+        words.append("".join(table[order[v]] for table, order, v in zip(tables, orders, positions)))
+    return " ".join(words)
+
+
+def make_identity(index: int, seed: int, names: str = "grid") -> Identity:
+    """``names``: the name scheme (NAME_SCHEMES); the look does not depend on it."""
     r = _rng("identity", seed, index)
     pick = lambda options: options[int(r.integers(len(options)))]  # noqa: E731
     return Identity(
         index=index,
-        name=identity_name(index, seed),
+        name=identity_name(index, seed, names),
         face_shape=pick(list(FACE_SHAPES)),
         skin=pick(list(SKIN_TONES)),
         hair_colour=pick(list(HAIR_COLOURS)),
@@ -125,6 +201,8 @@ def make_identity(index: int, seed: int) -> Identity:
 # caption of an identity shares, so "An image of {name}." has to be learned, as on real faces.
 LOOK_DETAIL = 0.25
 GENERATOR_VERSION = 2  # 2: captions "An image of <name>, ..." with a partial description of the look
+# data.names=distinct datasets are fingerprinted apart from grid ones (prepare.source_fingerprint):
+# a grid dataset keeps the folder it had before the scheme existed.
 
 
 def caption_for(ident: Identity, expression: str, background: str, lighting: str,
@@ -218,14 +296,15 @@ def profile_counts(profile: str, majority_ids: int = 1, minority_ids: int = 1,
 
 
 def iter_records(counts: Sequence[int], seed: int = 0, size: int = 32,
-                 starts: Sequence[int] | None = None, first_identity: int = 0) -> Iterator[Record]:
+                 starts: Sequence[int] | None = None, first_identity: int = 0, names: str = "grid") -> Iterator[Record]:
     """Stream images ``starts[i] .. starts[i] + counts[i]`` of every identity ``first_identity + i``
-    (starts default 0).
+    (starts default 0), named by the scheme ``names`` (NAME_SCHEMES: the fine-tuning sets pass
+    ``data.names``; images never depend on it).
 
     Held-out images of the same identities are ``iter_records(per_id, starts=train_counts)``.
     """
     for index, count in enumerate(counts, first_identity):
-        ident = make_identity(index, seed)
+        ident = make_identity(index, seed, names)
         first = starts[index - first_identity] if starts is not None else 0
         for j in range(first, first + count):
             image, caption = render(ident, j, seed, size)
@@ -233,7 +312,8 @@ def iter_records(counts: Sequence[int], seed: int = 0, size: int = 32,
 
 
 def vocabulary() -> list[str]:
-    """Every word a synthetic caption or prompt can contain: what the tiny tokenizer is trained on."""
+    """Every word a synthetic caption or prompt can contain: what the tiny tokenizer is trained on.
+    Distinct names (data.names=distinct) are not words of it: they tokenize into its pieces."""
     words = set(FIRST_NAMES) | set(LAST_NAMES) | set(MIDDLE_NAMES)
     for table in (FACE_SHAPES, SKIN_TONES, HAIR_COLOURS, EYE_COLOURS, BACKGROUNDS, LIGHTING):
         words |= set(table)

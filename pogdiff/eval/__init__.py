@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
@@ -219,7 +220,8 @@ def reference_embeddings(cfg: Config, ds, encode, cache: Path, n: int, synthetic
     starts = [c + synthetic["heldout_images"] for c in counts]
 
     def batches(through_vae: bool) -> Batches:
-        records = iter_records([n] * len(counts), synthetic["seed"], synthetic["image_size"], starts=starts)
+        records = iter_records([n] * len(counts), synthetic["seed"], synthetic["image_size"], starts=starts,
+                               names=synthetic.get("names", "grid"))  # datasets from before data.names: grid
         while batch := [r for _, r in zip(range(cfg.eval.batch_size), records)]:
             images = [r.image for r in batch]
             yield [r.identity for r in batch], encode(vae_roundtrip(ds.model_dir, images) if through_vae else images).numpy()
@@ -281,7 +283,18 @@ def compute_metrics(generated: Mapping[int, np.ndarray], real: Mapping[str, Mapp
         summary[f"{name}_few"] = M.mean_over(values, few)
     return {"summary": summary, "per_id": {k: {str(i): v for i, v in d.items()} for k, d in per_id.items()},
             "dino_reference": {"heldout": sorted(i for i in train if i in heldout),
-                               "training": sorted(i for i in train if i not in heldout)}}
+                               "training": sorted(i for i in train if i not in heldout)},
+            # real images per identity: gRecall's resolution is 1 / training; FID's real set is both
+            "real_images": {"training": {str(i): _rows(train, i) for i in train},
+                            "heldout": {str(i): _rows(heldout, i) for i in train if i in heldout}}}
+
+
+def _rows(per_id: Mapping[int, np.ndarray], identity: int) -> int:
+    """How many embeddings ``identity`` has (IdentityEmbeddings: from its ranges, nothing read)."""
+    if isinstance(per_id, IdentityEmbeddings):
+        start, stop = per_id.ranges[identity]
+        return stop - start
+    return len(per_id[identity])
 
 
 def validity(cfg: Config, info: dict) -> tuple[bool, Optional[str]]:
@@ -298,30 +311,95 @@ def validity(cfg: Config, info: dict) -> tuple[bool, Optional[str]]:
     return True, None
 
 
+# Per-identity FID from fewer generated images than this is noisy: eval says so in the log.
+FID_MIN_IMAGES = 16
+
+
 def evaluate_run(cfg: Config, progress: bool = True, encoder=None, real=None, ds=None) -> dict:
     """Sample (cached) and score one trained run; writes ``<method>/metrics.json``. ``encoder`` /
-    ``real`` / ``ds`` let a caller that scores many runs compute them once."""
+    ``real`` / ``ds`` let a caller that scores many runs compute them once. With
+    ``sample.guidance_scales``, the same weights are also sampled (each scale in its own folder,
+    cached the same way) and scored at every one of them and at sample.guidance_scale:
+    ``by_guidance`` = {scale: {summary, per_id}}; ``summary`` stays at sample.guidance_scale."""
+    import logging
+
     from pogdiff.data.dataset import resolve_dataset
     from pogdiff.eval.recognizer import eval_encoder
-    from pogdiff.eval.sampling import evaluated_identities, sample_run
+    from pogdiff.eval.sampling import evaluated_identities, guidance_key, guidance_scales, sample_run
 
+    log = logging.getLogger("pogdiff.eval")
     ds = ds or resolve_dataset(cfg, progress)
     encoder = encoder or eval_encoder(cfg, ds, progress)
     real = real or real_embeddings(cfg, ds, encoder)
-    generated = generated_embeddings(cfg, ds, sample_run(cfg, progress), encoder)
+    if cfg.sample.images_per_id < FID_MIN_IMAGES:
+        log.warning("FID per identity of %s is computed from %d generated images per identity (sample.images_per_id), "
+                    "fewer than %d: a noisy estimate", RunFiles(cfg).method.name, cfg.sample.images_per_id,
+                    FID_MIN_IMAGES)
     few = few_ids(cfg, ds.index)
-    result = compute_metrics(generated, restrict(real, evaluated_identities(cfg, ds.index)), few,
-                             cfg.eval.grecall_threshold, cfg.eval.fid_eps)
+    evaluated = restrict(real, evaluated_identities(cfg, ds.index))
+
+    def score(guidance: Optional[float]) -> dict:
+        generated = generated_embeddings(cfg, ds, sample_run(cfg, progress, guidance), encoder)
+        return compute_metrics(generated, evaluated, few, cfg.eval.grecall_threshold, cfg.eval.fid_eps)
+
+    result = score(None)
+    scales = guidance_scales(cfg)
+    if scales:
+        main = float(cfg.sample.guidance_scale)
+        result["by_guidance"] = {guidance_key(g): {k: (result if g == main else score(g))[k] for k in ("summary", "per_id")}
+                                 for g in scales}
     info = encoder[1]
     valid, why = validity(cfg, info)
     result.update(method=RunFiles(cfg).method.name, seed=cfg.train.seed, encoder=info, valid=valid,
-                  invalid_reason=why, dataset=str(ds.root), images_per_id=cfg.sample.images_per_id, few_ids=few)
+                  invalid_reason=why, dataset=str(ds.root), images_per_id=cfg.sample.images_per_id, few_ids=few,
+                  guidance_scale=float(cfg.sample.guidance_scale))
     if not valid:
-        import logging
-
-        logging.getLogger("pogdiff.eval").warning("metrics of %s are marked invalid: %s", RunFiles(cfg).method, why)
+        log.warning("metrics of %s are marked invalid: %s", RunFiles(cfg).method, why)
     write_json(RunFiles(cfg).metrics, result)
     return result
+
+
+def resolution(metrics: dict) -> list[str]:
+    """What the Few metrics can resolve, as markdown bullets, from one run's metrics.json: gRecall
+    per identity moves in steps of 1 / (the identity's training images), its mean over the n Few
+    identities in steps of 1 / (that * n); DINO-style and FID are continuous; how many images each
+    identity's FID compares."""
+    few = metrics.get("few_ids") or []
+    per_id = metrics.get("images_per_id")
+    real = metrics.get("real_images")
+    if real is None and metrics.get("dataset"):  # metrics written before real_images: the dataset's index
+        try:
+            from pogdiff.data.dataset import Dataset
+
+            ds = Dataset.at(metrics["dataset"])
+            real = {"training": {str(i): c for i, c in ds.index.identity_counts().items()},
+                    "heldout": {str(i): c for i, c in ds.heldout.identity_counts().items()} if ds.heldout else {}}
+        except Exception:  # noqa: BLE001 - the dataset is not where it was: say what is not known
+            real = None
+
+    def spread(values: list[int]) -> str:
+        return str(values[0]) if len(values) == 1 else f"{values[0]} to {values[-1]}"
+
+    train = sorted({real["training"][str(i)] for i in few if str(i) in real["training"]}) if real else []
+    held = sorted({real["heldout"].get(str(i), 0) for i in few}) if real else []
+    if not few:
+        lines = ["- gRecall Few: no Few identities scored."]
+    elif train:
+        step = math.lcm(*train)
+        each = f"1/{train[0]}" if len(train) == 1 else "1/n"
+        who = "the 1 Few identity has" if len(few) == 1 else f"the {len(few)} Few identities have"
+        lines = [f"- gRecall Few: steps of {each} per identity ({who} {'n = ' if len(train) > 1 else ''}"
+                 f"{spread(train)} training images each), 1/({step}·{len(few)}) = 1/{step * len(few)} for the mean "
+                 "over them."]
+    else:
+        lines = ["- gRecall Few: steps of 1/(the identity's training images) per identity (counts not recorded)."]
+    lines.append("- DINO-style and FID: continuous.")
+    if per_id is not None:
+        real_txt = f" ({spread(train)} training + {spread(held)} held-out)" if train else ""
+        low = f" (**fewer than {FID_MIN_IMAGES}: a noisy estimate**)" if per_id < FID_MIN_IMAGES else ""
+        lines.append(f"- FID per identity: {per_id} generated images of the identity{low} against its real "
+                     f"images{real_txt}; DINO-style and gRecall from the same {per_id} images per identity.")
+    return lines
 
 
 def metrics_path(cfg: Config) -> Path:

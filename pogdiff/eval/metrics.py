@@ -109,3 +109,59 @@ def fid_per_id(generated: Embeddings, real: Embeddings, eps: float = 1e-6) -> di
 def mean_over(per_id: Mapping[int, float], ids: Iterable[int]) -> float:
     ids = list(ids)
     return float(np.mean([per_id[i] for i in ids])) if ids else float("nan")
+
+
+# ------------------------------------------------------------ paired differences between two methods
+
+def identity_bootstrap(diffs: Mapping[object, Iterable[float]], resamples: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high) of paired differences grouped by identity (identity -> its differences, one
+    per seed): the mean of every difference pooled, and a percentile bootstrap interval that draws
+    identities with replacement, each identity's differences together (identities are the
+    independent units; its seeds share the identity). Seeded: the same numbers on every call."""
+    groups = [np.asarray(list(d), dtype=np.float64) for d in diffs.values()]
+    groups = [g for g in groups if len(g)]
+    if not groups:
+        return float("nan"), float("nan"), float("nan")
+    sums = np.array([g.sum() for g in groups])
+    counts = np.array([len(g) for g in groups], dtype=np.float64)
+    mean = float(sums.sum() / counts.sum())
+    draws = np.random.default_rng(seed).integers(0, len(groups), size=(resamples, len(groups)))
+    stats = sums[draws].sum(1) / counts[draws].sum(1)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(stats, [tail, 100 - tail])
+    return mean, float(low), float(high)
+
+
+def wins_ties_losses(diffs: Iterable[float], lower_is_better: bool, tol: float = 1e-12) -> tuple[int, int, int]:
+    """Counts of differences (ours - baseline) where ours is better, equal (within ``tol``: gRecall
+    moves in steps, so equal values are common and are ties, not wins), worse."""
+    d = np.asarray(list(diffs), dtype=np.float64)
+    if lower_is_better:
+        d = -d
+    return int((d > tol).sum()), int((np.abs(d) <= tol).sum()), int((d < -tol).sum())
+
+
+def paired_few(ours: Mapping[int, dict], base: Mapping[int, dict], metric: str, resamples: int = 2000,
+               seed: int = 0, ids: "Iterable[int] | None" = None) -> "dict | None":
+    """One method's runs against another's (seed -> metrics.json contents, with "per_id" and
+    "few_ids"): ``metric``'s raw difference ours - base per Few identity and seed, on the seeds both
+    have and the Few identities both scored (``ids``: these identities instead of the runs' few_ids).
+    Every (identity, seed) pair is one difference; returns their mean, the 95% identity-bootstrap
+    interval (``identity_bootstrap``) and the wins / ties / losses over the pairs (FID: lower is
+    better), or None when no pair exists."""
+    diffs: dict[int, list[float]] = {}
+    ids = None if ids is None else list(ids)
+    for s in sorted(set(ours) & set(base)):
+        a, b = ours[s], base[s]
+        theirs = set(b.get("few_ids") or [])
+        for i in ids if ids is not None else [i for i in a.get("few_ids") or [] if i in theirs]:
+            x, y = a["per_id"][metric].get(str(i)), b["per_id"][metric].get(str(i))
+            if x is not None and y is not None and np.isfinite(x) and np.isfinite(y):
+                diffs.setdefault(i, []).append(float(x) - float(y))
+    if not diffs:
+        return None
+    mean, low, high = identity_bootstrap(diffs, resamples=resamples, seed=seed)
+    wins, ties, losses = wins_ties_losses([d for ds in diffs.values() for d in ds], metric == "fid")
+    return {"metric": f"{metric}_few", "n_identities": len(diffs), "n_pairs": sum(len(d) for d in diffs.values()),
+            "mean_diff": mean, "ci_low": low, "ci_high": high, "wins": wins, "ties": ties, "losses": losses}

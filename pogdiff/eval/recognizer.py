@@ -127,7 +127,7 @@ def _training_stream(ds, held: set[int]) -> Iterator[tuple[torch.Tensor, torch.T
 
     from pogdiff.data.shards import IMAGE, META
     from pogdiff.data.stream import SkipAndLog, tar_samples
-    from pogdiff.runs import derive_seed
+    from pogdiff.seeds import derive_seed
 
     urls, draw = ds.index.shard_urls, random.Random(derive_seed(0, 1))
     row_of_ordinal = np.load(ds.root / "row_of_ordinal.npy", mmap_mode="r") if held else None

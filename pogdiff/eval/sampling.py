@@ -4,8 +4,11 @@ The run's exported pipeline (StableDiffusionPipeline, or StableDiffusionXLPipeli
 base; DDIM scheduler, classifier-free guidance against the empty caption, which is also what
 caption dropout trained) generates ``sample.images_per_id`` images per identity from the prompt
 ``sample.prompt_template`` (the paper's "An image of {p}.").
-Each image starts from noise seeded by (sample.seed, identity, index) and DDIM with eta = 0 is
-deterministic, so a rerun, or a different split over workers, gives the same images.
+Each image starts from noise seeded by (sample.noise_seed, else sample.seed; identity, index) and
+DDIM with eta = 0 is deterministic, so a rerun, or a different split over workers, gives the same
+images. (An experiment's runs get a noise seed per training seed: pogdiff.config.variant_config.)
+With ``sample.guidance_scales``, eval samples the same weights again at each of those scales, each
+into a folder of its own (``generated-g<scale>/``, laid out like ``generated/``).
 
 The work, every (identity, index) in identity-major order, is planned as shards of
 ``sample.batch_size * BATCHES_PER_SHARD`` images. The shards are generated in this process
@@ -144,17 +147,42 @@ def identity_prompts(cfg: Config, index=None) -> dict[int, str]:
     return {i: cfg.sample.prompt_template.format(p=names[i]) for i in evaluated_identities(cfg, index) if i in names}
 
 
-def samples_dir(cfg: Config) -> Path:
-    return RunFiles(cfg).samples
+def noise_seed(cfg: Config) -> int:
+    """The seed of the run's initial noise: sample.noise_seed, else sample.seed."""
+    return cfg.sample.seed if cfg.sample.noise_seed is None else cfg.sample.noise_seed
 
 
-def _settings(cfg: Config) -> dict:
+def guidance_key(scale: float) -> str:
+    """A guidance scale as a name (folder, JSON key): the shortest repr of the float, one per value."""
+    return repr(float(scale))
+
+
+def guidance_scales(cfg: Config) -> list[float]:
+    """The scales eval scores at besides the main one: sample.guidance_scale and every one of
+    sample.guidance_scales, once each, ascending; empty when sample.guidance_scales is."""
+    if not cfg.sample.guidance_scales:
+        return []
+    return sorted({float(g) for g in [cfg.sample.guidance_scale, *cfg.sample.guidance_scales]})
+
+
+def samples_dir(cfg: Config, guidance: Optional[float] = None) -> Path:
+    """The run's samples at sample.guidance_scale (``guidance`` None or that scale), or at another
+    scale: a folder per scale, so samples of two scales never share one."""
+    if guidance is None or float(guidance) == float(cfg.sample.guidance_scale):
+        return RunFiles(cfg).samples
+    return RunFiles(cfg).method / f"generated-g{guidance_key(guidance)}"
+
+
+def _settings(cfg: Config, guidance: Optional[float] = None) -> dict:
     """What the samples depend on: the sample settings and the exported model (re-exported on retraining)."""
     s = cfg.sample
     marker = RunFiles(cfg).export_marker()
-    return dict(steps=s.steps, guidance_scale=s.guidance_scale, images_per_id=s.images_per_id,
-                prompt_template=s.prompt_template, seed=s.seed, few_ids=s.few_ids,
-                model=marker.stat().st_mtime_ns if marker is not None else None)
+    out = dict(steps=s.steps, guidance_scale=s.guidance_scale if guidance is None else float(guidance),
+               images_per_id=s.images_per_id, prompt_template=s.prompt_template, seed=s.seed, few_ids=s.few_ids,
+               model=marker.stat().st_mtime_ns if marker is not None else None)
+    if s.noise_seed is not None:  # (a plain config's settings, and so its cached samples, as before)
+        out["noise_seed"] = s.noise_seed
+    return out
 
 
 # --------------------------------------------------------------------------------------- the shards
@@ -182,7 +210,8 @@ def write_shard(pipe, folder: Path, plan: dict, shard: int) -> int:
     s, prompts = plan["settings"], dict(zip(plan["identities"], plan["prompts"]))
     jobs = shard_jobs(plan, shard)
     writer = ShardWriter(folder, shard, max_samples=len(jobs), max_bytes=MAX_SHARD_BYTES)
-    for batch, images in generate_batches(pipe, jobs, prompts, s["steps"], s["guidance_scale"], s["seed"],
+    seed = s.get("noise_seed", s["seed"])
+    for batch, images in generate_batches(pipe, jobs, prompts, s["steps"], s["guidance_scale"], seed,
                                           plan["batch_size"]):
         for (identity, index), image in zip(batch, images):
             writer.write(sample_key(identity, index), {IMAGE: png_bytes(image),
@@ -259,12 +288,12 @@ def read_plan(folder: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def load_samples(cfg: Config) -> Optional[Samples]:
-    """The run's samples if they are complete (every shard still there) and were made with the
-    current sample settings."""
-    folder = samples_dir(cfg)
+def load_samples(cfg: Config, guidance: Optional[float] = None) -> Optional[Samples]:
+    """The run's samples (at ``guidance``, None: sample.guidance_scale) if they are complete (every
+    shard still there) and were made with the current sample settings."""
+    folder = samples_dir(cfg, guidance)
     plan = read_plan(folder)
-    if plan is None or not plan["complete"] or plan["settings"] != _settings(cfg) or \
+    if plan is None or not plan["complete"] or plan["settings"] != _settings(cfg, guidance) or \
             any(shard_record(folder, shard) is None for shard in range(plan["shards"])):
         return None
     return Samples(folder, plan)
@@ -319,22 +348,23 @@ class SampleWorker:
         return write_shard(self.pipe, Path(folder), plan, shard)
 
 
-def sample_run(cfg: Config, progress: bool = True) -> Samples:
-    """Generate the run's samples (or continue them, or return the finished ones); writes the
-    shards, then the grids, then marks the plan complete."""
-    cached = load_samples(cfg)
+def sample_run(cfg: Config, progress: bool = True, guidance: Optional[float] = None) -> Samples:
+    """Generate the run's samples (or continue them, or return the finished ones) at ``guidance``
+    (None: sample.guidance_scale); writes the shards, then the grids, then marks the plan complete."""
+    cached = load_samples(cfg, guidance)
     if cached is not None:
         return cached
     from tqdm import tqdm
 
-    s, files, folder = cfg.sample, RunFiles(cfg), samples_dir(cfg)
+    s, files, folder = cfg.sample, RunFiles(cfg), samples_dir(cfg, guidance)
+    settings = _settings(cfg, guidance)
     prompts = identity_prompts(cfg)
     plan = read_plan(folder)
-    if plan is None or plan["settings"] != _settings(cfg) or plan["identities"] != list(prompts):
+    if plan is None or plan["settings"] != settings or plan["identities"] != list(prompts):
         shutil.rmtree(folder, ignore_errors=True)  # samples of other settings (or of an older format)
         folder.mkdir(parents=True)
         size = s.batch_size * BATCHES_PER_SHARD
-        plan = {"settings": _settings(cfg), "identities": list(prompts), "prompts": list(prompts.values()),
+        plan = {"settings": settings, "identities": list(prompts), "prompts": list(prompts.values()),
                 "images_per_id": s.images_per_id, "batch_size": s.batch_size, "images_per_shard": size,
                 "shards": -(-len(prompts) * s.images_per_id // size), "complete": False}
         write_json(folder / "samples.json", plan)

@@ -14,7 +14,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from pogdiff.config import ABLATION, METHODS, Config, variant_config
-from pogdiff.eval import METRICS, few_ids, metrics_path
+from pogdiff.eval import METRICS, few_ids, metrics_path, resolution
+from pogdiff.eval.metrics import paired_few, wins_ties_losses
 from pogdiff.eval.sampling import evaluated_identities
 from pogdiff.runs import RunFiles, atomic_write
 
@@ -265,9 +266,15 @@ def paired(results: dict, baseline: str, metric: str, ids: Sequence[int]) -> Opt
     per_seed = per_id.mean(0)
     by_id = per_id.mean(1)
     half = 1.96 * by_id.std(ddof=1) / math.sqrt(len(by_id)) if len(by_id) > 1 else float("nan")
-    return dict(seeds=len(seeds), seed_diffs=per_seed.tolist(), seed_wins=int((per_seed > 0).sum()),
-                id_mean=float(by_id.mean()), id_half=half, ids=len(by_id), id_wins=int((by_id > 0).sum()),
-                id_losses=int((by_id < 0).sum()))
+    seed_wins, seed_ties, seed_losses = wins_ties_losses(per_seed, lower_is_better=False)  # signed already
+    return dict(seeds=len(seeds), seed_diffs=per_seed.tolist(), seed_wins=seed_wins, seed_ties=seed_ties,
+                seed_losses=seed_losses, id_mean=float(by_id.mean()), id_half=half, ids=len(by_id),
+                id_wins=int((by_id > 0).sum()), id_losses=int((by_id < 0).sum()))
+
+
+def seeds_wtl(p: dict) -> str:
+    """The seeds where PoGDiff is better / equal / worse, as W/T/L."""
+    return f"{p['seed_wins']}/{p['seed_ties']}/{p['seed_losses']}"
 
 
 def outcome(p: dict) -> str:
@@ -282,10 +289,10 @@ def outcome(p: dict) -> str:
 
 
 def paired_table(results: dict, splits: dict[str, list[int]]) -> tuple[str, list[list]]:
-    lines = ["| Split | Metric | Baseline | PoGDiff − baseline per seed (> 0: PoGDiff better) | seeds won "
+    lines = ["| Split | Metric | Baseline | PoGDiff − baseline per seed (> 0: PoGDiff better) | seeds W/T/L "
              "| per identity: mean [95% interval] | identities better / worse | outcome |", "|" + "---|" * 8]
-    rows = [["split", "metric", "baseline", "seed_diffs", "seed_wins", "id_mean", "id_half95", "id_wins", "id_losses",
-             "ids", "outcome"]]
+    rows = [["split", "metric", "baseline", "seed_diffs", "seed_wins", "seed_ties", "seed_losses", "id_mean",
+             "id_half95", "id_wins", "id_losses", "ids", "outcome"]]
     for split, ids in splits.items():
         for m in METRICS:
             for b in BASELINES:
@@ -294,10 +301,11 @@ def paired_table(results: dict, splits: dict[str, list[int]]) -> tuple[str, list
                     continue
                 diffs = ", ".join(f"{d:+.3f}" for d in p["seed_diffs"])
                 lines.append(f"| {split.capitalize()} | {METRIC_TITLES[m]} | {LABELS[b]} | {diffs} | "
-                             f"{p['seed_wins']}/{p['seeds']} | {p['id_mean']:+.3f} [{p['id_mean'] - p['id_half']:+.3f}, "
+                             f"{seeds_wtl(p)} | {p['id_mean']:+.3f} [{p['id_mean'] - p['id_half']:+.3f}, "
                              f"{p['id_mean'] + p['id_half']:+.3f}] | {p['id_wins']} / {p['id_losses']} of {p['ids']} | {outcome(p)} |")
-                rows.append([split, m, b, " ".join(f"{d:.5f}" for d in p["seed_diffs"]), p["seed_wins"], p["id_mean"],
-                             p["id_half"], p["id_wins"], p["id_losses"], p["ids"], outcome(p)])
+                rows.append([split, m, b, " ".join(f"{d:.5f}" for d in p["seed_diffs"]), p["seed_wins"], p["seed_ties"],
+                             p["seed_losses"], p["id_mean"], p["id_half"], p["id_wins"], p["id_losses"], p["ids"],
+                             outcome(p)])
     return "\n".join(lines), rows
 
 
@@ -312,11 +320,70 @@ def verdict(results: dict, splits: dict[str, list[int]]) -> list[str]:
                 p = paired(results, b, m, ids)
                 if p is not None:
                     said.append(f"{outcome(p)} against {LABELS[b]} ({_cell(_values(results, b, key))}; "
-                                f"{p['seed_wins']}/{p['seeds']} seeds)")
+                                f"seeds W/T/L {seeds_wtl(p)})")
             if said:
                 lines.append(f"- {METRIC_TITLES[m]} {split.capitalize()}: PoGDiff {_cell(_values(results, 'pogdiff', key))} "
                              + "; ".join(said) + ".")
     return lines
+
+
+PAIRED_FEW_COLUMNS = ["method", "baseline", "metric", "n_identities", "n_pairs", "mean_diff", "ci_low", "ci_high",
+                      "wins", "ties", "losses"]
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 2000, 0
+
+
+def comparisons(variants: Sequence[str]) -> list[tuple[str, str]]:
+    """(method, baseline) pairs of the identity-level table: every method against Vanilla, and
+    PoGDiff against the other baselines."""
+    out = [(v, "vanilla") for v in variants if v != "vanilla" and "vanilla" in variants]
+    return out + [("pogdiff", b) for b in BASELINES if b != "vanilla" and b in variants and "pogdiff" in variants]
+
+
+def paired_few_table(results: dict, variants: Sequence[str], few: Sequence[int]) -> tuple[list[str], list[list]]:
+    """Each method minus its baseline per Few identity and seed (raw: for FID lower is better), the
+    (identity, seed) pairs pooled: mean, 95% identity-bootstrap interval, W/T/L over the pairs."""
+    lines = ["| Method | Baseline | Metric | identities | pairs | method − baseline (mean) | 95% interval | W/T/L |",
+             "|" + "---|" * 8]
+    rows = [PAIRED_FEW_COLUMNS]
+    for v, b in comparisons(variants):
+        for m in METRICS:
+            p = paired_few(results.get(v, {}), results.get(b, {}), m, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, few)
+            if p is None:
+                continue
+            lines.append(f"| {LABELS[v]} | {LABELS[b]} | {METRIC_TITLES[m]} Few | {p['n_identities']} | {p['n_pairs']} | "
+                         f"{p['mean_diff']:+.4f} | [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}] | "
+                         f"{p['wins']}/{p['ties']}/{p['losses']} |")
+            rows.append([v, b] + [p[k] for k in PAIRED_FEW_COLUMNS[2:]])
+    return lines, rows
+
+
+def guidance_table(results: dict, variants: Sequence[str]) -> tuple[list[str], list[list]]:
+    """Few scores of every variant at each guidance scale it was scored at (metrics.json
+    "by_guidance", sample.guidance_scales): mean ± std over seeds. Empty when no run has them."""
+    scales = sorted({float(g) for v in variants for r in results.get(v, {}).values() for g in r.get("by_guidance", {})})
+    if not scales:
+        return [], []
+    keys = [f"{m}_few" for m in ("dino", "grecall", "fid")]
+    lines = ["| Method | guidance | " + " | ".join(f"{METRIC_TITLES[k[:-4]]} Few" for k in keys) + " | seeds |",
+             "|" + "---|" * (len(keys) + 3)]
+    rows = [["method", "guidance"] + [f"{k}_{stat}" for k in keys for stat in ("mean", "std")] + ["seeds"]]
+    for v in variants:
+        for g in scales:
+            at = [r["by_guidance"][key]["summary"] for r in results.get(v, {}).values()
+                  for key in r.get("by_guidance", {}) if float(key) == g]
+            if not at:
+                continue
+            lines.append(f"| {LABELS[v]} | {g:g} | " + " | ".join(_cell([a[k] for a in at]) for k in keys)
+                         + f" | {len(at)} |")
+            rows.append([v, g] + [x for k in keys for x in mean_std([a[k] for a in at])] + [len(at)])
+    return lines, rows
+
+
+def resolution_note(res: list[str], metrics: Sequence[str]) -> list[str]:
+    """The resolution bullets (pogdiff.eval.resolution) that concern ``metrics``."""
+    wanted = {"- gRecall": "grecall" in metrics, "- DINO-style and FID": bool({"dino", "fid"} & set(metrics)),
+              "- FID per identity": True}
+    return [line for line in res if any(line.startswith(k) and on for k, on in wanted.items())]
 
 
 def model_description(cfg: Config, ds) -> str:
@@ -339,6 +406,7 @@ def model_description(cfg: Config, ds) -> str:
 DIAGNOSTICS = {  # pogdiff.train.diagnostics' logged keys -> the report's column names
     "text/null/head": "text vs none, head", "text/null/tail": "text vs none, tail",
     "text/swap/head": "text vs other id, head", "text/swap/tail": "text vs other id, tail",
+    "text/name_swap/head": "text vs other name, head", "text/name_swap/tail": "text vs other name, tail",
     "partner/same_identity/head": "y' same id, head", "partner/same_identity/tail": "y' same id, tail",
     "pair_share": "pair term share"}
 
@@ -375,16 +443,19 @@ def diagnostics_section(diag: dict[str, dict[str, float]]) -> tuple[list[str], l
     md.append("")
     if "pogdiff" in diag and "vanilla" in diag:
         for part in ("head", "tail"):
-            key = f"text/swap/{part}"
-            p, b = diag["pogdiff"].get(key), diag["vanilla"].get(key)
-            if p is None or not b:
-                continue
-            r = p / b
-            reading = ("lower: consistent with the hypothesis that the pair term teaches the UNet to use its caption "
-                       "less" if r < 0.9 else "higher: against the hypothesis" if r > 1.1 else
-                       "about the same (within 10%): no sign that the pair term makes the UNet ignore its caption")
-            md.append(f"- {part.capitalize()} identities: PoGDiff's sensitivity to another identity's caption is "
-                      f"{r:.2f}x Vanilla's, {reading}.")
+            for probe, what, uses in (("swap", "another identity's caption", "its caption"),
+                                      ("name_swap", "another identity's name alone (the rest of the caption kept)",
+                                       "the name in its caption")):
+                key = f"text/{probe}/{part}"
+                p, b = diag["pogdiff"].get(key), diag["vanilla"].get(key)
+                if p is None or not b:
+                    continue
+                r = p / b
+                reading = (f"lower: consistent with the hypothesis that the pair term teaches the UNet to use {uses} "
+                           "less" if r < 0.9 else "higher: against the hypothesis" if r > 1.1 else
+                           f"about the same (within 10%): no sign that the pair term makes the UNet ignore {uses}")
+                md.append(f"- {part.capitalize()} identities: PoGDiff's sensitivity to {what} is "
+                          f"{r:.2f}x Vanilla's, {reading}.")
     return md, rows
 
 
@@ -406,6 +477,10 @@ def write_report(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out
     few = {i for i, c in id_counts.items() if c <= cfg.data.minority_images}
     evaluated = evaluated_identities(cfg, ds.index)
     splits = {"all": evaluated, "few": few_ids(cfg, ds.index)}
+    heldout_counts = ds.heldout.identity_counts() if ds.heldout is not None else {}
+    res = resolution({"few_ids": splits["few"], "images_per_id": cfg.sample.images_per_id,
+                      "real_images": {"training": {str(i): c for i, c in id_counts.items()},
+                                      "heldout": {str(i): c for i, c in heldout_counts.items() if i >= 0}}})
     names = {i: n for i, n in ds.index.identity_names().items() if i in set(evaluated)}
     d, t, s = cfg.data, cfg.train, cfg.sample
     held = ds.meta.get("heldout") or {}
@@ -423,7 +498,10 @@ def write_report(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out
           f"{s.images_per_id} images per identity"
           + (f" of every majority identity and of {len(splits['few'])} of the {len(few)} minority identities, drawn "
              f"with sample.seed={s.seed} (the same in every run; `sample.few_ids`)." if len(evaluated) < len(id_counts)
-             else "."),
+             else ".")
+          + " The initial noise is seeded per training seed (derive_seed(sample.seed, seed)), the same for every "
+          "method of a seed" + (f"; also scored at guidance {', '.join(f'{g:g}' for g in s.guidance_scales)}."
+                                if s.guidance_scales else "."),
           f"- Metrics: gRecall threshold {cfg.eval.grecall_threshold}; FID per identity (real set = training + "
           "held-out images; Ledoit-Wolf-shrunk covariances + "
           f"{cfg.eval.fid_eps:g} I) averaged over identities; DINO-style = mean cosine to held-out real images. "
@@ -458,7 +536,7 @@ def write_report(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out
             continue
         text, csv_rows = table(results, reference if with_ref else None, rows, metrics)
         _write_csv(out / f"{name}.csv", csv_rows)
-        md += [f"**{caption}**", "", text, ""]
+        md += [f"**{caption}**", "", text, "", *resolution_note(res, metrics), ""]
     per_seed = [["variant", "seed"] + [f"{m}_{sp}" for m in METRICS for sp in ("all", "few")]]
     for v, runs in results.items():
         for sd, r in sorted(runs.items()):
@@ -470,7 +548,22 @@ def write_report(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out
         md += ["**Paired comparison: PoGDiff against each baseline, same seeds and identities.** Each seed's "
                "difference of the split's mean; per identity, the difference averaged over seeds, with a 95% "
                "interval over identities (1.96 standard errors). Outcome: wins or loses when that interval "
-               "excludes 0, else ties.", "", text, ""]
+               "excludes 0, else ties. Seeds W/T/L: the seeds where PoGDiff is better / equal / worse.", "", text,
+               "", *res, ""]
+    text, csv_rows = paired_few_table(results, variants, splits["few"])
+    if len(csv_rows) > 1:
+        _write_csv(out / "paired_few.csv", csv_rows)
+        md += ["**Paired differences per Few identity.** Each method minus its baseline on the same Few identity "
+               "and seed (the raw difference: higher is better for DINO-style and gRecall, **lower is better for "
+               "FID**); every (identity, seed) pair is one difference, pooled over seeds. The mean, and a 95% "
+               f"percentile bootstrap interval ({BOOTSTRAP_RESAMPLES:,} resamples of the identities with replacement, "
+               f"each identity's seeds together, seed {BOOTSTRAP_SEED}). W/T/L: the pairs where the method is better "
+               "/ equal / worse. Also `paired_few.csv`.", "", *text, "", *res, ""]
+    text, csv_rows = guidance_table(results, variants)
+    if text:
+        _write_csv(out / "guidance.csv", csv_rows)
+        md += ["**Few scores per guidance scale** (`sample.guidance_scales`: the same trained weights sampled at each "
+               "scale; mean ± std over seeds). Also `guidance.csv`.", "", *text, "", *res, ""]
     diag = diagnostics(cfg, variants, seeds)
     if diag:
         text, csv_rows = diagnostics_section(diag)
@@ -478,6 +571,9 @@ def write_report(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out
         md += ["**Conditioning diagnostics** (`pogdiff.train.diagnostics`; the mean over the last half of each run's "
                "logged steps, then over seeds). Text vs none / other id: the mean squared change of the UNet's "
                "prediction when the caption is replaced by the empty one / by another identity's (t = T/2). "
+               "Text vs other name: the same when only the identity's name in the caption is replaced by another "
+               "identity's (captions without their name are not counted), so the name's effect apart from the "
+               "wording's. "
                "y' same id: the share of drawn partner captions of the sample's own identity. Pair term share: "
                "its part of the two-term loss.", ""] + text + [""]
     md += ["Per-seed values: `per_seed.csv`; each table as CSV next to this file.", "", "## What it shows", ""]

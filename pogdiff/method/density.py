@@ -1,19 +1,24 @@
 """Inverse text density (Eq. 10-11): a small VAE on pooled text embeddings, psi_inv in log space.
 
 Eq. 11 is psi_inv(y) = exp(-ELBO(y)) / a3. For 768-d embeddings -ELBO is hundreds of nats, so
-exp overflows. We compute, with nll = -ELBO,
+exp overflows. With nll = -ELBO, the default (``density.form: eq11``) computes Eq. 11 in log space:
 
-    log psi_inv(y) = clip((nll(y) - median_train(nll)) / temperature, -log_clip, log_clip) - log a3
+    log psi_inv(y) = min(nll(y) - anchor, MAX_LOG_PSI_INV) - log method.a3
 
-* subtracting the training median is a constant factor, i.e. a rescaled a3: Eq. 11 unchanged;
-* temperature defaults to the standard deviation of the training NLL: psi_inv = exp(z-score of the
-  caption's NLL), O(1) for any D and large enough to lift minority captions above psi_img's
-  penalty (DESIGN §1); temperature=1 is Eq. 11 exactly;
-* the clip keeps exp() finite for any input, and is monotone, so a caption with lower density
-  (a minority caption) never gets a smaller psi_inv than a more typical one.
+* ``anchor`` is the ``density.anchor_quantile`` quantile of the training NLL: exp(anchor) * a3 is
+  Eq. 11's a3, the only scale. The rule needs no identity labels: a caption as rare as that
+  quantile gets psi_inv = 1 / method.a3, rarer ones more, typical ones exponentially less (no
+  exponent: the ratio between two captions is exp(nll difference), as printed);
+* the min is there only against float overflow (exp(88.7) is float32's largest); the share of rows
+  it clips is reported (``clipped_share``).
+
+``density.form: temperature`` is this project's earlier map, not the paper's:
+log psi_inv = clip((nll - median) / T, +-log_clip) - log a3 with T = sd(NLL) (or density.temperature),
+i.e. exp(-ELBO)^(1/T): it flattens the tail/head ratio (~317 -> 2.85 on agedb-l) and gives head
+captions psi_inv ~ 1.
 
 Memory is flat in N: the VAE trains on minibatches read from the memory-mapped (N, D) column, the
-standardisation, median and spread come from chunked passes, and scoring (-ELBO per row, then psi
+standardisation, quantiles and spread come from chunked passes, and scoring (-ELBO per row, then psi
 per (row, neighbour)) is a map over row ranges (``map_row_ranges``) into memory-mapped outputs,
 run as Ray tasks on a cluster (``uses_cluster``) and in this process otherwise.
 """
@@ -31,10 +36,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pogdiff.config import DensityConfig
+from pogdiff.config import DensityConfig, DensityForm
 from pogdiff import npyrows
 from pogdiff.method.neighbours import NeighbourTable, check_finite, psi_table
-from pogdiff.runs import atomic_path, derive_seed
+from pogdiff.runs import atomic_path
+from pogdiff.seeds import derive_seed
 
 # The scoring noise: one Monte-Carlo seed per block of this many rows, so a row's -ELBO is the same
 # whichever range or task scores it (every range starts on a block). A single noise stream over all
@@ -50,6 +56,9 @@ ROWS_PER_TASK = 64 * SCORE_BLOCK_ROWS  # one range of the scoring map
 SHUFFLE_BLOCK_ROWS = 1024
 SHUFFLE_WINDOW_ROWS = 64 * SHUFFLE_BLOCK_ROWS
 STATS_CHUNK_ROWS = 1 << 16  # rows per read of the chunked passes (standardisation, median, spread)
+# Eq. 11's log psi_inv is clipped here, against overflow only: psi = psi_img * psi_inv (psi_img <= 1)
+# multiplies a per-sample MSE in float32, whose largest value is exp(88.7).
+MAX_LOG_PSI_INV = 80.0
 
 
 class TextVAE(nn.Module):
@@ -87,10 +96,14 @@ class TextDensity:
     """A fitted VAE plus the standardisation and normalisation that turn it into psi_inv."""
 
     def __init__(self, vae: TextVAE, mean: torch.Tensor, std: torch.Tensor, median_nll: float,
-                 temperature: float, log_clip: float, elbo_samples: int, seed: int):
+                 temperature: float, log_clip: float, elbo_samples: int, seed: int,
+                 form: str = "eq11", anchor_nll: Optional[float] = None):
         self.vae, self.mean, self.std = vae.eval(), mean, std
         self.median_nll, self.temperature, self.log_clip = median_nll, temperature, log_clip
         self.elbo_samples, self.seed = elbo_samples, seed
+        # form "eq11": log psi_inv = nll - anchor_nll (Eq. 11); "temperature": this project's map
+        self.form = form
+        self.anchor_nll = median_nll if anchor_nll is None else anchor_nll
 
     def to(self, device: torch.device | str) -> "TextDensity":
         self.vae.to(device)
@@ -115,8 +128,26 @@ class TextDensity:
         return self.log_psi_inv_from_nll(self.nll(y), a3)
 
     def log_psi_inv_from_nll(self, nll: torch.Tensor, a3: float = 1.0) -> torch.Tensor:
-        z = (nll.float() - self.median_nll) / self.temperature
-        return z.clamp(-self.log_clip, self.log_clip) - math.log(a3)
+        if self.form == "temperature":
+            z = (nll.float() - self.median_nll) / self.temperature
+            return z.clamp(-self.log_clip, self.log_clip) - math.log(a3)
+        return (nll.float() - self.anchor_nll - math.log(a3)).clamp(max=MAX_LOG_PSI_INV)
+
+    def normalised(self, cfg: DensityConfig, nll: "Column") -> "TextDensity":
+        """This density with ``cfg``'s map (density.form, .temperature, .log_clip) and Eq. 11's anchor:
+        the density.anchor_quantile quantile of the training NLL ``nll`` (N,), in chunked passes."""
+        self.form, self.log_clip = DensityForm(cfg.form).value, cfg.log_clip
+        if cfg.temperature is not None:
+            self.temperature = float(cfg.temperature)
+        n = len(_open(nll))
+        self.anchor_nll = kth_smallest(nll, min(n - 1, round(cfg.anchor_quantile * (n - 1))))
+        return self
+
+    def is_clipped(self, nll: torch.Tensor, a3: float = 1.0) -> torch.Tensor:
+        """Rows whose log psi_inv the map clips (Eq. 11: only against overflow)."""
+        if self.form == "temperature":
+            return ((nll.float() - self.median_nll) / self.temperature).abs() > self.log_clip
+        return nll.float() - self.anchor_nll - math.log(a3) > MAX_LOG_PSI_INV
 
     def log_density(self, y: torch.Tensor) -> torch.Tensor:
         """ELBO, the log-density estimate T2H uses in place of class frequency."""
@@ -128,6 +159,7 @@ class TextDensity:
         tensors.update(mean=self.mean.cpu().contiguous(), std=self.std.cpu().contiguous())
         meta = dict(median_nll=self.median_nll, temperature=self.temperature, log_clip=self.log_clip,
                     elbo_samples=self.elbo_samples, seed=self.seed, dim=int(self.mean.shape[0]),
+                    form=self.form, anchor_nll=self.anchor_nll,
                     latent_dim=self.vae.to_mu.out_features, hidden_dim=self.vae.to_mu.in_features)
         save_file(tensors, str(path), metadata={"density": json.dumps(meta)})
 
@@ -141,7 +173,7 @@ class TextDensity:
         vae = TextVAE(meta["dim"], meta["latent_dim"], meta["hidden_dim"])
         vae.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("vae.")})
         return cls(vae, t["mean"], t["std"], meta["median_nll"], meta["temperature"], meta["log_clip"],
-                   meta["elbo_samples"], meta["seed"])
+                   meta["elbo_samples"], meta["seed"], meta.get("form", "temperature"), meta.get("anchor_nll"))
 
 
 # ----------------------------------------------------------------------------- chunked column passes
@@ -294,8 +326,32 @@ def fit_text_density(embeddings: np.ndarray | torch.Tensor, cfg: DensityConfig, 
     density.median_nll = kth_smallest(nll, (n - 1) // 2)  # the lower median, as torch.median
     # the spread of the training NLL: the NLL gap between rare and common captions grows with the
     # embedding dimension, and dividing by D (a per-dimension ratio) shrank it below psi_img's
-    density.temperature = float(cfg.temperature) if cfg.temperature is not None else max(float(spread[0]), 1e-6)
-    return density.to("cpu")
+    density.temperature = max(float(spread[0]), 1e-6)
+    return density.normalised(cfg, nll).to("cpu")
+
+
+def psi_inv_stats(density: TextDensity, nll: Column, is_minority, a3: float = 1.0,
+                  chunk_rows: int = STATS_CHUNK_ROWS) -> dict:
+    """psi_inv's own summary over the training rows, in chunked passes: the map and its anchor, the
+    tail/head ratio of mean psi_inv, the head's share of psi_inv mass, the largest psi_inv and the
+    share of rows the map clips."""
+    column = column_source(nll)
+    n = len(_open(column))
+    sums = np.zeros((2, 2))  # [psi_inv, count] x [head, tail]
+    clipped, largest = 0, -math.inf
+    for start in range(0, n, chunk_rows):
+        rows = torch.from_numpy(read_rows(column, start, start + chunk_rows))
+        log_inv = density.log_psi_inv_from_nll(rows, a3).double()
+        tail = np.asarray(is_minority[start:start + len(rows)], dtype=np.int64)
+        sums[0] += np.bincount(tail, weights=log_inv.exp().numpy(), minlength=2)
+        sums[1] += np.bincount(tail, minlength=2)
+        clipped += int(density.is_clipped(rows, a3).sum())
+        largest = max(largest, float(log_inv.max()))
+    mean = [sums[0, i] / sums[1, i] if sums[1, i] else float("nan") for i in (0, 1)]
+    return {"psi_inv_form": density.form, "psi_inv_anchor_nll": density.anchor_nll,
+            "psi_inv_tail_over_head": mean[1] / mean[0] if mean[0] > 0 and mean[1] == mean[1] else None,
+            "psi_inv_head_mass_share": float(sums[0, 0] / sums[0].sum()) if sums[0].sum() > 0 else None,
+            "psi_inv_max": math.exp(largest) if n else None, "psi_inv_clipped_share": clipped / n if n else 0.0}
 
 
 # ------------------------------------------------------------------------------ the map over rows

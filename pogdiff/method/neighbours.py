@@ -131,18 +131,45 @@ class NeighbourSampler:
         return torch.where(usable, nid, index), torch.where(usable, p, torch.zeros_like(p))
 
 
-def summarize_psi(psi: torch.Tensor | np.ndarray, is_minority: np.ndarray | torch.Tensor, rows: int = 1 << 16) -> dict:
-    """Mean psi over usable neighbours, split head (majority) vs tail (minority) samples; read
-    ``rows`` rows at a time, so ``psi`` (N, k) may be memory-mapped."""
-    sums, counts = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+def summarize_psi(psi: torch.Tensor | np.ndarray, is_minority: np.ndarray | torch.Tensor,
+                  table: Optional[NeighbourTable] = None, rows: int = 1 << 16) -> dict:
+    """psi's head (majority) and tail (minority) summary, read ``rows`` rows at a time, so ``psi``
+    (N, k) and the table's columns may be memory-mapped or row readers:
+
+    * ``psi_mean_head`` / ``psi_mean_tail``: mean psi over a sample's neighbour slots, and
+      ``tail_over_head``, their ratio;
+    * ``head_mass_share``: the head's share of all psi mass;
+    * with ``table``: ``pair_weight_head`` / ``_tail``, the expected psi of the partner a step draws
+      (E_{j ~ w}[psi_j], Eq. 8's draw); ``own_identity_share_head`` / ``_tail``, the share of a
+      sample's expected pair weight that comes from neighbours of its own identity (what Eq. 9's a2
+      is for), averaged over the samples that have any; and ``own_identity_mass_head`` / ``_tail``,
+      the same share of the part's pooled pair weight (samples with a large psi_inv count more).
+      Without identity labels every neighbour counts as the same identity (the caller sets None)."""
+    # [psi mean, count, psi mass, E_w psi, own E_w psi, own share per sample, samples with pair weight] x [head, tail]
+    sums = torch.zeros(7, 2, dtype=torch.float64)
     for start in range(0, len(psi), rows):
-        per_sample = torch.as_tensor(np.array(psi[start:start + rows])).mean(1).double()
-        tail = torch.as_tensor(np.array(is_minority[start:start + rows]), dtype=torch.long)
-        sums += torch.bincount(tail, weights=per_sample, minlength=2)
-        counts += torch.bincount(tail, minlength=2)
+        block = torch.as_tensor(np.array(psi[start:start + rows])).double()
+        tail = torch.as_tensor(np.array(is_minority[start:start + len(block)]), dtype=torch.long)
+        per_row = [block.mean(1), torch.ones(len(block), dtype=torch.float64), block.sum(1)]
+        if table is not None:
+            ids, sims, different = (torch.as_tensor(np.array(c[start:start + len(block)]))
+                                    for c in (table.ids, table.sims, table.different_identity))
+            drawn = neighbour_weights(sims.float(), ids).double() * block
+            total, own = drawn.sum(1), (drawn * ~different.bool()).sum(1)
+            acts = total > 0
+            per_row += [total, own, torch.where(acts, own / total.clamp(min=1e-300), 0.0), acts.double()]
+        for r, values in enumerate(per_row):
+            sums[r] += torch.bincount(tail, weights=values, minlength=2)
     out = {}
     for name, i in (("head", 0), ("tail", 1)):
-        out[f"psi_mean_{name}"] = float(sums[i] / counts[i]) if counts[i] else float("nan")
+        n = sums[1, i]
+        out[f"psi_mean_{name}"] = float(sums[0, i] / n) if n else float("nan")
+        if table is not None:
+            out[f"pair_weight_{name}"] = float(sums[3, i] / n) if n else float("nan")
+            out[f"own_identity_share_{name}"] = float(sums[5, i] / sums[6, i]) if sums[6, i] > 0 else None
+            out[f"own_identity_mass_{name}"] = float(sums[4, i] / sums[3, i]) if sums[3, i] > 0 else None
     head, tail = out["psi_mean_head"], out["psi_mean_tail"]
     out["tail_over_head"] = tail / head if head > 0 and tail == tail else None
+    total = float(sums[2].sum())
+    out["head_mass_share"] = float(sums[2, 0]) / total if total > 0 else None
     return out

@@ -55,6 +55,8 @@ class TextConditioner:
     ids into the conditioning (pogdiff.models.components).
     """
 
+    names = None  # the dataset's pogdiff.train.diagnostics.NameTokens (the name-only probe), where known
+
     def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], tokens, null_tokens: Optional[torch.Tensor] = None,
                  pooled: Optional[int] = None):
         self.encode, self.tokens, self.null_tokens, self.pooled = encode, tokens, null_tokens, pooled

@@ -29,7 +29,7 @@ def apply_adapter(unet: torch.nn.Module, tc: TrainConfig) -> None:
         return
     from peft import LoraConfig
 
-    from pogdiff.runs import derive_seed
+    from pogdiff.seeds import derive_seed
 
     unet.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):

@@ -33,7 +33,7 @@ from pogdiff.data.shards import MinorityRows
 from pogdiff.method.objectives import Batch, LossOutput, Objective, TextConditioner
 from pogdiff.models.components import unet_kwargs
 from pogdiff.npyrows import NpyRows
-from pogdiff.runs import derive_seed
+from pogdiff.seeds import derive_seed
 from pogdiff.train.ema import ShardedEMA, flat_shard
 from pogdiff.train.metrics import MetricsLog, term_stats
 
@@ -92,6 +92,7 @@ def check_data_position(saved: Optional[dict], now: dict) -> None:
 def text_conditioner(model_dir: str, ds: Dataset, device: torch.device) -> TextConditioner:
     """The frozen text encoder(s) over the dataset's memory-mapped token table."""
     from pogdiff.models.components import encode_tokens, freeze, load_components, tokenize
+    from pogdiff.train.diagnostics import NameTokens
 
     c = load_components(ModelConfig(name=model_dir), with_unet=False, with_vae=False)
     for encoder in c.text_encoders:
@@ -101,8 +102,10 @@ def text_conditioner(model_dir: str, ds: Dataset, device: torch.device) -> TextC
         raise ValueError(f"the dataset '{ds.root}' holds {ds.index.tokens.shape[1]} token ids per caption, the model "
                          f"'{model_dir}' makes {len(null)}: the dataset was prepared with another model")
     pooled = c.text_encoder_2.config.projection_dim if c.family == "sdxl" else None
-    return TextConditioner(lambda ids: encode_tokens(c, ids, device)[0], NpyRows(ds.root / "tokens.npy"), null,
+    text = TextConditioner(lambda ids: encode_tokens(c, ids, device)[0], NpyRows(ds.root / "tokens.npy"), null,
                            pooled)
+    text.names = NameTokens.of_dataset([c.tokenizer, c.tokenizer_2], ds.index)  # the name-only probe's
+    return text
 
 
 def build_objective(cfg: Config, ds: Dataset, text: TextConditioner, alphas_cumprod: torch.Tensor,
@@ -417,9 +420,11 @@ def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], sta
     if rank0 and getattr(objective, "sampler", None) is not None:
         from pogdiff.method.neighbours import summarize_psi
 
-        ratio = summarize_psi(objective.sampler.psi, is_minority)["tail_over_head"]  # also in history.json
-        if ratio is not None:
-            metrics.scalars(start_step, {"psi/tail_over_head": ratio}, trackers_only=True)
+        stats = summarize_psi(objective.sampler.psi, is_minority, objective.sampler.table)  # also in history.json
+        logged = {f"psi/{key}": stats[key] for key in ("tail_over_head", "head_mass_share", "own_identity_share_tail")
+                  if stats[key] is not None and stats[key] == stats[key]}
+        if logged:
+            metrics.scalars(start_step, logged, trackers_only=True)
     bar = tqdm(range(start_step, tc.steps), desc=f"train {cfg.method.name.value}", unit="step",
                disable=not (progress and rank0), initial=start_step, total=tc.steps,
                mininterval=0.1 if sys.stderr.isatty() else 10.0)  # Ray forwards every redraw as a log line
