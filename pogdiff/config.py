@@ -85,7 +85,8 @@ class DataConfig:
     majority_images: int = 30
     minority_images: int = 2
     # Synthetic identities' names: "distinct" (no first or last name shared by two identities, as
-    # the paper's distinct people) or "grid" (first x last name grid, names shared; the pretraining's).
+    # the paper's distinct people; vocabulary names for the first 58, then pseudo-words), "pseudo"
+    # (pseudo-words for all) or "grid" (first x last name grid, names shared; the pretraining's).
     names: str = "distinct"
     image_size: int = 32
     # Per identity, never trained on: the DINO-style score's real set. A manifest identity gives
@@ -636,8 +637,8 @@ def _check_values(cfg: Config) -> None:
         if (ids := cfg.data.majority_ids + cfg.data.minority_ids) > MAX_IDENTITIES:
             problems.append(f"data.majority_ids + data.minority_ids = {ids}: the synthetic generator names at most "
                             f"{MAX_IDENTITIES} distinct identities; use fewer identities with more images each")
-    if cfg.data.names not in ("distinct", "grid"):
-        problems.append(f"data.names must be distinct|grid, got '{cfg.data.names}'")
+    if cfg.data.names not in ("distinct", "grid", "pseudo"):
+        problems.append(f"data.names must be distinct|grid|pseudo, got '{cfg.data.names}'")
     if cfg.train.prediction_type not in (None, "epsilon", "v_prediction", "sample"):
         problems.append(f"train.prediction_type must be epsilon|v_prediction|sample (or null: the model's), "
                         f"got '{cfg.train.prediction_type}'")

@@ -166,11 +166,20 @@ def test_data_names_is_a_config_key_distinct_by_default_and_enters_the_fingerpri
     from pogdiff.data.prepare import make_plan, source_fingerprint
 
     assert load_config(None).data.names == "distinct"
-    grid, distinct = (load_config(None, [f"data.names={n}"]) for n in ("grid", "distinct"))
-    with pytest.raises(ConfigError, match=r"data\.names must be distinct\|grid, got 'unique'"):
+    grid, distinct, pseudo = (load_config(None, [f"data.names={n}"]) for n in ("grid", "distinct", "pseudo"))
+    with pytest.raises(ConfigError, match=r"data\.names must be distinct\|grid\|pseudo, got 'unique'"):
         load_config(None, ["data.names=unique"])
     assert main(["config", "configs/demo.yaml", "data.names=unique"]) == 2
     assert "data.names" in capsys.readouterr().err
-    # datasets of the two schemes never share a folder (nor a resumable plan)
-    assert source_fingerprint(grid) != source_fingerprint(distinct)
+    # datasets of two schemes never share a folder (nor a resumable plan)
+    assert len({source_fingerprint(c) for c in (grid, distinct, pseudo)}) == 3
     assert make_plan(grid, tmp_path).fingerprint(grid) != make_plan(distinct, tmp_path).fingerprint(distinct)
+
+
+def test_pseudo_names_are_pseudo_words_for_every_identity_and_share_no_part():
+    names = [s.identity_name(i, 0, "pseudo") for i in range(len(s.profile_counts("agedb-l")))]
+    firsts, lasts = _parts(names)
+    assert len(set(firsts)) == len(set(lasts)) == len(names) and not set(firsts) & set(lasts)
+    assert not (set(firsts) | set(lasts)) & set(s.vocabulary())
+    # past the vocabulary, distinct names are these very pseudo-words
+    assert s.identity_name(s.VOCABULARY_NAMED + 3, 0, "distinct") == s.identity_name(s.VOCABULARY_NAMED + 3, 0, "pseudo")

@@ -35,10 +35,12 @@ MAX_IDENTITIES = len(FIRST_NAMES) * len(LAST_NAMES) * (len(MIDDLE_NAMES) + 1)  #
 # How identities are named (data.names). "grid": FIRST_NAMES x LAST_NAMES (then a middle name), so
 # identities share first or last names; the pretraining sets (pogdiff pretrain, the SSL encoder,
 # the tiny VAE, the recogniser) keep it, as does every function here by default. "distinct" (the
-# fine-tuning default, issue 31): every identity has a first and a last name of its own, pseudo-
-# words no other identity of the dataset uses in either place, like the paper's distinct people.
-NAME_SCHEMES = ("distinct", "grid")
-# Distinct names are syllables: a first name is three open syllables ("kelomu": it ends in a
+# fine-tuning default, issue 31): every identity has a first and a last name of its own that no
+# other identity of the dataset uses in either place, like the paper's distinct people: whole
+# vocabulary names while they last, then pseudo-words (distinct_name). "pseudo": pseudo-words for
+# every identity (pseudo_name), names the tiny base's text encoder never saw.
+NAME_SCHEMES = ("distinct", "grid", "pseudo")
+# Pseudo-word names are syllables: a first name is three open syllables ("kelomu": it ends in a
 # vowel), a last name two closed ones ("bandok": it ends in a consonant), so no word is both. The
 # letter sets keep every such word off the words of vocabulary() (captions' words, the grid's
 # names: no first name starts with "t" ("tanaka"), no last name ends in n, r or d ("person",
@@ -114,6 +116,8 @@ def identity_name(index: int, seed: int, names: str = "grid") -> str:
     grid (identities share first and last names); ``"distinct"``, ``distinct_name``."""
     if names == "distinct":
         return distinct_name(index, seed)
+    if names == "pseudo":
+        return pseudo_name(index, seed)
     if names != "grid":
         raise ValueError(f"unknown name scheme '{names}'; choose one of {list(NAME_SCHEMES)}")
     n_first, n_last = len(FIRST_NAMES), len(LAST_NAMES)
@@ -168,6 +172,14 @@ def distinct_name(index: int, seed: int) -> str:
         first = _rng("distinct-vocabulary-names", seed, "first").permutation(len(FIRST_NAMES))
         last = _rng("distinct-vocabulary-names", seed, "last").permutation(len(LAST_NAMES))
         return f"{FIRST_NAMES[first[index]]} {LAST_NAMES[last[index]]}"
+    return pseudo_name(index, seed)
+
+
+def pseudo_name(index: int, seed: int) -> str:
+    """``data.names=pseudo`` (and ``distinct`` past the vocabulary): a first and a last pseudo-word
+    that no other identity of the seed has, in either place; a bijection of ``index``."""
+    if not 0 <= index < MAX_IDENTITIES:
+        raise ValueError(f"at most {MAX_IDENTITIES} distinct synthetic identities")
     words = []
     for part, tables in (("first", _FIRST_SYLLABLES), ("last", _LAST_SYLLABLES)):
         orders = _syllable_orders(seed, part)

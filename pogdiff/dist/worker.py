@@ -24,11 +24,59 @@ from pogdiff.models.components import unet_kwargs
 
 log = logging.getLogger("pogdiff.dist.worker")
 
+# DeepSpeed JIT-builds its CPU comm op under torch's extension baton (``<dir>/<op>/lock``); a run
+# killed during the build leaves the lock, and every later start waits on it forever. The build
+# takes about a minute here: a lock older than this, with no process building in its folder, is
+# a dead build's.
+STALE_BUILD_LOCK_S = 600.0
+
+
+def extension_dir() -> Path:
+    """torch's JIT extension folder for this Python environment: ``TORCH_EXTENSIONS_DIR`` when set,
+    else one inside the environment (``sys.prefix``), set here for this process and the builds it
+    starts, so two environments (two clones' venvs) never rebuild each other's op in one shared
+    folder under ~/.cache."""
+    import sys
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+
+
+def _builds_in(folder: Path) -> bool:
+    """Whether a live process works in ``folder`` (torch runs ninja there)."""
+    import psutil
+
+    for proc in psutil.process_iter(["cwd"]):
+        cwd = proc.info.get("cwd")
+        if cwd and Path(cwd) == folder:
+            return True
+    return False
+
+
+def clear_stale_build_locks(root: Path, max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove, with a warning naming each, the extension build locks under ``root`` that are older
+    than ``max_age_s`` while no process builds in their folder; returns them."""
+    import time
+
+    removed = []
+    for lock in sorted(Path(root).glob("*/lock")):
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:  # released meanwhile
+            continue
+        if age > max_age_s and not _builds_in(lock.parent):
+            log.warning("removing a stale build lock %s (%.0f s old, no build running: a killed build left it); "
+                        "DeepSpeed's op is rebuilt", lock, age)
+            lock.unlink(missing_ok=True)
+            removed.append(lock)
+    return removed
+
 
 class DeepSpeedEngine:
     """pogdiff.train's engine contract over ``deepspeed.initialize`` (ZeRO stage from the config)."""
 
     def __init__(self, unet: torch.nn.Module, cfg: Config, device: torch.device):
+        clear_stale_build_locks(extension_dir())
         import deepspeed
         import torch.distributed as dist
 
