@@ -301,7 +301,8 @@ VARIANTS: dict[str, dict] = {
     "pogdiff-stop": {"name": "pogdiff", "grad_mode": GradMode.stop},  # the y' half without gradient
     "pogdiff-no_psi_img": {"name": "pogdiff", "psi_img": False},
     "pogdiff-no_psi_inv": {"name": "pogdiff", "psi_inv": False},
-    "pogdiff-a3x16": {"name": "pogdiff", "a3": 16.0},  # the pair term at a sixteenth: docs/sweep's best point
+    "pogdiff-a3x16": {"name": "pogdiff", "a3": 16.0},  # the pair term at a sixteenth: docs/sweep/issue22's best point
+    "pogdiff-a2x16": {"name": "pogdiff", "a2": 16.0},  # Eq. 9's identity preference acting (docs/sweep)
 }
 
 

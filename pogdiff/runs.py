@@ -132,7 +132,8 @@ def method_tag(cfg: Config) -> str:
     tag = m.name.value
     if m.name == Method.pogdiff:
         tag += f"-{m.grad_mode.value}" + ("" if m.psi_img else "-no_psi_img") + ("" if m.psi_inv else "-no_psi_inv")
-        tag += ("" if m.a3 == 1 else f"-a3x{m.a3:g}") + (f"-start{m.pair_start}" if m.pair_start else "")
+        tag += ("" if m.a2 == 1 else f"-a2x{m.a2:g}") + ("" if m.a3 == 1 else f"-a3x{m.a3:g}")
+        tag += ("" if m.k == 10 else f"-k{m.k}") + (f"-start{m.pair_start}" if m.pair_start else "")
     if cfg.train.adapter != "none":  # beside the full fine-tune of the same method
         tag += f"-{cfg.train.adapter}"
     return f"{tag}-seed{cfg.train.seed}"

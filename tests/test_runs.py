@@ -87,3 +87,15 @@ def test_keywords_stay_keywords_even_where_a_folder_has_their_name(tmp_path, mon
     (tmp_path / "tiny-base").mkdir()
     assert load_run_config(str(ROOT / "configs/demo.yaml"), []).model.name == str(ROOT / "pogdiff" / "models" / "tiny_base")
     assert load_run_config(str(ROOT / "configs/demo.yaml"), ["model.name=./tiny"]).model.name == str(tmp_path / "tiny")
+
+
+def test_run_folders_name_the_pogdiff_settings_that_differ_from_the_defaults():
+    """Variants of one experiment that differ in a2, a3 or k never share a folder (issue 31's a2x16)."""
+    from pogdiff.config import load_config, variant_config
+    from pogdiff.runs import method_tag
+
+    cfg = load_config(None, ["output_dir=/nonexistent"])
+    assert method_tag(variant_config(cfg, "pogdiff", 0)) == "pogdiff-full-seed0"
+    assert method_tag(variant_config(cfg, "pogdiff-a2x16", 0)) == "pogdiff-full-a2x16-seed0"
+    assert method_tag(variant_config(load_config(None, ["method.k=5", "method.a3=4"]), "pogdiff", 1)) == \
+        "pogdiff-full-a3x4-k5-seed1"
