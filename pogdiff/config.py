@@ -292,7 +292,7 @@ class EvalConfig:
 # The one list of methods and variants: the demo, the experiment and the report read it from here.
 METHODS = ["vanilla", "cbdm", "t2h", "pogdiff"]  # Tables 1, 2, 5 (and the demo)
 ABLATION = ["vanilla", "pogdiff-no_psi_img", "pogdiff-no_psi_inv", "pogdiff-stop", "pogdiff",
-            "pogdiff-a3x16"]  # Table 6 (w/o y' is vanilla), and the sweep's best point
+            "pogdiff-a3x16", "pogdiff-a2x16"]  # Table 6 (w/o y' is vanilla), and the sweeps' closest points
 VARIANTS: dict[str, dict] = {
     "vanilla": {"name": "vanilla"},  # Table 6 "w/o y'"
     "cbdm": {"name": "cbdm"},

@@ -25,7 +25,7 @@ if [[ ${1:-} == --smoke ]]; then
   args=(train.device=cpu data.profile=custom data.majority_ids=2 data.majority_images=6 data.minority_ids=3
         data.minority_images=2 data.heldout_images=2 density.epochs=3 train.steps=3 train.batch_size=4
         train.log_every=1 sample.steps=2 sample.images_per_id=2 sample.batch_size=8 eval.recognizer_ids=6
-        eval.recognizer_images_per_id=3 eval.recognizer_steps=5 "experiment.seeds=[0,1]")
+        eval.recognizer_images_per_id=3 eval.recognizer_steps=5 "experiment.seeds=[0,1]" "sample.guidance_scales=[]")
 fi
 args+=("$@")
 
