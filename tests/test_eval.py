@@ -516,7 +516,7 @@ def test_sample_guidance_scales_are_validated():
 def test_guidance_scales_score_the_same_weights_each_in_a_folder_of_its_own(run, caplog):
     """sample.guidance_scales: the run's weights sampled again at each scale, each into its own
     folder (cached: a rerun samples nothing); metrics.json's by_guidance per scale, the main
-    summary as without them; a warning that FID comes from fewer than 16 images per identity."""
+    summary as without them; a log line that FID comes from fewer than 16 images per identity."""
     import dataclasses
     import json
     import logging
@@ -528,7 +528,7 @@ def test_guidance_scales_score_the_same_weights_each_in_a_folder_of_its_own(run,
     plain = evaluate_run(run, progress=False)
     assert "by_guidance" not in plain and samples_dir(run) == RunFiles(run).samples
     cfg = dataclasses.replace(run, sample=dataclasses.replace(run.sample, guidance_scales=[1.0, 3.0]))
-    with caplog.at_level(logging.WARNING, logger="pogdiff.eval"):
+    with caplog.at_level(logging.INFO, logger="pogdiff.eval"):
         result = evaluate_run(cfg, progress=False)
     assert "from 3 generated images per identity" in caplog.text and "fewer than 16" in caplog.text
     assert result["summary"] == plain["summary"] and result["per_id"] == plain["per_id"]  # the main path unchanged
@@ -543,3 +543,10 @@ def test_guidance_scales_score_the_same_weights_each_in_a_folder_of_its_own(run,
     tars = {p: p.stat().st_mtime_ns for f in folders.values() for p in f.glob("shard-*.tar")}
     assert evaluate_run(cfg, progress=False)["by_guidance"] == json.loads(json.dumps(result["by_guidance"]))
     assert {p: p.stat().st_mtime_ns for p in tars} == tars  # cached: nothing sampled again
+
+
+def test_every_experiment_variant_has_a_label_in_the_reports():
+    from pogdiff.config import VARIANTS
+    from pogdiff.experiment.report import LABELS
+
+    assert set(VARIANTS) <= set(LABELS), set(VARIANTS) - set(LABELS)

@@ -39,4 +39,4 @@ def test_gpu_experiment_script_stops_at_its_budget_and_resumes_to_a_full_report(
     assert len(paired) == 1 + 2 * 3 * 3  # (All, Few) x 3 metrics x 3 baselines
     assert (tmp_path / "runs" / "experiment-gpu" / "pogdiff-stop-seed1" / "metrics.json").is_file()
     assert (tmp_path / "runs" / "experiment-gpu" / "pogdiff-full-a2x16-seed1" / "metrics.json").is_file()
-    assert "| ψ / 16 (the sweep's best) |" in report  # beside the paper's setting
+    assert "| a2 = 16 (identity preference) |" in report  # beside the paper's setting

@@ -57,7 +57,7 @@ def test_sweep_shares_baselines_and_continues(tmp_path):
     assert by[("ssl", "vanilla")] == {**by[("a3x4", "vanilla")], "point": "ssl"}
     assert json.loads((runs / "sweep-a3x4" / "pogdiff-full-a3x4-lora-seed0" / "run_config.json").read_text())["method.a3"] == 4
     md = (tmp_path / "out" / "sweep.md").read_text()
-    assert "| a3x4 | method.a3=4 |" in md and "| vanilla (beside paper, a3x4) |" in md
+    assert "| a3x4 | method.a3=4 |" in md and "| vanilla (beside paper, a3x4, ssl) |" in md
     assert (tmp_path / "out" / "pareto.png").stat().st_size > 0
 
     trained = {p: p.stat().st_mtime_ns for p in runs.glob("sweep-*/*/history.json")}

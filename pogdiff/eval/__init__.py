@@ -311,7 +311,8 @@ def validity(cfg: Config, info: dict) -> tuple[bool, Optional[str]]:
     return True, None
 
 
-# Per-identity FID from fewer generated images than this is noisy: eval says so in the log.
+# Per-identity FID from fewer generated images than this is noisy: eval says so in the log, and every
+# report's resolution lines in bold.
 FID_MIN_IMAGES = 16
 
 
@@ -332,7 +333,7 @@ def evaluate_run(cfg: Config, progress: bool = True, encoder=None, real=None, ds
     encoder = encoder or eval_encoder(cfg, ds, progress)
     real = real or real_embeddings(cfg, ds, encoder)
     if cfg.sample.images_per_id < FID_MIN_IMAGES:
-        log.warning("FID per identity of %s is computed from %d generated images per identity (sample.images_per_id), "
+        log.info("FID per identity of %s is computed from %d generated images per identity (sample.images_per_id), "
                     "fewer than %d: a noisy estimate", RunFiles(cfg).method.name, cfg.sample.images_per_id,
                     FID_MIN_IMAGES)
     few = few_ids(cfg, ds.index)

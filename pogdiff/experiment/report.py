@@ -21,7 +21,7 @@ from pogdiff.runs import RunFiles, atomic_write
 
 LABELS = {"vanilla": "Vanilla", "cbdm": "CBDM", "t2h": "T2H", "pogdiff": "PoGDiff (ours)",
           "pogdiff-no_psi_img": "w/o ψ_img", "pogdiff-no_psi_inv": "w/o ψ_inv", "pogdiff-stop": "stop-gradient y'",
-          "pogdiff-a3x16": "ψ / 16 (the sweep's best)",
+          "pogdiff-a3x16": "ψ / 16 (issue 22's sweep's best)", "pogdiff-a2x16": "a2 = 16 (identity preference)",
           "reference": "Real images (reference)", "reference_vae": "Real images through the VAE (ceiling)"}
 METRIC_TITLES = {"fid": "FID ↓", "dino": "DINO-style ↑", "grecall": "gRecall ↑"}
 LOWER_IS_BETTER = {"fid"}
