@@ -227,20 +227,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pogdiff {args.verb}: log in {log_file}", file=sys.stderr)
     try:
         return VERBS[args.verb][0](cfg)
-    except _user_errors() as e:
-        console.traceback_to_log(f"pogdiff {args.verb}: {e}")
-        print(f"pogdiff {args.verb}: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        code, line = os_error_line(e)
-        console.traceback_to_log(line)
-        print(f"pogdiff {args.verb}: {line}", file=sys.stderr)
+    except Exception as e:
+        code = failure(args.verb, e)
+        if code is None:
+            raise
         return code
-    except FloatingPointError as e:  # the non-finite stop: its message says what to do
-        console.traceback_to_log(str(e))
-        print(f"pogdiff {args.verb}: {e}", file=sys.stderr)
-        return 1
 
+
+def failure(verb: str, e: BaseException) -> int | None:
+    """The exit status for ``e`` after one line on stderr (its traceback to the log), or None for an
+    error nobody expected (its traceback then is the report). An error raised inside a Ray task, actor
+    or Ray Data stage is judged as itself, out of Ray's wrappers."""
+    from pogdiff import console
+
+    if "ray" in sys.modules:
+        from pogdiff.dist.cluster import ray_actor_died, ray_cause
+
+        if (died := ray_actor_died(e)) is not None:
+            console.traceback_to_log(died)
+            print(f"pogdiff {verb}: {died}; rerun to continue (finished parts are kept)", file=sys.stderr)
+            return 1
+        e = ray_cause(e)
+    if isinstance(e, _user_errors()):
+        line, code = str(e), 2
+    elif isinstance(e, OSError):
+        code, line = os_error_line(e)
+    elif isinstance(e, FloatingPointError):  # the non-finite stop: its message says what to do
+        line, code = str(e), 1
+    else:
+        return None
+    console.traceback_to_log(f"pogdiff {verb}: {line}")
+    print(f"pogdiff {verb}: {line}", file=sys.stderr)
+    return code
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -242,6 +242,11 @@ class DistConfig:
     # An embedded cluster has this machine's CPUs: more workers than that exit 2 unless this is true
     # (ranks then share cores, which only a test of the distributed code path wants).
     allow_oversubscribe: bool = False
+    # The start watchdog: a rank still starting (its DeepSpeed engine: the process-group rendezvous,
+    # the CPU op build) or waiting for its first batch after start_timeout seconds is named on the
+    # console with what it waits on; after stop_timeout the job stops (exit 1; a rerun resumes).
+    start_timeout: float = 300.0
+    stop_timeout: float = 1800.0
 
 
 @dataclass
@@ -591,7 +596,8 @@ RANGES: dict[str, tuple[str, float, float, str]] = {
     "eval.batch_size": ("[", 1, math.inf, ")"), "eval.recognizer_ids": ("[", 2, math.inf, ")"),
     "eval.recognizer_images_per_id": ("[", 2, math.inf, ")"), "eval.recognizer_steps": ("[", 1, math.inf, ")"),
     "eval.recognizer_dim": ("[", 1, math.inf, ")"), "eval.recognizer_lr": ("(", 0, math.inf, ")"),
-    "dist.cpus_per_worker": ("[", 1, math.inf, ")"), "dist.max_failures": ("[", 0, math.inf, ")"),
+    "dist.cpus_per_worker": ("[", 1, math.inf, ")"), "dist.start_timeout": ("(", 0, math.inf, ")"),
+    "dist.stop_timeout": ("(", 0, math.inf, ")"), "dist.max_failures": ("[", 0, math.inf, ")"),
     "model.tiny_vae_steps": ("[", 0, math.inf, ")"), "pretrain.ids": ("[", 2, math.inf, ")"),
     "pretrain.images_per_id": ("[", 1, math.inf, ")"), "pretrain.heldout_images": ("[", 1, math.inf, ")"),
     "pretrain.steps": ("[", 1, math.inf, ")"), "pretrain.batch_size": ("[", 1, math.inf, ")"),
@@ -638,6 +644,14 @@ def _check_values(cfg: Config) -> None:
         if (ids := cfg.data.majority_ids + cfg.data.minority_ids) > MAX_IDENTITIES:
             problems.append(f"data.majority_ids + data.minority_ids = {ids}: the synthetic generator names at most "
                             f"{MAX_IDENTITIES} distinct identities; use fewer identities with more images each")
+    from pogdiff.data.synthetic import PROFILES
+
+    if cfg.data.profile != "custom" and cfg.data.profile not in PROFILES:
+        problems.append(f"data.profile='{cfg.data.profile}' is not one of {', '.join(sorted(PROFILES))} or custom "
+                        "(with data.majority_ids, data.minority_ids, data.majority_images, data.minority_images)")
+    if cfg.data.image_encoder not in ("tiny", "tiny-ssl") and not Path(cfg.data.image_encoder).expanduser().is_dir():
+        problems.append(f"data.image_encoder='{cfg.data.image_encoder}' is not tiny, tiny-ssl nor a local directory "
+                        "(a `pogdiff pretrain-encoder` output or a Hugging Face vision model saved with save_pretrained())")
     if cfg.data.names not in ("distinct", "grid", "pseudo"):
         problems.append(f"data.names must be distinct|grid|pseudo, got '{cfg.data.names}'")
     if cfg.train.prediction_type not in (None, "epsilon", "v_prediction", "sample"):
@@ -704,6 +718,9 @@ def _check_values(cfg: Config) -> None:
         problems.append("train.snr_gamma must be > 0 (or null for no Min-SNR weighting)")
     if t.noise_offset < 0 or t.lr_warmup_steps < 0 or t.checkpoint_keep < 1:
         problems.append("train.noise_offset and train.lr_warmup_steps must be >= 0, train.checkpoint_keep >= 1")
+    if d.stop_timeout < d.start_timeout:
+        problems.append(f"dist.stop_timeout={d.stop_timeout:g} must be >= dist.start_timeout={d.start_timeout:g} "
+                        "(the watchdog names a waiting rank first, then stops the job)")
     if d.num_workers < 1 or d.zero_stage not in (0, 1, 2, 3):
         problems.append("dist.num_workers must be >= 1 and dist.zero_stage one of 0, 1, 2, 3")
     if cfg.prepare.backend not in ("ray", "serial"):

@@ -185,6 +185,12 @@ RESUMABLE_CHANGES = {"train.steps", "train.checkpoint_every", "train.checkpoint_
                      "density.device", "density.distributed_min_rows", "train.lease_timeout", "dist.allow_oversubscribe"}
 
 
+# Under train.resume=force these apply to the restored optimizer and LR schedule
+# (pogdiff.train.checkpoint.apply_optimizer_settings); train.optimizer cannot (another state format).
+OPTIMIZER_SETTINGS = ("train.lr", "train.scale_lr", "train.lr_scheduler", "train.lr_warmup_steps", "train.weight_decay",
+                      "train.adam_beta1", "train.adam_beta2", "train.adam_epsilon")
+
+
 def training_settings(cfg: Config) -> dict:
     """The run's training config as flat ``section.key -> value`` (JSON-able)."""
     out = {}
@@ -205,17 +211,43 @@ def check_resume(cfg: Config, checkpoints: list[Path]) -> bool:
     record = files.method / "run_config.json"
     now = json.loads(json.dumps(training_settings(cfg), default=str))
     resume = bool(checkpoints) and cfg.train.resume != "never"
-    if resume and cfg.train.resume == "auto" and record.is_file():
+    if resume and record.is_file():
         saved = json.loads(record.read_text())
         changed = {k: [saved.get(k), now.get(k)] for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
-        if changed:
-            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        if changed and cfg.train.resume == "auto":
             raise ConfigError(f"run '{cfg.run_name}' ({files.method.name}) has checkpoints of another training config "
                               f"({listed}). Use another run_name, train.resume=never to start over (deleting them), "
                               "or train.resume=force to resume anyway")
+        if "train.optimizer" in changed:
+            old, new = changed["train.optimizer"]
+            raise ConfigError(f"train.resume=force cannot change train.optimizer ({old!r} -> {new!r}): run "
+                              f"'{cfg.run_name}' ({files.method.name}) has checkpoints of {old!r}'s state. Use another "
+                              "run_name, or train.resume=never to start over (deleting them)")
+        if changed:
+            logging.getLogger("pogdiff.runs").warning("%s", force_resume_note(cfg, files.method.name, changed))
     files.method.mkdir(parents=True, exist_ok=True)
     write_json(record, now)
     return resume
+
+
+def force_resume_note(cfg: Config, run: str, changed: dict) -> str:
+    """The warning of train.resume=force: each changed key, old -> new, and what now applies."""
+    tc = cfg.train
+    applied = [k for k in changed if k in OPTIMIZER_SETTINGS]
+    rest = [k for k in changed if k not in OPTIMIZER_SETTINGS]
+    now = []
+    if applied:
+        lr = f"train.lr={tc.lr:g}" + (" times the samples per step (train.scale_lr)" if tc.scale_lr else "")
+        now.append(f"{lr} on the {tc.lr_scheduler} schedule with {tc.lr_warmup_steps} warm-up steps counted from "
+                   f"step 0, at the restored step; weight decay {tc.weight_decay:g}, betas ({tc.adam_beta1:g}, "
+                   f"{tc.adam_beta2:g}), eps {tc.adam_epsilon:g}; on the restored optimizer state "
+                   f"({', '.join(applied)})")
+    if rest:
+        now.append(f"the new value{'s' if len(rest) > 1 else ''} of {', '.join(rest)} from the restored step on")
+    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+    return (f"train.resume=force: run '{cfg.run_name}' ({run}) resumes from checkpoints of another training config "
+            f"({listed}). Now applies: {'; and '.join(now)}")
 
 
 class LeaseHeld(RuntimeError):

@@ -119,3 +119,88 @@ def test_every_skip_is_counted_once_per_epoch_whatever_the_batch_boundaries(data
             assert len(decoded) == sum(len(b["index"]) for b in batches) + sum(counted), (epoch, len(decoded), counted)
             at_end += counted[-1]
     assert at_end > 0, "no skip fell in an epoch's last batch: the boundary case was not exercised"
+
+
+DIST = ["model.name=tiny", "model.tiny_vae_steps=0", "data.profile=custom", "data.majority_ids=2", "data.minority_ids=3",
+        "data.majority_images=12", "prepare.backend=serial", "prepare.samples_per_shard=10", "method.name=vanilla",
+        "train.batch_size=4", "train.seed=0", "train.log_every=1", "train.lr_scheduler=constant",
+        "train.lr_warmup_steps=0", "dist.num_workers=2", "run_name=skips"]  # 30 samples: 4 batches per rank and epoch
+
+
+def flip_a_payload_byte(shard) -> str:
+    """One bit of the shard's first latent flipped; returns the sample's key."""
+    offset, _ = latent_offset(shard)
+    data = bytearray(shard.read_bytes())
+    data[offset + 10] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with tarfile.open(shard) as tar:
+        return next(m.name for m in tar.getmembers() if m.name.endswith(".latent.npy")).split(".", 1)[0]
+
+
+def unindex_a_row(root, shard) -> str:
+    """The shard's first sample made a bad row (one the dataset index does not hold); returns its key."""
+    import json
+
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".json"))
+        ordinal = json.loads(tar.extractfile(member).read())["ordinal"]
+    rows = np.load(root / "row_of_ordinal.npy")
+    rows[ordinal] = -1
+    np.save(root / "row_of_ordinal.npy", rows)
+    return member.name.split(".", 1)[0]
+
+
+@pytest.mark.slow
+def test_train_dist_names_and_counts_every_skip_once_over_ranks_epochs_and_a_resume(tmp_path):
+    """`pogdiff train-dist`, 2 ranks, a flipped payload byte and a bad row, 10 steps over 3 epochs,
+    stopped at step 5 and resumed (train.resume=force with a new train.lr). At every logged step
+    history.json's data/skipped is the number of distinct skips the log names up to that step,
+    summed over ranks: none read ahead at step 5 (the reader holds a batch back) or re-read up to
+    the checkpoint is missed or counted twice, and it is what the ranks' streams hold. The resumed
+    DeepSpeed ranks train at the new lr, and the console warns once (issue 32, items 4 and 5)."""
+    import json
+    import re
+
+    import torch
+
+    from test_reliability import ROOT, pogdiff
+
+    from pogdiff.data.dataset import Dataset
+    from pogdiff.data.prepare import output_dir
+    from pogdiff.runs import RunFiles
+    from pogdiff.train.loop import make_loader, stream_batches
+
+    cfg = load_run_config(ROOT / "configs/demo.yaml", [f"output_dir={tmp_path / 'runs'}", *DIST])
+    meta = prepare(cfg, progress=False)  # the dataset train-dist finds prepared, damaged below
+    root, files = output_dir(cfg), RunFiles(cfg)
+    flipped = flip_a_payload_byte(root / meta["shards"][0]["url"])
+    unindexed = unindex_a_row(root, root / meta["shards"][1]["url"])
+
+    streams = []  # per rank, the skips each of the first 11 micro-batches carries
+    for rank in range(2):
+        batches = stream_batches(make_loader(cfg, Dataset(root), rank, 2), 0, torch.device("cpu"), torch.float32)
+        streams.append([next(batches).skipped for _ in range(11)])
+    assert any(s[5] for s in streams), streams  # a skip read ahead when step 5 stops the first run
+    assert all(sum(s[:10]) for s in streams), streams
+
+    args = ["train-dist", str(ROOT / "configs/demo.yaml"), "output_dir=runs", *DIST, "train.lr=1e-3"]
+    first = pogdiff(tmp_path, *args, "train.steps=5", timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = pogdiff(tmp_path, *args, "train.steps=10", "train.resume=force", "train.lr=2e-3", timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    log = (files.root / "pogdiff.log").read_text()
+    # (rank, epoch, micro-batch, skip number in it, key): one sample can be drawn twice into a batch
+    named = {(int(r), int(e), int(m), int(i), key) for r, e, m, i, key in re.findall(
+        r"rank (\d), epoch (\d+), micro-batch (\d+), skip (\d+)/\d+: skipped 1 sample: sample '([^']+)'", log)}
+    assert {key for *_, key in named} == {flipped, unindexed}, named
+    assert len({e for _, e, *_ in named}) >= 2 and {r for r, *_ in named} == {0, 1}, named
+    for rank in range(2):
+        assert [sum(m == i for r, _, m, *_ in named if r == rank) for i in range(10)] == streams[rank][:10], named
+    history = json.loads(files.history.read_text())["history"]
+    assert [h["step"] for h in history] == list(range(1, 11))
+    assert [h["data/skipped"] for h in history] == [sum(m < h["step"] for _, _, m, *_ in named) for h in history]
+
+    assert [h["lr"] for h in history] == [1e-3] * 5 + [2e-3] * 5
+    [note] = [line for line in resumed.stderr.splitlines() if "train.resume=force" in line]
+    assert "train.lr: 0.001 -> 0.002" in note and "train.lr=0.002 on the constant schedule" in note, note

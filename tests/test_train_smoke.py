@@ -4,6 +4,8 @@ import json
 import pytest
 import torch
 
+from pogdiff.config import ConfigError
+
 from pogdiff.runs import RunFiles, load_run_config
 from pogdiff.train.loop import run_train
 
@@ -73,6 +75,36 @@ def test_rerun_with_another_training_config_is_refused_unless_asked(run_root):
     assert len((archived / "metrics.jsonl").read_text().splitlines()) == 6
     longer = run_train(_cfg(run_root, *base, "train.lr=3e-3", "train.steps=8"), progress=False)  # only steps changed
     assert [h["step"] for h in longer.history] == [5, 6, 7, 8] and logged() == list(range(1, 9))
+
+
+def test_force_resume_trains_at_the_new_optimizer_settings_and_warns_once(run_root, caplog):
+    """train.resume=force with a new lr, schedule, warm-up, weight decay and beta1: the restored
+    optimizer and schedule take them (the checkpoint's lr used to go on, silently), and one warning
+    names each changed key, old -> new, and what now applies."""
+    import logging
+
+    from pogdiff.train.checkpoint import load_state_dict
+
+    base = ["method.name=vanilla", "train.steps=4", "train.checkpoint_every=2", "run_name=force-lr", "train.log_every=1"]
+    run_train(_cfg(run_root, *base), progress=False)  # lr 1e-3, constant_with_warmup over 25 steps
+    new = ["train.lr=2e-3", "train.lr_scheduler=linear", "train.lr_warmup_steps=2", "train.weight_decay=0.05",
+           "train.adam_beta1=0.8", "train.steps=6", "train.resume=force"]
+    with caplog.at_level(logging.INFO):
+        forced = run_train(_cfg(run_root, *base, *new), progress=False)
+    # linear: warm-up to step 2, then down to 0 at step 6; the restored step is 4
+    assert [(h["step"], h["lr"]) for h in forced.history] == [(5, pytest.approx(2e-3 / 4)), (6, 0.0)]
+    state = load_state_dict(RunFiles(_cfg(run_root, *base)).checkpoints / "step_00000006" / "optimizer_rank0.safetensors")
+    [group] = state["param_groups"]
+    assert (group["initial_lr"], group["weight_decay"], list(group["betas"])) == (2e-3, 0.05, [0.8, 0.999])
+    notes = [r for r in caplog.records if "train.resume=force" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].levelno == logging.WARNING and notes[0].name.startswith("pogdiff")
+    note = notes[0].getMessage()
+    for changed in ("train.lr: 0.001 -> 0.002", "train.lr_scheduler: 'constant_with_warmup' -> 'linear'",
+                    "train.lr_warmup_steps: 25 -> 2", "train.weight_decay: 0.01 -> 0.05", "train.adam_beta1: 0.9 -> 0.8",
+                    "train.lr=0.002 on the linear schedule with 2 warm-up steps"):
+        assert changed in note, note
+    with pytest.raises(ConfigError, match=r"cannot change train.optimizer \('adamw' -> 'adamw8bit'\)"):
+        run_train(_cfg(run_root, *base, *new, "train.optimizer=adamw8bit"), progress=False)
 
 
 def test_a_v_prediction_model_trains_on_v_and_exports_as_v(run_root, tmp_path):

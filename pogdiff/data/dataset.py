@@ -101,6 +101,43 @@ class Dataset:
         return int(self.meta["num_samples"])
 
 
+def _encoders_digest(model: Path) -> str:
+    """sha256 over the weights of a model directory's VAE and text encoders: two copies of one model
+    (another clone's tiny-base, a moved directory) made the same latents and tokens."""
+    import hashlib
+
+    model = model.resolve()
+    h = hashlib.sha256()
+    for f in sorted(p for part in ("vae", "text_encoder", "text_encoder_2") for p in (model / part).glob("*")
+                    if p.suffix in (".safetensors", ".bin")):
+        h.update(f"{f.parent.name}/{f.name}".encode())
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def check_model_of(cfg: Config, ds: Dataset) -> Dataset:
+    """A prepared dataset trains the model whose VAE and text encoder made its latents and tokens:
+    ``model.name`` must name that model (``tiny`` names the tiny model a dataset holds inside it)."""
+    from pogdiff.data.prepare import PrepareError
+
+    theirs = json.loads((ds.root / "dataset.json").read_text()).get("model")  # not ds.meta: it loads the index
+    if theirs is None:  # a dataset written by hand for the index alone
+        return ds
+    inside = not Path(theirs).is_absolute() and not is_uri(theirs) and (ds.root / theirs).exists()
+    mine = cfg.model.name
+    same = mine == theirs or (inside if mine == "tiny" else
+                              Path(mine).is_dir() and (made_by := ds.root / theirs if inside else Path(theirs)).is_dir()
+                              and _encoders_digest(Path(mine)) == _encoders_digest(made_by))
+    if not same:
+        theirs_name = "tiny (the model inside it)" if inside else f"'{theirs}'"
+        raise PrepareError(f"data.source '{cfg.data.source}' was prepared with model {theirs_name}, but "
+                           f"model.name='{mine}': its latents only fit the model that made them. Set model.name="
+                           f"{'tiny' if inside else theirs}, or prepare the raw data again with this model")
+    return ds
+
+
 def resolve_dataset(cfg: Config, progress: bool = True) -> Dataset:
     """``data.source`` as a prepared dataset: a prepared directory as it is; any other source
     prepared once (``pogdiff prepare``) and reused while its fingerprint holds. In object storage
@@ -109,9 +146,9 @@ def resolve_dataset(cfg: Config, progress: bool = True) -> Dataset:
 
     source = cfg.data.source
     if is_uri(source):
-        return Dataset.at(source)
+        return check_model_of(cfg, Dataset.at(source))
     if source != "synthetic" and is_prepared(source):
-        return Dataset(Path(source).resolve())
+        return check_model_of(cfg, Dataset(Path(source).resolve()))
     if is_uri(location := output_location(cfg)):
         prepare(cfg, progress=progress)  # returns at once when the bucket holds it complete
         return Dataset.at(location)

@@ -40,7 +40,7 @@ from PIL import Image, ImageOps
 
 from pogdiff.config import Config, ModelConfig, PrepareConfig
 from pogdiff.data.encode import encode_batch, encode_latents, images_to_tensor, load_image_encoder
-from pogdiff.models.components import Components, load_components
+from pogdiff.models.components import Components, check_model, load_components
 from pogdiff.data.shards import (FORMAT, Sample, add_identity_counts, damaged_parts, read_task_record, write_index,
                                  write_task)
 from pogdiff.runs import atomic_path, atomic_write, is_uri, run_lease
@@ -911,10 +911,12 @@ def run_tasks(tasks: list[Task], pc: PrepareConfig, progress: bool, total: int, 
     try:
         results = (run_task(t, stages) for t in tasks) if pc.backend == "serial" else \
             run_pipeline(tasks, pc, ray_address, stages)
+        shards = skipped = 0
         for result in results:
             log_skipped(result["skipped"])
+            shards, skipped = shards + 1, skipped + len(result["skipped"])
             bar.update(result["samples"] + len(result["skipped"]))
-            bar.set_postfix(shards=result["task"], skipped=len(result["skipped"]))
+            bar.set_postfix(shards=f"{shards}/{len(tasks)}", skipped=skipped)
     finally:
         bar.close()
 
@@ -1046,6 +1048,7 @@ def frozen_model(cfg: Config, out: Path, plan: Plan) -> str:
     dataset (trainers must use the very same VAE and text encoder), with its VAE scaling factor
     set to 1/std of the latents (what SD did for its VAE)."""
     if cfg.model.name != "tiny":
+        check_model(cfg.model)  # here, before the workers load it
         return cfg.model.name
     target = out / "model"
     if (target / "vae" / "config.json").is_file():

@@ -93,24 +93,28 @@ def dist_info(rank: Optional[int] = None, world_size: Optional[int] = None) -> t
 
 
 class SkipAndLog:
-    """WebDataset handler: log the error, count the samples it costs, and go on, unless errors are
-    all that is left."""
+    """WebDataset handler: log the error, note the samples it costs, and go on, unless errors are
+    all that is left. ``level``: the log level of its own line (a trainer that logs each skip when
+    it trains on the batch carrying it reads with logging.DEBUG)."""
 
-    def __init__(self, max_consecutive: int):
-        self.max_consecutive, self.in_a_row = max_consecutive, 0
-        self.skipped = 0  # samples lost since the last ``take()``
+    def __init__(self, max_consecutive: int, level: int = logging.WARNING):
+        self.max_consecutive, self.level, self.in_a_row = max_consecutive, level, 0
+        self.skipped, self.skips = 0, []  # samples lost since the last ``take()``, and why
 
     def __call__(self, exn: Exception, samples: int = 1) -> bool:
         self.in_a_row += 1
         self.skipped += samples
-        log.warning("skipping unreadable shard data (%d more sample%s lost): %s", samples, "" if samples == 1 else "s", exn)
+        self.skips.append(f"skipped {samples} sample{'' if samples == 1 else 's'}: {exn}")
+        log.log(self.level, "skipping unreadable shard data (%d more sample%s lost): %s", samples,
+                "" if samples == 1 else "s", exn)
         if self.in_a_row > self.max_consecutive:
             raise RuntimeError(f"{self.in_a_row} shard read errors in a row and no sample: are the shards readable?") from exn
         return True
 
-    def take(self) -> int:
-        n, self.skipped = self.skipped, 0
-        return n
+    def take(self) -> tuple[int, list[str]]:
+        taken = self.skipped, self.skips
+        self.skipped, self.skips = 0, []
+        return taken
 
 
 def tar_samples(urls: Iterator[str], handler: SkipAndLog, expected: Optional[dict[str, int]] = None) -> Iterator[dict]:
@@ -181,6 +185,7 @@ class ShardStream(IterableDataset):
         self._rows: Optional[NpyRows] = None
         self.expected: dict[str, int] = {}  # shard url -> samples it holds (from dataset.json)
         self.checksums = False  # every sample must carry one (a dataset of the current FORMAT)
+        self.log_skips = True  # False: the consumer logs the skips each batch carries ("skips")
 
     def shard_urls(self, worker: int, num_workers: int) -> Iterator[str]:
         if self.resampled:
@@ -218,7 +223,7 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        handler = SkipAndLog(self.max_consecutive_errors)
+        handler = SkipAndLog(self.max_consecutive_errors, logging.WARNING if self.log_skips else logging.DEBUG)
         samples = tar_samples(self.shard_urls(worker, num_workers), handler, self.expected)
         if self.shuffle_buffer > 1:
             rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, 1))
@@ -230,7 +235,8 @@ class ShardStream(IterableDataset):
                 handler.in_a_row = 0
                 yield sample
 
-        # Each batch carries the samples this reader skipped since its previous batch; one batch is
+        # Each batch carries the samples this reader skipped since its previous batch ("skipped",
+        # and "skips": one line per skip naming the shard and, where known, the key); one batch is
         # held back so that skips after the last sample of a pass are counted too. A resampled
         # worker makes exactly its share of the epoch's batches (the DataLoader takes them in turn)
         # and decodes nothing beyond: a skip read ahead and thrown away at the epoch's end would be
@@ -241,12 +247,14 @@ class ShardStream(IterableDataset):
         batches = wds.filters.batched(self.batch_size, collation_fn=collate, partial=not self.resampled)(good)
         held = None
         for batch in batches:
-            batch["skipped"] = handler.take()
+            batch["skipped"], batch["skips"] = handler.take()
             if held is not None:
                 yield held
             held = batch
         if held is not None:
-            held["skipped"] += handler.take()
+            more, why = handler.take()
+            held["skipped"] += more
+            held["skips"] += why
             yield held
 
 
@@ -288,8 +296,10 @@ def make_train_loader(shards: str | Path | Sequence[str], batch_size: int, rank:
                       world_size: Optional[int] = None, num_workers: int = 2, seed: int = 0,
                       epoch_len: Optional[int] = None, resampled: bool = True, shuffle_buffer: int = 1000,
                       index_dir: Optional[str | Path] = None, pin_memory: bool = False,
-                      random_flip: bool = False) -> TrainLoader:
-    """The training reader; see the module docstring. ``epoch_len`` is in batches per rank."""
+                      random_flip: bool = False, log_skips: bool = True) -> TrainLoader:
+    """The training reader; see the module docstring. ``epoch_len`` is in batches per rank.
+    ``log_skips=False``: the reader logs its skips at DEBUG only, for a consumer that logs those
+    of the batches it uses (a trainer: skips read ahead and never trained on are then not named)."""
     rank, world_size = dist_info(rank, world_size)
     if isinstance(shards, (str, Path)) and Path(shards).is_dir():
         index_dir = index_dir or shards
@@ -318,6 +328,7 @@ def make_train_loader(shards: str | Path | Sequence[str], batch_size: int, rank:
     stream = ShardStream(urls, batch_size, rank, world_size, seed, resampled, shuffle_buffer,
                          str(index_dir / "row_of_ordinal.npy") if index_dir is not None else None,
                          random_flip=random_flip)
+    stream.log_skips = log_skips
     if meta is not None:
         stream.expected = {f"{base}/{p['url']}": p["samples"] for p in meta["shards"]}
         stream.checksums = meta.get("format") == FORMAT

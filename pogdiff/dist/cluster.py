@@ -206,3 +206,49 @@ def torch_config(use_gpu: bool):
             return LoopbackTorchBackend
 
     return LoopbackTorchConfig(backend="nccl" if use_gpu else "gloo")
+
+
+def ray_cause(e: BaseException) -> BaseException:
+    """The error a Ray task, actor or Ray Data UDF raised, out of Ray's wrappers (a RayTaskError's
+    message is the remote traceback; Ray Data wraps a UDF's error in UserCodeException); ``e``
+    itself when it is not Ray's."""
+    import ray.exceptions as rx
+
+    outer, seen = e, set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, rx.RayTaskError) and e.cause is not None:
+            e = e.cause
+        elif isinstance(e, rx.UserCodeException) and e.__cause__ is not None:
+            e = e.__cause__
+        else:
+            break
+    if isinstance(e, rx.RayError):  # the cause did not survive pickling (Ray Data's UserCodeException): its line did
+        return _own_error_in(str(outer)) or e
+    return e
+
+
+def _own_error_in(text: str) -> Optional[BaseException]:
+    """pogdiff's own error, rebuilt from the ``pogdiff.<module>.<Class>: message`` line a remote
+    traceback ends with."""
+    import importlib
+    import re
+
+    for line in reversed(text.splitlines()):
+        if m := re.fullmatch(r"(pogdiff(?:\.\w+)+)\.(\w+): (.*)", line.strip()):
+            try:
+                cls = getattr(importlib.import_module(m[1]), m[2])
+                return cls(m[3]) if isinstance(cls, type) and issubclass(cls, Exception) else None
+            except (ImportError, AttributeError, TypeError):
+                return None
+    return None
+
+
+def ray_actor_died(e: BaseException) -> Optional[str]:
+    """One line for a Ray actor or worker that died (killed, out of memory), else None."""
+    import ray.exceptions as rx
+
+    if not isinstance(e, (rx.RayActorError, rx.WorkerCrashedError, rx.OutOfMemoryError)):
+        return None
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return f"a Ray worker died ({type(e).__name__}: {lines[0] if lines else 'no reason given'})"

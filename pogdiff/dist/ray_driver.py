@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -91,14 +92,93 @@ def progress_from_metrics(cfg: Config, metrics_jsonl: Path, enabled: bool):
                 bar.n = history[-1]["step"]
                 bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
 
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     thread = threading.Thread(target=follow, daemon=True)
     thread.start()
     try:
-        yield
+        with logging_redirect_tqdm():  # a warning (the start watchdog's) on a line of its own, above the bar
+            yield
     finally:
         stop.set()
         thread.join()
         bar.close()
+
+
+class Stalled(RuntimeError):
+    """The start watchdog stopped the job (its message names the rank and what it waited on)."""
+
+
+class StartWatchdog:
+    """The driver's watch over each rank's start (pogdiff.dist.worker.RankPhase): a rank not yet
+    training after ``dist.start_timeout`` seconds is named on the console with what it waits on
+    (placement by Ray, its DeepSpeed engine, its first batch), once per phase; after
+    ``dist.stop_timeout`` the main thread is interrupted and ``stop_reason`` says why."""
+
+    def __init__(self, cfg: Config, folder: Path, poll_s: float = 2.0):
+        self.ranks, self.folder, self.poll_s = cfg.dist.num_workers, folder, poll_s
+        self.start_timeout, self.stop_timeout = cfg.dist.start_timeout, cfg.dist.stop_timeout
+        self.stop_reason: str | None = None
+        self._stop = threading.Event()
+        self._warned: set = set()
+
+    def phases(self, started: float) -> list[dict]:
+        out = []
+        for rank in range(self.ranks):
+            try:
+                out.append(json.loads((self.folder / f"rank{rank}.phase.json").read_text()))
+            except (OSError, ValueError):  # not started yet (or being replaced)
+                out.append({"rank": rank, "phase": "to be placed and started by Ray (`ray status` shows what the "
+                                                    "cluster has free)", "detail": "", "since": started})
+        return out
+
+    def check(self, started: float, now: float) -> bool:
+        """One look; False once every rank trains or the job is stopped."""
+        phases = self.phases(started)
+        if all(p["phase"] == "training" for p in phases):
+            return False
+        for p in phases:
+            waited = now - p["since"]
+            if p["phase"] == "training" or waited < self.start_timeout:
+                continue
+            where = f" (pid {p['pid']} on {p['host']})" if "pid" in p else ""
+            what = f"rank {p['rank']}{where} has waited {waited:.0f} s on: {p['phase']}" + \
+                (f"; {p['detail']}" if p["detail"] else "")
+            if waited >= self.stop_timeout:
+                self.stop_reason = f"{what}; stopped after dist.stop_timeout={self.stop_timeout:g} s"
+                import _thread
+
+                _thread.interrupt_main()
+                return False
+            seen = (p["rank"], p["phase"], re.sub(r"\d+", "#", p["detail"]))  # an age in the detail is no news
+            if seen not in self._warned:
+                self._warned.add(seen)
+                log.warning("%s (dist.start_timeout=%g s; the job stops after dist.stop_timeout=%g s)", what,
+                            self.start_timeout, self.stop_timeout)
+        return True
+
+    @contextlib.contextmanager
+    def watching(self):
+        for old in self.folder.glob("rank*.phase.json"):  # an earlier attempt's
+            old.unlink(missing_ok=True)
+        started = time.time()
+
+        def watch() -> None:
+            while not self._stop.wait(self.poll_s) and self.check(started, time.time()):
+                pass
+
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        try:
+            yield self
+        except BaseException:  # the interrupt, or whatever Ray Train's own SIGINT handler made of it (its abort)
+            if self.stop_reason is None:
+                raise
+        finally:
+            self._stop.set()
+            thread.join()
+        if self.stop_reason is not None:
+            raise Stalled(self.stop_reason)
 
 
 class RayJob:
@@ -158,7 +238,8 @@ class RayJob:
             ),
         )
         t0 = time.perf_counter()
-        with progress_from_metrics(cfg, files.method / "metrics.jsonl", enabled=progress and console.quiet()):
+        with progress_from_metrics(cfg, files.method / "metrics.jsonl", enabled=progress and console.quiet()), \
+                StartWatchdog(cfg, files.method / "ranks").watching():
             result = trainer.fit()
         seconds = time.perf_counter() - t0
         if result.checkpoint is None:
@@ -206,6 +287,11 @@ def train_dist(cfg: Config) -> int:
         return 2
     except ConnectionError as e:
         print(f"pogdiff train-dist: cannot reach the Ray cluster (dist.ray_address / $RAY_ADDRESS): {e}", file=sys.stderr)
+        return 1
+    except Stalled as e:
+        console.traceback_to_log(f"training '{ray_run_name(cfg)}' stalled")
+        print(f"pogdiff train-dist: {e}. A rerun with the same run_name continues from the newest complete "
+              f"checkpoint in {storage_path(cfg)}", file=sys.stderr)
         return 1
     except TrainingFailedError as e:
         console.traceback_to_log(f"training '{ray_run_name(cfg)}' failed")

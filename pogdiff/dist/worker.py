@@ -16,6 +16,7 @@ import os
 import tempfile
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -72,11 +73,68 @@ def clear_stale_build_locks(root: Path, max_age_s: float = STALE_BUILD_LOCK_S) -
     return removed
 
 
+class RankPhase:
+    """What this rank does while it starts, in ``<run>/ranks/rank<r>.phase.json``, for the driver's
+    start watchdog (pogdiff.dist.ray_driver.StartWatchdog): ``set`` starts a phase, ``detail`` says
+    more about the current one without restarting its clock."""
+
+    def __init__(self, folder: Path, rank: int):
+        self.path, self.rank = Path(folder) / f"rank{rank}.phase.json", rank
+        self.phase, self.since = "", 0.0
+
+    def set(self, phase: str) -> None:
+        import time
+
+        self.phase, self.since = phase, time.time()
+        self.detail("")
+
+    def detail(self, text: str) -> None:
+        import socket
+
+        from pogdiff.runs import atomic_write
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, json.dumps({"rank": self.rank, "phase": self.phase, "detail": text, "since": self.since,
+                                            "pid": os.getpid(), "host": socket.gethostname()}))
+
+
+@contextlib.contextmanager
+def watching_build_locks(root: Path, phase: RankPhase, every_s: float = 10.0):
+    """While DeepSpeed starts: clear stale build locks (one may turn stale while this rank waits on
+    it) and name a lock that exists in this rank's phase."""
+    import threading
+    import time
+
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(every_s):
+            clear_stale_build_locks(root)
+            locks = [(lock, time.time() - lock.stat().st_mtime) for lock in Path(root).glob("*/lock") if lock.exists()]
+            phase.detail("; ".join(
+                f"the build lock {lock} is {age:.0f} s old, " + (
+                    "a build runs there" if _builds_in(lock.parent) else
+                    f"no build runs there (it is removed once {STALE_BUILD_LOCK_S:.0f} s old; `rm {lock}` does it now)")
+                for lock, age in locks))
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 class DeepSpeedEngine:
     """pogdiff.train's engine contract over ``deepspeed.initialize`` (ZeRO stage from the config)."""
 
-    def __init__(self, unet: torch.nn.Module, cfg: Config, device: torch.device):
+    def __init__(self, unet: torch.nn.Module, cfg: Config, device: torch.device, phase: Optional[RankPhase] = None):
         clear_stale_build_locks(extension_dir())
+        with watching_build_locks(extension_dir(), phase) if phase else contextlib.nullcontext():
+            self._initialize(unet, cfg, device)
+
+    def _initialize(self, unet: torch.nn.Module, cfg: Config, device: torch.device) -> None:
         import deepspeed
         import torch.distributed as dist
 
@@ -235,10 +293,14 @@ def train_worker(loop_config: dict) -> None:
     ds = Dataset.at(loop_config["dataset"])
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)
+    phase = RankPhase(files.method / "ranks", ray.train.get_context().get_world_rank())
+    phase.set("starting: its DeepSpeed engine (the process-group rendezvous, DeepSpeed's CPU op build)")
     path, stack = resume_checkpoint(cfg)
     with stack:
-        trainer = assemble(cfg, ds, device, lambda unet: DeepSpeedEngine(unet, cfg, device), path, files.method)
+        trainer = assemble(cfg, ds, device, lambda unet: DeepSpeedEngine(unet, cfg, device, phase), path, files.method)
     engine = trainer.engine
+    phase.set("waiting for its first batch (the data stream)")
+    trainer.on_first_batch = lambda: phase.set("training")
 
     def save(step: int) -> None:
         with tempfile.TemporaryDirectory(prefix="pogdiff-ckpt-") as tmp:

@@ -197,21 +197,45 @@ def check_model_dir(path: Path) -> None:
         )
 
 
+def check_model(cfg: ModelConfig) -> str:
+    """``model.name`` checked where the job starts, before any worker loads it: ``tiny``, a complete
+    local diffusers directory, or a hub id whose ``model_index.json`` this machine can read (from the
+    Hugging Face cache or the hub). Returns its family (``sd`` | ``sdxl``); raises ModelLoadError."""
+    if cfg.name == "tiny":
+        return "sd"
+    path = Path(cfg.name).expanduser()
+    if path.exists():
+        check_model_dir(path)
+        return model_family(path)
+    if cfg.name.startswith((".", "/", "~")) or cfg.name.count("/") != 1:
+        raise ModelLoadError(f"model.name='{cfg.name}': no such directory (and not a hub id, which is "
+                             "'owner/name'). Give a diffusers directory that save_pretrained() wrote, or model.name=tiny")
+    import logging
+
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its retry warnings: the error below says it once
+    try:
+        return model_family(cfg.name, cfg.revision)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"model.name='{cfg.name}' is not a local directory, and this machine cannot read it as a "
+                             f"hub id ({first}). Download it with `huggingface-cli download {cfg.name}` (or "
+                             "save_pretrained() it to a directory and give that path)") from None
+    finally:
+        hub_log.setLevel(level)
+
+
 def load_components(cfg: ModelConfig, with_unet: bool = True, with_vae: bool = True) -> Components:
     """``with_unet=False`` leaves ``unet`` None: the frozen encoders alone (e.g. for ``prepare``);
     ``with_vae=False`` leaves ``vae`` None too (the text encoders alone, for training)."""
     if cfg.name == "tiny":
         return build_tiny(cfg.seed)
+    family = check_model(cfg)
     path = Path(cfg.name).expanduser()
-    if path.exists():
-        check_model_dir(path)
-        source, kw = str(path), {}
-    elif cfg.name.startswith((".", "/", "~")):
-        raise ModelLoadError(f"model directory '{cfg.name}' does not exist")
-    else:
-        source, kw = cfg.name, {"revision": cfg.revision}
+    source, kw = (str(path), {}) if path.exists() else (cfg.name, {"revision": cfg.revision})
     try:
-        xl = model_family(source, cfg.revision) == "sdxl"
+        xl = family == "sdxl"
         return Components(
             unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw) if with_unet else None,
             vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **kw) if with_vae else None,

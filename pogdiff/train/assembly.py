@@ -26,7 +26,7 @@ from pogdiff.config import Config
 from pogdiff.data.dataset import Dataset
 from pogdiff.method.objectives import Objective
 from pogdiff.train.ema import ShardedEMA
-from pogdiff.train.loop import TrainResult
+from pogdiff.train.loop import SkipCount, TrainResult
 
 log = logging.getLogger("pogdiff.train")
 
@@ -46,11 +46,14 @@ class Assembled:
     start: int  # the step it continues from
     out_dir: Path
     device: torch.device
+    data_skipped: SkipCount  # the reader's skips in the batches trained on, the run's total before ``start`` on rank 0
+    on_first_batch: Optional[Callable[[], None]] = None  # called once the stream's first batch is here
 
     def data_position(self, step: int) -> dict:
+        """What a checkpoint records of the stream, with the skips of all ranks so far (collective)."""
         from pogdiff.train.loop import data_position
 
-        return data_position(self.cfg, self.loader, step)
+        return {**data_position(self.cfg, self.loader, step), "skipped": self.data_skipped.total(self.engine)}
 
     def fit(self, save: Optional[Callable[[int], None]], progress: bool = True) -> TrainResult:
         from pogdiff.train.loop import fit, stream_batches
@@ -60,12 +63,22 @@ class Assembled:
         validate = (Validator(self.cfg, self.engine, self.ema, self.ds.model_dir, self.out_dir,
                               default_prompts(self.cfg, self.ds.index)) if tc.validate_every else None)
         batches = stream_batches(self.loader, self.start * tc.grad_accum, self.device, self.engine.dtype)
+        if self.on_first_batch is not None:
+            batches = _calling_on_first(batches, self.on_first_batch)
         return fit(self.cfg, self.engine, self.objective, batches, self.start, self.out_dir, self.is_minority,
-                   ema=self.ema, save=save, validate=validate, progress=progress, identities=self.identities)
+                   ema=self.ema, save=save, validate=validate, progress=progress, identities=self.identities,
+                   data_skipped=self.data_skipped)
 
     def final_weights(self) -> dict[str, torch.Tensor]:
         """What is exported: the EMA when ``train.ema``, else the trained weights (collective)."""
         return self.ema.gather(self.engine.all_gather) if self.ema is not None else self.engine.full_weights()
+
+
+def _calling_on_first(batches, first: Callable[[], None]):
+    for i, batch in enumerate(batches):
+        if i == 0:
+            first()
+        yield batch
 
 
 def assemble(cfg: Config, ds: Dataset, device: torch.device, make_engine: Callable[[torch.nn.Module], object],
@@ -88,13 +101,15 @@ def assemble(cfg: Config, ds: Dataset, device: torch.device, make_engine: Callab
     engine = make_engine(unet)
     ema = make_ema(cfg.train, engine)
     loader = make_loader(cfg, ds, engine.rank, engine.world_size)
-    start = 0
+    start, skipped_before = 0, 0
     if resume_from is not None:
-        start, saved = restore_checkpoint(resume_from, engine, ema)
+        start, saved = restore_checkpoint(resume_from, engine, ema, cfg.train)
         check_data_position(saved.get("data"), data_position(cfg, loader, start))
+        if engine.rank == 0:  # the total over ranks; the others count from 0
+            skipped_before = int((saved.get("data") or {}).get("skipped", 0))
         log.info("rank %d resumed from %s at step %d", engine.rank, resume_from, start)
     return Assembled(cfg, ds, engine, ema, loader, inputs.objective, inputs.is_minority, inputs.identities, start,
-                     out_dir, device)
+                     out_dir, device, SkipCount(skipped_before))
 
 
 class Backend(Protocol):

@@ -161,10 +161,25 @@ def load_unet_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(path) / "unet.safetensors"))
 
 
-def restore_checkpoint(path: Path, engine, ema: Optional[ShardedEMA]) -> tuple[int, dict]:
+def apply_optimizer_settings(tc, scheduler) -> None:
+    """This config's optimizer and LR-schedule settings on a restored optimizer and schedule, whose
+    state_dicts bring back the ones they were saved with: ``train.lr`` through this config's
+    schedule (its type, warm-up and length, counted from step 0) at the restored step, the weight
+    decay, betas and eps. Unchanged settings give back the restored values exactly."""
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [tc.lr] * len(groups)
+    lrs = [tc.lr * schedule(scheduler.last_epoch) for schedule in scheduler.lr_lambdas]  # as LambdaLR computes it
+    for group, lr in zip(groups, lrs):
+        group.update(lr=lr, initial_lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.adam_beta1, tc.adam_beta2),
+                     eps=tc.adam_epsilon)
+    scheduler._last_lr = lrs
+
+
+def restore_checkpoint(path: Path, engine, ema: Optional[ShardedEMA], tc=None) -> tuple[int, dict]:
     """Optimizer, LR schedule, fp32 weights and EMA from ``path``; returns (the step to continue
-    from, trainer.json). The module should already hold ``load_unet_weights(path)`` (DeepSpeed
-    partitions at init)."""
+    from, trainer.json). With ``tc`` (the run's TrainConfig), its optimizer and schedule settings
+    then apply (``apply_optimizer_settings``), whatever the checkpoint trained with. The module
+    should already hold ``load_unet_weights(path)`` (DeepSpeed partitions at init)."""
     state = checkpoint_state(path)
     if state["world_size"] != engine.world_size:
         raise ValueError(f"checkpoint '{path}' was written by {state['world_size']} workers, this job has "
@@ -173,6 +188,8 @@ def restore_checkpoint(path: Path, engine, ema: Optional[ShardedEMA]) -> tuple[i
     engine.load_full_weights(load_unet_weights(path))
     engine.load_optimizer_state(load_state_dict(path / f"optimizer_rank{engine.rank}.safetensors"))
     engine.scheduler.load_state_dict(state["scheduler"])
+    if tc is not None:
+        apply_optimizer_settings(tc, engine.scheduler)
     if ema is not None:
         if not (path / "ema.safetensors").is_file():
             raise FileNotFoundError(f"train.ema is on but checkpoint '{path}' has no ema.safetensors")

@@ -18,6 +18,7 @@ stream to micro-batch k * grad_accum and draws what an uninterrupted run draws a
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -47,31 +48,45 @@ def step_generator(seed: int, rank: int, micro: int) -> torch.Generator:
 # ---------------------------------------------------------------------------------------------- data
 
 def make_loader(cfg: Config, ds: Dataset, rank: int, world: int):
-    """This rank's reader of the dataset's shards (resampled; equal batch counts on every rank)."""
+    """This rank's reader of the dataset's shards (resampled; equal batch counts on every rank).
+    Its skips are named when a batch carrying them is trained on (``stream_batches``)."""
     from pogdiff.data.stream import make_train_loader
 
     return make_train_loader(ds.root, cfg.train.batch_size, rank, world, num_workers=cfg.data.dataloader_num_workers,
                              seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                             random_flip=cfg.data.random_flip)
+                             random_flip=cfg.data.random_flip, log_skips=False)
 
 
 def stream_batches(loader, start_micro: int, device: torch.device, dtype: torch.dtype) -> Iterator[Batch]:
     """Endless ``Batch``es from ``loader`` starting at micro-batch ``start_micro`` of the stream
-    (the data position of a checkpoint): the epoch is set, then the batches before it are skipped."""
+    (the data position of a checkpoint): the epoch is set, then the batches before it are skipped.
+    The reader's skips that each yielded batch carries are logged as it is yielded, one line each
+    naming the rank, epoch, micro-batch and the skip's number in it: what is read ahead and never
+    trained on, or re-read up to a checkpoint's position (the run that wrote it counted those), is
+    not named again."""
     epoch, skip = divmod(start_micro, len(loader))
     loader.set_epoch(epoch)
+    rank, micro = getattr(getattr(loader, "stream", None), "rank", 0), start_micro
     while True:
-        skipped = 0
+        epoch, skipped, recounted = loader.epoch, 0, 0
         for b in loader:
-            skipped += b.get("skipped", 0)
             if skip:
                 skip -= 1
+                recounted += b.get("skipped", 0)
                 continue
+            skips = b.get("skips", ())
+            for i, why in enumerate(skips, 1):  # a sample drawn twice (resampled shards) is skipped twice
+                log.warning("rank %d, epoch %d, micro-batch %d, skip %d/%d: %s", rank, epoch, micro, i, len(skips), why)
+            skipped += b.get("skipped", 0)
+            micro += 1
             yield Batch(index=b["index"], latents=b["latents"].to(device, dtype), tokens=b["tokens"], keys=b["key"],
                         skipped=b.get("skipped", 0), time_ids=b.get("time_ids"))
+        if recounted:
+            log.info("rank %d, epoch %d: %d skipped samples before micro-batch %d were counted by the run that wrote "
+                     "the checkpoint", rank, epoch, recounted, start_micro)
         if skipped:
-            log.warning("epoch %d: the reader skipped %d samples (unreadable shards, corrupt or non-finite samples; "
-                        "see the warnings above)", loader.epoch - 1, skipped)
+            log.warning("rank %d, epoch %d: the reader skipped %d samples (unreadable shards, corrupt or non-finite "
+                        "samples; see the warnings above)", rank, epoch, skipped)
 
 
 def data_position(cfg: Config, loader, step: int) -> dict:
@@ -186,7 +201,6 @@ def autocast_dtype(tc: TrainConfig, device: torch.device) -> Optional[torch.dtyp
 def resolve_schedule(cfg: Config, num_samples: int, world_size: int) -> Config:
     """``cfg`` with what depends on the data and the world made concrete: ``train.steps`` from
     ``num_train_epochs``, ``validate_every`` from ``validation_epochs``, ``lr`` by ``scale_lr``."""
-    import dataclasses
     import math
 
     tc = cfg.train
@@ -314,18 +328,29 @@ class TrainResult:
     seconds: float = 0.0
 
 
+class SkipCount:
+    """Samples the reader skipped in the micro-batches this rank trained on; rank 0 starts from the
+    run's total at the checkpoint it resumed from. ``total`` sums over the ranks (collective)."""
+
+    def __init__(self, before: int = 0):
+        self.samples = before
+
+    def total(self, engine) -> int:
+        return int(engine.all_reduce_sum(torch.tensor([float(self.samples)], dtype=torch.float64)).item())
+
+
 class NonFiniteGuard:
     """Keeps non-finite losses out of the weights. A micro-batch whose loss is not finite on any rank
     (the flag is all-reduced, so every rank decides alike) gets no backward and no optimizer step;
     the keys of its non-finite samples are logged and counted, a sample seen in two bad micro-batches
     is quarantined (``stream_batches`` drops it), and ``max_bad_steps`` bad steps in a row raise."""
 
-    def __init__(self, max_bad_steps: int):
+    def __init__(self, max_bad_steps: int, data_skipped: Optional[SkipCount] = None):
         self.max_bad_steps = max_bad_steps
         self.strikes: dict[int, int] = {}  # dataset row -> bad micro-batches it was in
         self.quarantined: set[int] = set()
         self.bad_steps = self.in_a_row = 0
-        self.data_skipped = 0  # samples the reader skipped, as the batches report them
+        self.data_skipped = data_skipped or SkipCount()  # as the batches trained on report them
 
     def is_bad(self, engine, batch: Batch, out) -> bool:
         bad_here = ~torch.isfinite(out.per_sample if out.per_sample is not None else out.loss.reshape(1)).cpu()
@@ -366,7 +391,7 @@ def train_step(engine, objective: Objective, batches: Iterator[Batch], seed: int
         batch = next(batches)
         waited += time.perf_counter() - t
         if guard is not None:
-            guard.data_skipped += batch.skipped
+            guard.data_skipped.samples += batch.skipped
         out = objective(engine, batch, step_generator(seed, engine.rank, step * grad_accum + micro), with_terms, step)
         if guard is not None and guard.is_bad(engine, batch, out):
             skipped = True
@@ -381,27 +406,34 @@ def train_step(engine, objective: Objective, batches: Iterator[Batch], seed: int
 
 
 def _without(batches: Iterator[Batch], quarantined: set[int]) -> Iterator[Batch]:
-    """The batches without quarantined rows (a batch left empty is replaced by the next one)."""
+    """The batches without quarantined rows (a batch left empty is replaced by the next one, which
+    carries its reader skips)."""
+    carried = 0
     for batch in batches:
         if quarantined:
             keep = torch.tensor([i not in quarantined for i in batch.index.tolist()])
             if not keep.all():
                 if not keep.any():
+                    carried += batch.skipped
                     continue
                 batch = Batch(batch.index[keep], batch.latents[keep.to(batch.latents.device)], batch.tokens[keep],
                               [k for k, ok in zip(batch.keys, keep.tolist()) if ok] if batch.keys else None,
                               batch.skipped, None if batch.time_ids is None else batch.time_ids[keep])
+        if carried:
+            batch = dataclasses.replace(batch, skipped=batch.skipped + carried)
+            carried = 0
         yield batch
 
 
 def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], start_step: int, out_dir: Path,
         is_minority: torch.Tensor, ema: Optional[ShardedEMA] = None,
         save: Optional[Callable[[int], None]] = None, validate: Optional[Callable[[int, MetricsLog], None]] = None,
-        progress: bool = True, identities=None) -> TrainResult:
-    """Steps ``start_step`` .. ``train.steps`` on every rank; rank 0 logs. ``save(step)`` runs every
-    ``train.checkpoint_every`` steps and ``validate(step)`` every ``train.validate_every`` (both on
-    every rank: they gather). With ``identities`` (per dataset row), every logged step also carries
-    pogdiff.train.diagnostics' measures."""
+        progress: bool = True, identities=None, data_skipped: Optional[SkipCount] = None) -> TrainResult:
+    """Steps ``start_step`` .. ``train.steps`` on every rank; rank 0 logs (``data/skipped``: the
+    reader's skips in every rank's micro-batches since step 0, counted in ``data_skipped``).
+    ``save(step)`` runs every ``train.checkpoint_every`` steps and ``validate(step)`` every
+    ``train.validate_every`` (both on every rank: they gather). With ``identities`` (per dataset
+    row), every logged step also carries pogdiff.train.diagnostics' measures."""
     from pogdiff.train import diagnostics
 
     from tqdm import tqdm
@@ -415,7 +447,7 @@ def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], sta
     window: list[torch.Tensor] = []
     t0 = window_start = time.perf_counter()
     waited = 0.0
-    guard = NonFiniteGuard(tc.max_bad_steps)
+    guard = NonFiniteGuard(tc.max_bad_steps, data_skipped)
     batches = _without(batches, guard.quarantined)
     if rank0 and getattr(objective, "sampler", None) is not None:
         from pogdiff.method.neighbours import summarize_psi
@@ -446,7 +478,8 @@ def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], sta
                                                                tc.seed, done)])
             sums = engine.all_reduce_sum(torch.cat([torch.stack([torch.stack(window).sum().double(),
                                                                  torch.tensor(len(window), dtype=torch.float64)]),
-                                                    term_stats(outs, is_minority), diag]))
+                                                    term_stats(outs, is_minority), diag,
+                                                    torch.tensor([guard.data_skipped.samples], dtype=torch.float64)]))
             window.clear()
             n, head, tail = sums[2], sums[6], sums[8]
             now = time.perf_counter()
@@ -454,7 +487,7 @@ def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], sta
                      "grad_norm": None if engine.grad_norm is None else float(engine.grad_norm),
                      "data_wait": waited / max(now - window_start, 1e-9),  # rank 0's share of time spent waiting on data
                      "bad_steps": guard.bad_steps, "quarantined": len(guard.quarantined),
-                     "data/skipped": guard.data_skipped}
+                     "data/skipped": int(sums[-1])}
             window_start, waited = now, 0.0
             has_pair = objective.cfg.name.value in ("pogdiff", "cbdm")
             if has_pair:
@@ -462,7 +495,7 @@ def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], sta
                 entry[f"{pair_tag}/head"] = float(sums[5] / head) if head else None
                 entry[f"{pair_tag}/tail"] = float(sums[7] / tail) if tail else None
             if identities is not None:
-                entry.update(diagnostics.entries(sums[2:9], sums[9:], has_pair))
+                entry.update(diagnostics.entries(sums[2:9], sums[9:-1], has_pair))
             metrics.scalars(done, entry)
             result.losses.append(entry["loss"])
             result.history.append({"step": done, **entry})
@@ -472,6 +505,10 @@ def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], sta
         if save and (done == tc.steps or (tc.checkpoint_every and done % tc.checkpoint_every == 0)):
             save(done)
         result.steps = done
+    skipped = guard.data_skipped.total(engine)
+    if skipped and rank0:
+        log.warning("the reader skipped %d samples in the training streams of all ranks since step 0 (each named "
+                    "above or in an earlier run's log; history.json: data/skipped)", skipped)
     metrics.close()
     result.seconds = time.perf_counter() - t0
     return result
