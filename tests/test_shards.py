@@ -126,7 +126,7 @@ def test_truncated_or_corrupt_pax_shard_is_an_error(tmp_path):
     url.write_bytes(blob[:second + 512 + 40])
     handler = SkipAndLog(max_consecutive=10)
     got = list(tar_samples(iter([str(url)]), handler, expected={str(url): 3}))
-    assert [g["__key__"] for g in got] == ["k00000"] and handler.take() == 2
+    assert [g["__key__"] for g in got] == ["k00000"] and handler.take()[0] == 2
     bad = bytearray(blob)
     bad[512:515] = b"999"  # a pax record's length beyond its header
     with pytest.raises(tarfile.ReadError, match="corrupt pax header"):
@@ -161,12 +161,12 @@ def test_unreadable_member_falls_back_to_webdataset_reader(tmp_path, caplog):
     assert all(set(g) == {"__key__", "__url__", "latent.npy", "tokens.npy", "pooled.npy", "imgemb.npy", "json", "crc32"}
                for g in got if g["__key__"] != samples[2].key)
     assert got[2]["hole"] == bytes(600) + b"end" and got[2]["json"] == encode_sample(samples[2])["json"]
-    assert handler.take() == 0 and caplog.text.count("webdataset's tar reader") == 2  # once per shard read
+    assert handler.take()[0] == 0 and caplog.text.count("webdataset's tar reader") == 2  # once per shard read
 
     # tarfile ends quietly at a broken header; the samples it did not read are still counted
     url.write_bytes(blob[:blob.index(f"{samples[4].key}.".encode()) + 20])
     got = list(tar_samples(iter([str(url)]), handler, expected={str(url): 5}))
-    assert [g["__key__"] for g in got] == [s.key for s in samples[:4]] and handler.take() == 1
+    assert [g["__key__"] for g in got] == [s.key for s in samples[:4]] and handler.take()[0] == 1
 
 
 def test_npy_load_matches_numpy():

@@ -59,8 +59,8 @@ def test_a_dead_ray_worker_is_one_line_and_exit_1_and_an_unexpected_error_keeps_
 
 
 @pytest.mark.parametrize("override, names", [
-    ("model.name=./no-such-model", ["model.name='./no-such-model'", "no such directory"]),
-    ("model.name=bogus", ["model.name='bogus'", "hub id"]),
+    ("model.name=./no-such-model", ["model directory './no-such-model' does not exist", "model.name"]),
+    ("model.name=bogus", ["model directory 'bogus' does not exist", "hub id"]),
     ("data.profile=bogus", ["data.profile='bogus'", "agedb-m", "custom"]),
     ("data.image_encoder=./no-such-encoder", ["data.image_encoder='./no-such-encoder'", "pretrain-encoder"]),
 ])

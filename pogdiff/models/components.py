@@ -208,7 +208,7 @@ def check_model(cfg: ModelConfig) -> str:
         check_model_dir(path)
         return model_family(path)
     if cfg.name.startswith((".", "/", "~")) or cfg.name.count("/") != 1:
-        raise ModelLoadError(f"model.name='{cfg.name}': no such directory (and not a hub id, which is "
+        raise ModelLoadError(f"model directory '{cfg.name}' does not exist (model.name; nor is it a hub id, which is "
                              "'owner/name'). Give a diffusers directory that save_pretrained() wrote, or model.name=tiny")
     import logging
 
