@@ -26,7 +26,7 @@ def _config(cfg: Config) -> int:
 
 
 def _train(cfg: Config) -> int:
-    from pogdiff.train.loop import run_train
+    from pogdiff.train.assembly import run_train
 
     result = run_train(cfg)
     print(json.dumps({"steps": result.steps, "first_loss": result.losses[0] if result.losses else None,

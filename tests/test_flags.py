@@ -10,7 +10,8 @@ torch.set_num_threads(1)
 
 from pogdiff.config import ConfigError, load_config
 from pogdiff.runs import RunFiles, load_run_config
-from pogdiff.train.loop import LocalEngine, autocast_dtype, build_optimizer, resolve_schedule, run_train
+from pogdiff.train.loop import LocalEngine, autocast_dtype, build_optimizer, resolve_schedule
+from pogdiff.train.assembly import run_train
 
 
 @pytest.fixture(scope="module")

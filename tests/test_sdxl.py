@@ -76,7 +76,7 @@ def test_the_unet_gets_each_latents_time_ids_from_its_crop_and_y_prime_shares_th
 @pytest.mark.parametrize("adapter", ["none", "lora"])
 @pytest.mark.parametrize("method", ["vanilla", "cbdm", "t2h", "pogdiff"])
 def test_every_method_trains_an_sdxl_unet_full_and_lora(root, method, adapter):
-    from pogdiff.train.loop import run_train
+    from pogdiff.train.assembly import run_train
 
     cfg = cfg_for(root, f"method.name={method}", f"train.adapter={adapter}")
     result = run_train(cfg, progress=False)
@@ -89,7 +89,7 @@ def test_sdxl_exports_load_in_the_xl_pipeline_and_sample(root):
     from diffusers import StableDiffusionXLPipeline
 
     from pogdiff.eval.sampling import generate, load_pipeline
-    from pogdiff.train.loop import run_train
+    from pogdiff.train.assembly import run_train
 
     full, lora = (cfg_for(root, "method.name=pogdiff", f"train.adapter={a}") for a in ("none", "lora"))
     for cfg in (full, lora):

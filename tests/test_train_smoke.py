@@ -7,7 +7,7 @@ import torch
 from pogdiff.config import ConfigError
 
 from pogdiff.runs import RunFiles, load_run_config
-from pogdiff.train.loop import run_train
+from pogdiff.train.assembly import run_train
 
 
 @pytest.fixture(scope="module")

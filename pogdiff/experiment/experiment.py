@@ -60,7 +60,7 @@ def run_experiment(cfg: Config, progress: bool = True) -> Path:
     from pogdiff.eval import evaluate_reference, evaluate_run, real_embeddings
     from pogdiff.eval.recognizer import eval_encoder
     from pogdiff.experiment.report import write_report
-    from pogdiff.train.loop import run_train
+    from pogdiff.train.assembly import run_train
 
     t0 = time.perf_counter()
     variants, seeds = list(cfg.experiment.variants), list(cfg.experiment.seeds)

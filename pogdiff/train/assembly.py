@@ -196,3 +196,8 @@ def run_training(cfg: Config, backend: Backend, progress: bool = True) -> TrainR
         export_model(cfg.train, ds.model_dir, weights, RunFiles(cfg).method, cfg.export.fuse_lora)
         write_history(cfg, psi_stats, result.seconds)
         return result
+
+
+def run_train(cfg: Config, progress: bool = True) -> TrainResult:
+    """``pogdiff train``: one machine, one process (``pogdiff.dist.ray_driver`` is the cluster job)."""
+    return run_training(cfg, OneMachine(), progress)

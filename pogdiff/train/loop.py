@@ -512,10 +512,3 @@ def fit(cfg: Config, engine, objective: Objective, batches: Iterator[Batch], sta
     metrics.close()
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def run_train(cfg: Config, progress: bool = True) -> TrainResult:
-    """``pogdiff train``: one machine, one process (``pogdiff.dist.ray_driver`` is the cluster job)."""
-    from pogdiff.train.assembly import OneMachine, run_training
-
-    return run_training(cfg, OneMachine(), progress)
